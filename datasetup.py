@@ -1,0 +1,413 @@
+"""Alpaca records -> prompt/response text -> tokens whose labels mask the prompt.
+
+    python datasetup.py --dataset ../shared/data/alpaca_5000.json --tokenizer ../shared/gpt2-tokenizer
+
+Prints what was read, dropped and truncated, token-length percentiles and two formatted examples.
+`--save DIR` writes the tokenized train/validation DatasetDict for `train.py --dataset DIR`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
+TOKENIZER = "distilgpt2"  # Hub id or local directory of the tokenizer
+TEMPLATE = "seed"  # prompt template: seed|alpaca
+MAX_LENGTH = 512  # tokens per example; the response is cut, never the prompt
+VAL_SIZE = 0.02  # validation records: a count (>= 1) or a fraction in (0, 1)
+SEED = 42  # seed of the train/validation split
+TRAIN_ON_PROMPT = False  # also put loss on prompt tokens (default: response + EOS only)
+SKIP_INVALID = False  # drop malformed records and report them instead of stopping
+SAVE = ""  # directory to save the tokenized DatasetDict to; empty = don't save
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (PyTorch cross-entropy's ignore_index)
+
+
+class Template(NamedTuple):
+    with_input: str
+    no_input: str
+
+
+# The one copy of each prompt template; training, inference and evaluation all import these.
+TEMPLATES = {
+    "seed": Template(
+        with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        no_input="### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+    "alpaca": Template(
+        with_input=(
+            "Below is an instruction that describes a task, paired with an input that provides further context. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        ),
+        no_input=(
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Response:\n"
+        ),
+    ),
+}
+
+# "No input", "Noinput", "<no input>", "< noinput >", "<Noinput>." ... mean the record has no input.
+_PLACEHOLDER_INPUT = re.compile(r"^<?\s*no\s*input\s*>?\s*\.?$", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported without a traceback."""
+
+
+def is_placeholder_input(text: str) -> bool:
+    return bool(_PLACEHOLDER_INPUT.match(text.strip()))
+
+
+def format_prompt(record: dict, template: str = TEMPLATE) -> str:
+    """The prompt text for a record; the model's answer follows it directly."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    form = TEMPLATES[template]
+    text_input = record.get("input") or ""
+    if text_input.strip():
+        return form.with_input.format(instruction=record["instruction"], input=text_input)
+    return form.no_input.format(instruction=record["instruction"])
+
+
+# ---------------------------------------------------------------- loading and validation
+def _is_local(source: str) -> bool:
+    return os.path.exists(source) or source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
+
+
+def read_raw(source: str) -> list[tuple[str, object]]:
+    """[(location, record)] from a local .json/.jsonl file or a Hub dataset id."""
+    if not _is_local(source):
+        return _read_hub(source)
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise DataError(f"{source}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{source}: is a directory; expected a .json or .jsonl file of records")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".jsonl"):
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{source}: record {len(rows)} (line {line_no})"
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((where, _Malformed(f"malformed JSON: {err.msg} at column {err.colno}")))
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{source}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list of records, found a {type(data).__name__}")
+    return [(f"{source}: record {i}", record) for i, record in enumerate(data)]
+
+
+def _read_hub(name: str) -> list[tuple[str, object]]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split="train")
+    except Exception as err:  # network, auth, unknown id: all end the same way for the user
+        raise DataError(
+            f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Offline? Pass a local .json or .jsonl file with --dataset."
+        ) from None
+    return [(f"{name}: record {i}", record) for i, record in enumerate(data)]
+
+
+class _Malformed(str):
+    """A JSONL line that did not parse; carries its error message."""
+
+
+def _problem(record: object) -> str | None:
+    """Why a record is invalid, or None."""
+    if isinstance(record, _Malformed):
+        return str(record)
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object"
+    for field in ("instruction", "output"):
+        if field not in record or record[field] is None:
+            return f"field '{field}' is missing"
+        if not isinstance(record[field], str):
+            return f"field '{field}' is a {type(record[field]).__name__}, not a string"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return f"field 'input' is a {type(record['input']).__name__}, not a string"
+    return None
+
+
+def load_records(source: str = DATASET, skip_invalid: bool = SKIP_INVALID) -> tuple[list[dict], dict]:
+    """Clean {instruction, input, output} records and a report of what was skipped or changed.
+
+    Invalid records raise DataError (or are skipped with `skip_invalid`); records with an empty
+    instruction or output are dropped; placeholder inputs such as "<noinput>" become "".
+    """
+    rows = read_raw(source)
+    records, skipped, empty, placeholders = [], [], [], 0
+    for index, (where, record) in enumerate(rows):
+        problem = _problem(record)
+        if problem:
+            if not skip_invalid:
+                raise DataError(f"{where}: {problem} (use --skip-invalid to drop such records)")
+            skipped.append(f"{where}: {problem}")
+            continue
+        text_input = record.get("input") or ""
+        if is_placeholder_input(text_input) and text_input.strip():
+            placeholders += 1
+            text_input = ""
+        if not record["instruction"].strip() or not record["output"].strip():
+            empty.append(index)
+            continue
+        records.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
+    if not records:
+        raise DataError(f"{source}: no usable records ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
+    report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "placeholder_inputs": placeholders}
+    return records, report
+
+
+def split_records(records: list, val_size: int | float = VAL_SIZE, seed: int = SEED) -> tuple[list, list]:
+    """Deterministic (train, validation) split: the same records, size and seed give the same split."""
+    n_val = round(len(records) * val_size) if isinstance(val_size, float) else int(val_size)
+    n_val = max(1, n_val)
+    if n_val >= len(records):
+        raise DataError(f"--val-size {val_size} leaves no training records out of {len(records)}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [records[i] for i in sorted(val_idx)]
+    return train, val
+
+
+# ---------------------------------------------------------------- tokenization
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids; a BOS is added only for models that have one distinct from EOS (Llama, not GPT-2)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and bos != tokenizer.eos_token_id:
+        ids = [bos] + ids
+    return ids
+
+
+def build_example(prompt_ids, response_ids, eos_id, max_length, train_on_prompt=TRAIN_ON_PROMPT) -> dict | None:
+    """input_ids = prompt + response + EOS, cut to max_length in the response; labels mask the prompt.
+
+    Returns None when the prompt alone leaves no room for a response token.
+    """
+    room = max_length - len(prompt_ids)
+    if room <= 0:
+        return None
+    fits = len(response_ids) + 1 <= room
+    answer = list(response_ids) + [eos_id] if fits else list(response_ids[:room])
+    input_ids = list(prompt_ids) + answer
+    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+    return {"input_ids": input_ids, "labels": prompt_labels + answer, "prompt_length": len(prompt_ids),
+            "truncated": not fits}
+
+
+def tokenize_example(record: dict, tokenizer, template=TEMPLATE, max_length=MAX_LENGTH,
+                     train_on_prompt=TRAIN_ON_PROMPT) -> dict | None:
+    """Tokenize one record: prompt and response separately, so no merge crosses the boundary."""
+    prompt_ids = encode_prompt(tokenizer, format_prompt(record, template))
+    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    return build_example(prompt_ids, response_ids, tokenizer.eos_token_id, max_length, train_on_prompt)
+
+
+def _tokenize_batch(batch, tokenizer, template, max_length, train_on_prompt):
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    prompts = tokenizer([format_prompt(r, template) for r in rows], add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and bos != tokenizer.eos_token_id:
+        prompts = [[bos] + p for p in prompts]
+    responses = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
+    out = {"input_ids": [], "labels": [], "length": [], "prompt_length": [], "truncated": []}
+    for p, r in zip(prompts, responses):
+        example = build_example(p, r, tokenizer.eos_token_id, max_length, train_on_prompt)
+        example = example or {"input_ids": [], "labels": [], "prompt_length": len(p), "truncated": False}
+        example["length"] = len(example["input_ids"])
+        for key in out:
+            out[key].append(example[key])
+    return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = f"{tokenizer.bos_token_id}/{tokenizer.eos_token_id}"
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def tokenize_records(records: list, tokenizer, template=TEMPLATE, max_length=MAX_LENGTH,
+                     train_on_prompt=TRAIN_ON_PROMPT, desc="Tokenizing"):
+    """A datasets.Dataset of input_ids/labels/length, with too-long prompts removed (see .info)."""
+    import datasets
+
+    raw = datasets.Dataset.from_list(records)
+    tokenized = raw.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=raw.column_names,
+                        fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length,
+                                       train_on_prompt=train_on_prompt), desc=desc)
+    return tokenized.filter(lambda lengths: [n > 0 for n in lengths], input_columns="length", batched=True,
+                            desc="Dropping prompts longer than --max-length")
+
+
+def _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed) -> str:
+    import datasets
+
+    key = hashlib.sha256(json.dumps([records, tokenizer_fingerprint(tokenizer), template, max_length,
+                                     train_on_prompt, val_size, seed]).encode()).hexdigest()[:20]
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "instruct-sft", key)
+
+
+def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_length=MAX_LENGTH, val_size=VAL_SIZE,
+                     seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=SKIP_INVALID):
+    """(DatasetDict with train/validation, report). Reuses a cached tokenization when nothing changed.
+
+    `source` may also be a directory written by `--save`, which is loaded as it is.
+    """
+    import datasets
+
+    if os.path.isfile(os.path.join(source, "dataset_dict.json")):
+        return load_saved(source, tokenizer, template, max_length, train_on_prompt)
+    records, report = load_records(source, skip_invalid)
+    train, val = split_records(records, val_size, seed)
+    cache = _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
+    report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)})
+    if os.path.isfile(os.path.join(cache, "dataset_dict.json")):
+        report["from_cache"] = True
+        return datasets.load_from_disk(cache), report
+    args = (tokenizer, template, max_length, train_on_prompt)
+    dsd = datasets.DatasetDict(train=tokenize_records(train, *args, desc="Tokenizing train"),
+                               validation=tokenize_records(val, *args, desc="Tokenizing validation"))
+    report["from_cache"] = False
+    _save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
+    return dsd, report
+
+
+def _save(dsd, path, tokenizer, template, max_length, train_on_prompt):
+    tmp = path + f".tmp{os.getpid()}"  # write then rename: an interrupted save never looks complete
+    dsd.save_to_disk(tmp)
+    meta = {"template": template, "max_length": max_length, "train_on_prompt": train_on_prompt,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    with open(os.path.join(tmp, "sft_meta.json"), "w") as handle:
+        json.dump(meta, handle)
+    if os.path.exists(path):
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_saved(path, tokenizer, template, max_length, train_on_prompt):
+    """Load a `--save` directory, refusing one made with other settings than those asked for."""
+    import datasets
+
+    with open(os.path.join(path, "sft_meta.json")) as handle:
+        meta = json.load(handle)
+    asked = {"template": template, "max_length": max_length, "train_on_prompt": train_on_prompt,
+             "tokenizer": tokenizer_fingerprint(tokenizer)}
+    diffs = [f"{k}: saved {meta.get(k)!r}, asked {v!r}" for k, v in asked.items() if meta.get(k) != v]
+    if diffs:
+        raise DataError(f"{path}: was tokenized with other settings ({'; '.join(diffs)})")
+    return datasets.load_from_disk(path), {"from_cache": True, "saved_dir": path}
+
+
+# ---------------------------------------------------------------- summary
+def length_stats(dataset) -> dict:
+    lengths = np.asarray(dataset["length"])
+    prompts = np.asarray(dataset["prompt_length"])
+    loss_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in dataset["labels"])
+    pct = lambda a: {"p50": int(np.percentile(a, 50)), "p95": int(np.percentile(a, 95)), "max": int(a.max())}
+    return {"examples": len(lengths), "prompt": pct(prompts), "sequence": pct(lengths),
+            "truncated": int(np.sum(dataset["truncated"])), "loss_token_share": loss_tokens / max(1, lengths.sum())}
+
+
+def print_summary(dsd, report, template, max_length, tokenizer, source) -> None:
+    print(f"\nRecords read: {report.get('read', '-')} from {source}")
+    if report.get("skipped"):
+        print(f"Skipped {len(report['skipped'])} invalid records:")
+        for line in report["skipped"][:5]:
+            print(f"  {line}")
+    empty = report.get("empty_dropped", [])
+    if empty:
+        print(f"Dropped {len(empty)} records with an empty instruction or output (indices {empty[:5]})")
+    print(f"Placeholder inputs ('No input', '<noinput>', ...) treated as empty: {report.get('placeholder_inputs', 0)}")
+    for split, dataset in dsd.items():
+        s = length_stats(dataset)
+        n_in = report.get("records_per_split", {}).get(split)
+        print(f"\n[{split}] {s['examples']} examples; truncated to {max_length}: {s['truncated']}"
+              + (f"; dropped (prompt alone > {max_length}): {n_in - s['examples']}" if n_in is not None else ""))
+        print(f"  prompt tokens   p50 {s['prompt']['p50']:>5}  p95 {s['prompt']['p95']:>5}  max {s['prompt']['max']:>5}")
+        print(f"  sequence tokens p50 {s['sequence']['p50']:>5}  p95 {s['sequence']['p95']:>5}"
+              f"  max {s['sequence']['max']:>5}")
+        print(f"  share of tokens carrying loss: {s['loss_token_share']:.1%}")
+    for i in range(min(2, len(dsd["train"]))):
+        example = dsd["train"][i]
+        print(f"\n--- example {i} ({template} template), loss on the part after '|>>' ---")
+        cut = example["prompt_length"]
+        ids = example["input_ids"]
+        print(tokenizer.decode(ids[:cut]) + "|>>" + tokenizer.decode(ids[cut:]))
+    print(f"\nTokenized data {'reused from cache' if report.get('from_cache') else 'cached'}:"
+          f" {report.get('saved_dir') or report.get('cache')}")
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+
+    problems = []
+    if args.max_length < 2:
+        problems.append(f"--max-length must be at least 2 (got {args.max_length})")
+    if isinstance(args.val_size, float) and not 0 < args.val_size < 1:
+        problems.append(f"--val-size as a fraction must be in (0, 1) (got {args.val_size})")
+    if isinstance(args.val_size, int) and args.val_size < 1:
+        problems.append(f"--val-size as a count must be >= 1 (got {args.val_size})")
+    check_all(problems)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:
+        raise DataError(f"could not load tokenizer {name_or_path!r} ({type(err).__name__}: {err}). "
+                        "Offline? Pass a local tokenizer directory with --tokenizer.") from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name_or_path!r} has no EOS token; answers could never stop")
+    return tokenizer
+
+
+def main(args) -> None:
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(args.tokenizer)
+    dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
+                                   args.seed, args.train_on_prompt, args.skip_invalid)
+    print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
+    if args.save:
+        _save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt)
+        print(f"Saved tokenized DatasetDict to {args.save} (use: python train.py --dataset {args.save})")
+    print(f"Done in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    import sys
+
+    import cli
+
+    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), validate_args)
+    try:
+        main(parsed)
+    except DataError as error:
+        cli.fail(str(error))

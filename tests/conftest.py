@@ -1,0 +1,37 @@
+"""Shared fixtures: a tokenizer the project builds itself, and the optional ../shared assets."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_path(*parts) -> Path:
+    """A ../shared asset, or skip the test when a fresh clone has none."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (only in CI and the dev workplace)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    import smoke
+
+    texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in smoke.make_records(300)]
+    texts += ["### Instruction:\n### Input:\n### Response:\nBelow is an instruction that describes a task."]
+    return smoke.build_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_path("gpt2-tokenizer"))
