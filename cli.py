@@ -65,6 +65,21 @@ def build_parser(module, description: str | None = None) -> argparse.ArgumentPar
     return parser
 
 
+class UserError(ValueError):
+    """A mistake in the user's settings, files or data: reported in one line, without a traceback."""
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The settings given on the command line (as opposed to left at their defaults)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            probe.add_argument(*action.option_strings, dest=action.dest, default=argparse.SUPPRESS,
+                               **({"action": action.__class__} if isinstance(action, argparse.BooleanOptionalAction)
+                                  else {"nargs": action.nargs}))
+    return set(vars(probe.parse_known_args(argv)[0]))
+
+
 def parse_or_exit(parser: argparse.ArgumentParser, validate, argv=None) -> argparse.Namespace:
     """Parse argv, then run `validate(args)`; a ValueError from it becomes a clean exit 2."""
     args = parser.parse_args(argv)

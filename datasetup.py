@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cli import UserError
+
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
 TOKENIZER = "distilgpt2"  # Hub id or local directory of the tokenizer
@@ -61,7 +63,7 @@ TEMPLATES = {
 _PLACEHOLDER_INPUT = re.compile(r"^<?\s*no\s*input\s*>?\s*\.?$", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data, reported without a traceback."""
 
 

@@ -1,0 +1,246 @@
+"""Fine-tune DistilGPT2 (or any causal LM) on Alpaca instructions with the Hugging Face Trainer.
+
+    python train.py                      # distilgpt2 on tatsu-lab/alpaca -> distilgpt2-alpaca/
+    python train.py --smoke              # offline: tiny GPT-2 on generated tasks, about a minute on a CPU
+    torchrun --nproc_per_node 2 train.py # DDP on 2 GPUs (or CPU processes); `accelerate launch` works too
+
+Running the same command again after an interruption continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+MODEL = "distilgpt2"  # Hub id or local directory of the causal LM to fine-tune
+INIT = "pretrained"  # pretrained|scratch: start from the weights, or random weights from the config
+DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a datasetup.py --save dir
+TEMPLATE = "seed"  # prompt template: seed|alpaca (see datasetup.py)
+OUTPUT_DIR = "distilgpt2-alpaca"  # checkpoints, final model, metrics.json, run_config.json, loss_curve.png
+EPOCHS = 3.0  # passes over the training split (a fraction is fine)
+MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
+BATCH_SIZE = 8  # examples per device per forward pass; >= 1
+GRAD_ACCUM = 4  # forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM x devices)
+LR = 1e-4  # peak learning rate of AdamW
+LR_SCHEDULER = "cosine"  # learning-rate schedule: cosine|linear|constant|constant_with_warmup
+WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in [0, 1)
+WEIGHT_DECAY = 0.0  # AdamW weight decay; >= 0
+MAX_LENGTH = 512  # tokens per example; the response is cut, never the prompt
+VAL_SIZE = 0.02  # validation records: a count (>= 1) or a fraction in (0, 1)
+EVAL_STEPS = 500  # evaluate every N optimizer steps; >= 1
+SAVE_STEPS = 500  # write checkpoint-N/ every N optimizer steps; >= 1
+SAVE_TOTAL_LIMIT = 3  # checkpoints kept (older ones are deleted); >= 1
+LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
+SEED = 42  # seed of the data split, the shuffling and the initial weights
+PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
+PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (collate.py); auto picks the fastest
+TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (default: response + EOS only)
+SKIP_INVALID = False  # drop malformed data records instead of stopping
+RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
+DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
+SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), written to smoke-run/
+
+# A run's identity: resuming with any of these changed would silently mix two different runs.
+IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prompt", "val_size", "seed",
+            "epochs", "max_steps", "batch_size", "grad_accum")
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+
+    problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+                for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "save_total_limit",
+                             "logging_steps", "max_length") if getattr(args, name) < 1]
+    if args.epochs <= 0 and args.max_steps <= 0:
+        problems.append(f"--epochs must be > 0 (got {args.epochs}) unless --max-steps is set")
+    if args.lr <= 0:
+        problems.append(f"--lr must be > 0 (got {args.lr})")
+    if not 0 <= args.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.weight_decay < 0:
+        problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
+    if isinstance(args.val_size, float) and not 0 < args.val_size < 1:
+        problems.append(f"--val-size as a fraction must be in (0, 1) (got {args.val_size})")
+    if isinstance(args.val_size, int) and args.val_size < 1:
+        problems.append(f"--val-size as a count must be >= 1 (got {args.val_size})")
+    check_all(problems)
+
+
+def apply_smoke(args, explicit: set) -> None:
+    """--smoke: the offline preset's model, data and settings, except for flags given on the command line."""
+    import smoke
+
+    for name, value in smoke.TRAIN_SETTINGS.items():
+        if name not in explicit:
+            setattr(args, name, value)
+    if "output_dir" not in explicit:
+        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "model")
+    args.model, args.init = os.path.join(smoke.OUTPUT_DIR, "base"), "pretrained"
+    args.dataset = os.path.join(smoke.OUTPUT_DIR, "data.json")
+
+
+def resolve_packing(packing: str, device) -> tuple[str, str | None]:
+    """(collator mode, attention implementation) for --packing on `device`."""
+    import importlib.util
+
+    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if packing == "auto":
+        packing = "flat" if flash else "rows"
+    if packing == "flat" and not flash:
+        return packing, None  # correct through SDPA's block mask, but only fast with FlashAttention
+    return packing, "flash_attention_2" if packing == "flat" else None
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def find_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint-N (trainer_state.json is written last, so a killed save is skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
+                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+                   and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")))
+    return os.path.join(output_dir, steps[-1][1]) if steps else None
+
+
+def check_same_run(output_dir: str, config: dict) -> None:
+    """Refuse to resume into an output dir that holds another run."""
+    path = os.path.join(output_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        saved = json.load(handle)
+    diffs = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in IDENTITY if saved.get(k) != config[k]]
+    if diffs:
+        from cli import UserError
+
+        raise UserError(f"{output_dir}/ holds a different run ({'; '.join(diffs)}). Use another --output-dir, "
+                         "or --no-resume to start over in this one.")
+
+
+def clear_previous(output_dir: str) -> None:
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def main(args) -> None:
+    import torch
+    from transformers import TrainingArguments
+
+    import datasetup
+    import model as model_lib
+    from collate import SFTCollator
+    from trainer import InstructTrainer, StopOnSignal, TemplateSaver, plot_loss_curve, write_json
+
+    device = model_lib.get_device(args.device)
+    precision, why = model_lib.resolve_precision(args.precision, device)
+    packing, attn = resolve_packing(args.packing, device)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
+    config = {**vars(args), "device": device.type, "precision": precision, "packing": packing}
+
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_ratio, weight_decay=args.weight_decay, eval_strategy="steps",
+        eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none", remove_unused_columns=False,
+        dataloader_pin_memory=device.type == "cuda")
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *a, **k: None)
+
+    checkpoint = None
+    with training_args.main_process_first(desc="checking the output dir"):
+        if args.resume:
+            check_same_run(args.output_dir, config)
+            checkpoint = find_checkpoint(args.output_dir)
+        elif main_process:
+            clear_previous(args.output_dir)
+    say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why}); packing: {packing}")
+    if checkpoint:
+        say(f"Resuming from {checkpoint} (--no-resume to start over)")
+
+    with training_args.main_process_first(desc="preparing data"):
+        if args.smoke:
+            import smoke
+
+            smoke.prepare(os.path.dirname(args.model))
+        tokenizer = model_lib.load_tokenizer(args.model)
+        data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
+                                                  args.val_size, args.seed, args.train_on_prompt, args.skip_invalid)
+    say(f"Data: {len(data['train'])} train / {len(data['validation'])} validation examples"
+        f" ({'cached' if report.get('from_cache') else 'tokenized'})")
+    torch.manual_seed(args.seed)
+    model = model_lib.load_model(args.model, args.init, tokenizer)
+    if attn:
+        model.set_attn_implementation(attn)
+    model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
+    config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size)
+    if main_process:
+        write_json(os.path.join(args.output_dir, "run_config.json"), config)
+
+    stopper = StopOnSignal()
+    trainer = InstructTrainer(
+        model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+        data_collator=SFTCollator(tokenizer.pad_token_id, packing, 8 if device.type == "cuda" else None),
+        processing_class=tokenizer, callbacks=[stopper, TemplateSaver(args.template)])
+
+    before_path = os.path.join(args.output_dir, "eval_before.json")
+    if checkpoint and os.path.isfile(before_path):
+        with open(before_path) as handle:
+            before = json.load(handle)
+    else:
+        say("Evaluating the model before fine-tuning ...")
+        before = trainer.evaluate(metric_key_prefix="before")
+        if main_process:
+            write_json(before_path, before)
+    say(f"Before: eval loss {before['before_loss']:.4f}, perplexity {math.exp(before['before_loss']):.2f}")
+
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.stopped:
+        say(f"\nInterrupted: checkpoint saved in {find_checkpoint(args.output_dir)}. "
+            "Run the same command to continue.")
+        raise SystemExit(130)
+
+    after = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    if not main_process:
+        return
+    TemplateSaver(args.template).write(args.output_dir)
+    tokens = trainer.real_tokens_total()
+    runtime = result.metrics["train_runtime"]
+    metrics = {
+        "train_loss": result.metrics.get("train_loss"), "eval_loss_before": before["before_loss"],
+        "eval_loss_after": after["eval_loss"], "eval_perplexity_before": math.exp(before["before_loss"]),
+        "eval_perplexity_after": math.exp(after["eval_loss"]), "train_tokens_per_second": tokens / runtime,
+        "train_real_tokens": tokens, "train_runtime_s": runtime, "global_step": trainer.state.global_step,
+        "device": device.type, "precision": precision, "packing": packing, "world_size": training_args.world_size,
+        "peak_memory_mb": trainer.peak_memory_mb()}
+    write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    plot_loss_curve(trainer.state.log_history, before["before_loss"], os.path.join(args.output_dir, "loss_curve.png"))
+    say(f"\nEval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}  (perplexity "
+        f"{metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity_after']:.2f})")
+    say(f"{tokens / runtime:.0f} real tokens/s on {device.type}; model, metrics.json and loss_curve.png in "
+        f"{args.output_dir}/")
+
+
+if __name__ == "__main__":
+    import cli
+
+    parser = cli.build_parser(sys.modules[__name__])
+    parsed = cli.parse_or_exit(parser, validate_args)
+    if parsed.smoke:
+        apply_smoke(parsed, cli.explicit_dests(parser, sys.argv[1:]))
+    try:
+        main(parsed)
+    except cli.UserError as error:  # bad data, model, device or output dir: one line, no traceback
+        cli.fail(str(error))
+    except KeyboardInterrupt:
+        cli.fail("interrupted; run the same command to continue from the newest checkpoint", 130)
