@@ -69,7 +69,7 @@ def resolve_precision(precision: str, device) -> tuple[str, str]:
         raise ModelError(f"--precision fp16 needs a CUDA GPU (device is {kind}); use bf16 or fp32")
     if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise ModelError("--precision bf16: this GPU does not support bf16; use fp16")
-    return precision, "chosen with --precision"
+    return precision, "set explicitly"
 
 
 def load_tokenizer(name_or_path: str = MODEL):
@@ -107,6 +107,7 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     except Exception as err:
         hint = " It holds no weights: add --init scratch." if _has_config_only(name_or_path) else ""
         raise ModelError(f"could not load model {name_or_path!r} ({type(err).__name__}: {err}).{hint}") from None
+    model.loss_type = "ForCausalLM"  # the standard shifted cross-entropy; also silences a warning for GPT-2
     if tokenizer is not None:
         set_generation_ids(model, tokenizer)
     return model

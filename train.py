@@ -211,10 +211,10 @@ def main(args) -> None:
 
     after = trainer.evaluate()
     trainer.save_model(args.output_dir)
+    tokens = trainer.real_tokens_total()  # a collective: every process must reach it
     if not main_process:
         return
     TemplateSaver(args.template).write(args.output_dir)
-    tokens = trainer.real_tokens_total()
     runtime = result.metrics["train_runtime"]
     metrics = {
         "train_loss": result.metrics.get("train_loss"), "eval_loss_before": before["before_loss"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -13,6 +14,16 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 TEMPLATE_FILE = "sft_template.json"
+
+
+class _PackedBatchWarningFilter(logging.Filter):
+    """Packed batches carry no attention_mask on purpose (position_ids keep the examples apart)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(_PackedBatchWarningFilter())
 
 
 def write_json(path: str, data: dict) -> None:
@@ -121,7 +132,7 @@ def plot_loss_curve(log_history: list[dict], loss_before: float, path: str) -> N
     ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
     ax.annotate("base model", evals[0], textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (response tokens)")
+    ax.set_ylabel("cross-entropy loss")
     ax.set_title("Fine-tuning loss")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -105,7 +105,8 @@ def test_too_long_prompts_are_dropped_and_counted(tiny_tokenizer, tmp_path):
     records = [REC, {"instruction": "word " * 100, "input": "", "output": "ok"}] * 3
     path = tmp_path / "d.json"
     path.write_text(json.dumps(records))
-    dsd, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 40, val_size=1, seed=0)
+    limit = len(ds.encode_prompt(tiny_tokenizer, ds.format_prompt(REC))) + 10
+    dsd, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", limit, val_size=1, seed=0)
     kept = len(dsd["train"]) + len(dsd["validation"])
     assert kept == 3 and report["records_per_split"]["train"] + 1 == 6
 

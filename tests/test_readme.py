@@ -1,0 +1,20 @@
+"""The README documents every flag, and CI runs the README's test command."""
+
+import cli
+import datasetup
+import train
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_lists_every_train_and_data_flag():
+    for module in (train, datasetup):
+        for name, _, _ in cli.constant_specs(module):
+            assert f"`{cli.flag_name(name)}" in README, f"{cli.flag_name(name)} ({module.__name__}) not in README"
+
+
+def test_ci_runs_the_readme_test_command():
+    command = "python -m pytest -q"
+    assert f"\n{command}\n" in README
+    assert f"\n{command}" in (ROOT / ".ci" / "run").read_text()

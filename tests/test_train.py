@@ -1,0 +1,214 @@
+"""train.py and model.py end to end on CPU: smoke run, checkpoints, resume, DDP, errors, precision."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model as model_lib
+import train
+from conftest import ROOT, shared_path
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+FAST = ["--smoke", "--eval-steps", "1000", "--logging-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory holding the smoke data and base model, made once."""
+    import smoke
+
+    path = tmp_path_factory.mktemp("smoke")
+    smoke.prepare(str(path / smoke.OUTPUT_DIR))
+    return path
+
+
+def run_train(cwd, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def start_train(cwd, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path, proc, timeout=180):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"training ended before {path} appeared: {proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def load_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def test_smoke_steps_write_loadable_checkpoints(workdir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = workdir / "few"
+    result = run_train(workdir, *FAST, "--max-steps", "4", "--save-steps", "2", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Before: eval loss" in result.stdout
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        assert (ckpt / "trainer_state.json").exists() and (ckpt / "optimizer.pt").exists()
+        assert load_json(ckpt / "sft_template.json")["name"] == "seed"
+        AutoModelForCausalLM.from_pretrained(ckpt)
+    lm = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert lm.generation_config.eos_token_id == tok.eos_token_id
+    assert lm.generation_config.pad_token_id is not None
+    metrics = load_json(out / "metrics.json")
+    for key in ("train_loss", "eval_loss_before", "eval_loss_after", "eval_perplexity_before",
+                "eval_perplexity_after", "train_tokens_per_second", "train_runtime_s", "device", "precision"):
+        assert key in metrics, key
+    assert metrics["global_step"] == 4 and metrics["train_tokens_per_second"] > 0
+    config = load_json(out / "run_config.json")
+    assert config["batch_size"] == 32 and config["seed"] == 42 and config["val_size"] == 200
+    assert (out / "loss_curve.png").stat().st_size > 5000
+    assert load_json(out / "sft_template.json")["with_input"].startswith("### Instruction:")
+
+
+def test_resume_after_kill_ends_at_the_same_step(workdir):
+    out = workdir / "killed"
+    args = [*FAST, "--max-steps", "120", "--save-steps", "5", "--output-dir", str(out)]
+    proc = start_train(workdir, *args)
+    wait_for(out / "checkpoint-5" / "trainer_state.json", proc)
+    proc.kill()  # kill -9: no chance to clean up
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from" in result.stdout and "Evaluating the model before" not in result.stdout
+    metrics = load_json(out / "metrics.json")
+    assert metrics["global_step"] == 120
+    state = load_json(out / "checkpoint-120" / "trainer_state.json")
+    assert state["global_step"] == 120
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == list(range(5, 121, 5))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(workdir):
+    out = workdir / "interrupted"
+    proc = start_train(workdir, *FAST, "--max-steps", "400", "--save-steps", "200", "--output-dir", str(out))
+    wait_for(out / "eval_before.json", proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    assert "Interrupted: checkpoint saved" in output and "Traceback" not in output
+    assert train.find_checkpoint(str(out)) is not None
+
+
+def test_output_dir_of_another_run_is_refused(workdir):
+    out = workdir / "other"
+    assert run_train(workdir, *FAST, "--max-steps", "2", "--output-dir", str(out)).returncode == 0
+    result = run_train(workdir, *FAST, "--max-steps", "2", "--max-length", "64", "--output-dir", str(out))
+    assert result.returncode == 2 and "holds a different run" in result.stderr and "max_length" in result.stderr
+    assert "Traceback" not in result.stderr
+    fresh = run_train(workdir, *FAST, "--max-steps", "2", "--max-length", "64", "--no-resume",
+                      "--output-dir", str(out))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+
+def test_torchrun_two_cpu_processes(workdir):
+    out = workdir / "ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *FAST, "--max-steps", "4", "--save-steps", "2",
+                             "--output-dir", str(out)], cwd=workdir, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = load_json(out / "metrics.json")
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 4
+    assert (out / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_scratch_distilgpt2_config_on_real_records(tmp_path):
+    config = shared_path("distilgpt2-config")
+    data = shared_path("data", "alpaca_5000.json")
+    result = run_train(tmp_path, "--init", "scratch", "--model", str(config), "--dataset", str(data),
+                       "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--val-size", "8",
+                       "--max-length", "256", "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = load_json(tmp_path / "out" / "metrics.json")
+    assert metrics["global_step"] == 2 and metrics["eval_loss_before"] > 9  # random weights: ~ln(50257)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--batchsize", "3"], "unrecognized arguments: --batchsize"),
+    (["--batch-size", "0", "--lr", "-1"], "--batch-size must be >= 1"),
+    (["--packing", "tight"], "argument --packing: invalid choice"),
+    (["--epochs", "many"], "argument --epochs: invalid number value"),
+    (["--precision", "fp16", "--device", "cpu", "--smoke"], "--precision fp16 needs a CUDA GPU"),
+    (["--model", "./no-such-model", "--dataset", "x.json"], "./no-such-model: no such directory"),
+])
+def test_bad_flags_are_refused_naming_the_flag(tmp_path, args, expected):
+    result = run_train(tmp_path, *args, "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    if "--lr" in args:
+        assert "--lr must be > 0" in result.stderr  # every problem is reported at once
+
+
+def test_flags_mirror_every_constant():
+    import cli
+
+    parser = cli.build_parser(train)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for name in ("--model", "--init", "--dataset", "--template", "--output-dir", "--epochs", "--max-steps",
+                 "--batch-size", "--grad-accum", "--lr", "--lr-scheduler", "--warmup-ratio", "--weight-decay",
+                 "--max-length", "--val-size", "--eval-steps", "--save-steps", "--logging-steps", "--seed",
+                 "--precision", "--packing", "--train-on-prompt", "--resume", "--no-resume", "--device", "--smoke"):
+        assert name in flags, name
+    args = parser.parse_args(["--val-size", "100", "--lr", "3e-4"])
+    assert args.val_size == 100 and isinstance(args.val_size, int) and args.lr == 3e-4
+
+
+def test_precision_auto_on_this_cpu():
+    cpu = torch.device("cpu")
+    precision, _ = model_lib.resolve_precision("auto", cpu)
+    assert precision == ("bf16" if model_lib.cpu_supports_bf16() else "fp32")
+    assert model_lib.resolve_precision("fp32", cpu)[0] == "fp32"
+    assert model_lib.resolve_precision("auto", torch.device("mps"))[0] == "fp32"
+
+
+def test_precision_auto_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == "fp16"
+    with pytest.raises(model_lib.ModelError, match="does not support bf16"):
+        model_lib.resolve_precision("bf16", torch.device("cuda"))
+
+
+def test_get_device_order(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert model_lib.get_device("auto").type == "mps"
+    assert model_lib.get_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_lib.get_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(model_lib.ModelError, match="--device cuda"):
+        model_lib.get_device("cuda")
+
+
+def test_pad_is_eos_but_eos_keeps_its_label(tiny_tokenizer):
+    from collate import SFTCollator
+
+    tok = tiny_tokenizer
+    eos = tok.eos_token_id
+    batch = SFTCollator(eos, "none")([{"input_ids": [5, 6, eos], "labels": [-100, 6, eos]},
+                                      {"input_ids": [5, 6, 7, 8, eos], "labels": [-100, -100, 7, 8, eos]}])
+    assert batch["labels"][0].tolist() == [-100, 6, eos, -100, -100]
+    assert batch["input_ids"][0].tolist() == [5, 6, eos, eos, eos]
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 0, 0]
+    assert batch["num_real_tokens"] == 8
