@@ -71,11 +71,11 @@ def is_placeholder_input(text: str) -> bool:
     return bool(_PLACEHOLDER_INPUT.match(text.strip()))
 
 
-def format_prompt(record: dict, template: str = TEMPLATE) -> str:
-    """The prompt text for a record; the model's answer follows it directly."""
-    if template not in TEMPLATES:
+def format_prompt(record: dict, template: str | Template = TEMPLATE) -> str:
+    """The prompt text for a record (template: a name in TEMPLATES or a Template); the answer follows it."""
+    if not isinstance(template, Template) and template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
-    form = TEMPLATES[template]
+    form = template if isinstance(template, Template) else TEMPLATES[template]
     text_input = record.get("input") or ""
     if text_input.strip():
         return form.with_input.format(instruction=record["instruction"], input=text_input)

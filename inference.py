@@ -1,0 +1,267 @@
+"""Compare the base and the fine-tuned model's answers to the same instruction, side by side.
+
+    python inference.py --prompt "Write a tweet about open-source LLMs."
+    python inference.py --prompt "Summarize this." --input "Some text ..." --sample --temperature 0.7
+    python inference.py --prompts-file prompts.jsonl --json > answers.jsonl
+    python inference.py --smoke          # the tiny model from `python train.py --smoke`, on held-out prompts
+
+Prompts are formatted with the template saved with the fine-tuned model, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from cli import UserError
+
+# ---- settings (each has a flag: MAX_NEW_TOKENS -> --max-new-tokens) ----
+BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
+FINETUNED = "distilgpt2-alpaca"  # directory written by train.py (or any checkpoint-N inside it)
+PROMPT = "Give three tips for staying healthy."  # the instruction to answer
+INPUT = ""  # optional input / context for the instruction
+PROMPTS_FILE = ""  # many prompts: .json/.jsonl Alpaca records or a .txt file with one instruction per line
+TEMPLATE = "auto"  # auto|seed|alpaca: auto = the template saved with the fine-tuned model
+ONLY = "both"  # both|base|finetuned: which model(s) to run
+MAX_NEW_TOKENS = 128  # most tokens generated per answer; >= 1
+SAMPLE = False  # sample instead of greedy decoding
+TEMPERATURE = 0.7  # sampling temperature (with --sample); > 0
+TOP_P = 0.9  # nucleus sampling: keep the smallest set of tokens with this much probability; in (0, 1]
+TOP_K = 50  # sample only among the K likeliest tokens; 0 = no limit
+REPETITION_PENALTY = 1.0  # > 1 discourages repeating tokens; 1 = off
+NO_REPEAT_NGRAM_SIZE = 0  # forbid repeating any n-gram of this size; 0 = off
+SEED = 42  # seed set before each model generates, so both get the same random draws
+BATCH_SIZE = 16  # prompts generated together (left-padded) with --prompts-file; >= 1
+JSON = False  # print one JSON object per prompt instead of the side-by-side view
+DEVICE = "auto"  # auto|cuda|mps|cpu
+SMOKE = False  # use smoke-run/ from `python train.py --smoke` and its held-out prompts
+
+
+def load_template(model_dir: str, requested: str = "auto"):
+    """The template to format prompts with: the one saved with the fine-tuned model, unless overridden."""
+    from datasetup import TEMPLATES, Template
+    from trainer import TEMPLATE_FILE
+
+    if requested != "auto":
+        return TEMPLATES[requested]
+    path = os.path.join(model_dir, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        print(f"note: {path} not found; using the 'seed' template", file=sys.stderr)
+        return TEMPLATES["seed"]
+    with open(path) as handle:
+        saved = json.load(handle)
+    return Template(saved["with_input"], saved["no_input"])
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Records {instruction, input[, output]} from .json/.jsonl records or a text file of instructions."""
+    from datasetup import DataError, read_raw
+
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts-file {path}: file not found")
+    if not path.endswith((".json", ".jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            prompts = [{"instruction": line.strip(), "input": ""} for line in handle if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts-file {path}: no prompts in it")
+        return prompts
+    records = []
+    for where, record in read_raw(path):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise DataError(f"{where}: needs an 'instruction' string")
+        if not isinstance(record.get("input") or "", str):
+            raise DataError(f"{where}: field 'input' is not a string")
+        records.append({k: record[k] for k in ("instruction", "input", "output") if record.get(k) is not None})
+    if not records:
+        raise UserError(f"--prompts-file {path}: no prompts in it")
+    return records
+
+
+def require_finetuned(path: str) -> None:
+    """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    hint = ""
+    if os.path.isdir(path):
+        from train import find_checkpoint
+
+        ckpt = find_checkpoint(path)
+        hint = f" Training did not finish: resume it with `python train.py`, or pass --finetuned {ckpt}." if ckpt else ""
+    raise UserError(f"no fine-tuned model in {path!r}. Run `python train.py` first "
+                    f"(or `python train.py --smoke`, then `python inference.py --smoke`).{hint}")
+
+
+def load_for_generation(name_or_path: str, device, role: str):
+    """(model, tokenizer) in eval mode, tokenizer padding on the left for batched generation."""
+    from transformers import AutoModelForCausalLM
+
+    import model as model_lib
+
+    if role == "fine-tuned":
+        require_finetuned(name_or_path)
+    tokenizer = model_lib.load_tokenizer(name_or_path)
+    tokenizer.padding_side = "left"
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
+    except Exception as err:
+        raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
+                        "Offline? Pass a local directory.") from None
+    model_lib.set_generation_ids(lm, tokenizer)
+    return lm, tokenizer
+
+
+def generation_kwargs(args) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+    if args.sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = args.repetition_penalty
+    if args.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    return kwargs
+
+
+def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
+             streamer=None, progress: bool = False) -> list[dict]:
+    """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first EOS."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from datasetup import encode_prompt
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    answers = []
+    batches = range(0, len(prompts), batch_size)
+    for start in tqdm(batches, desc="Generating", disable=not progress or len(batches) < 2, file=sys.stderr):
+        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        width = max(map(len, encoded))
+        # Left padding: every prompt ends at the same column, so generation continues right after it.
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=lm.device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=lm.device)
+        with torch.no_grad():
+            out = lm.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+                              streamer=streamer, **gen_kwargs)
+        for row in out[:, width:].tolist():
+            stopped = eos in row
+            tokens = row[: row.index(eos)] if stopped else row
+            answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                            "new_tokens": len(tokens), "stopped_at_eos": stopped})
+    return answers
+
+
+def smoke_prompts() -> list[dict]:
+    """The held-out validation records of the smoke run, rebuilt from its run_config.json."""
+    import smoke
+    from datasetup import load_records, split_records
+
+    config_path = os.path.join(smoke.OUTPUT_DIR, "model", "run_config.json")
+    if not os.path.isfile(config_path):
+        raise UserError("no smoke run found. Run `python train.py --smoke` first.")
+    with open(config_path) as handle:
+        config = json.load(handle)
+    records, _ = load_records(config["dataset"])
+    return split_records(records, config["val_size"], config["seed"])[1]
+
+
+def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
+    print("=" * 78)
+    print(f"Instruction: {record['instruction']}")
+    if record.get("input"):
+        print(f"Input:       {record['input']}")
+    for role, answer in answers.items():
+        note = "" if answer["stopped_at_eos"] else "  [no EOS: cut at --max-new-tokens]"
+        print(f"\n--- {role} ({names[role]}), {answer['new_tokens']} tokens{note}\n{answer['text']}")
+    if record.get("output"):
+        print(f"\n--- reference\n{record['output']}")
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.temperature <= 0:
+        problems.append(f"--temperature must be > 0 (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if args.top_k < 0 or args.no_repeat_ngram_size < 0:
+        problems.append("--top-k and --no-repeat-ngram-size must be >= 0")
+    if args.repetition_penalty <= 0:
+        problems.append(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
+    if not args.prompt.strip() and not args.prompts_file and not args.smoke:
+        problems.append("--prompt is empty; give an instruction or a --prompts-file")
+    check_all(problems)
+
+
+def main(args, explicit: set) -> None:
+    import smoke
+    from datasetup import format_prompt
+    from model import get_device
+
+    if args.smoke:
+        args.base = args.base if "base" in explicit else os.path.join(smoke.OUTPUT_DIR, "base")
+        args.finetuned = args.finetuned if "finetuned" in explicit else os.path.join(smoke.OUTPUT_DIR, "model")
+    if args.prompts_file:
+        records = read_prompts(args.prompts_file)
+    elif args.smoke and "prompt" not in explicit:
+        records = smoke_prompts()
+    else:
+        records = [{"instruction": args.prompt, "input": args.input}]
+    device = get_device(args.device)
+    roles = {"base": args.base, "finetuned": args.finetuned}
+    roles = {role: path for role, path in roles.items() if args.only in ("both", role)}
+    if "finetuned" in roles:
+        require_finetuned(args.finetuned)
+    template = load_template(args.finetuned if os.path.isdir(args.finetuned) else "", args.template)
+    prompts = [format_prompt(r, template) for r in records]
+    models = {role: load_for_generation(path, device, "fine-tuned" if role == "finetuned" else "base")
+              for role, path in roles.items()}
+    gen_kwargs = generation_kwargs(args)
+
+    answers = {}
+    stream = len(records) == 1 and not args.json and not args.prompts_file
+    if stream:
+        from transformers import TextStreamer
+
+        print_side_by_side(records[0], {}, roles)
+    for role, (lm, tokenizer) in models.items():
+        if stream:
+            print(f"\n--- {role} ({roles[role]})", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        answers[role] = generate(lm, tokenizer, prompts, gen_kwargs, args.seed, args.batch_size, streamer,
+                                 progress=not stream)
+        if stream and not answers[role][0]["stopped_at_eos"]:
+            print("  [no EOS: cut at --max-new-tokens]")
+    if stream:
+        return
+    for i, record in enumerate(records):
+        per_prompt = {role: answers[role][i] for role in answers}
+        if args.json:
+            print(json.dumps({"instruction": record["instruction"], "input": record.get("input", ""),
+                              **per_prompt, **({"reference": record["output"]} if "output" in record else {})}))
+        else:
+            print_side_by_side(record, per_prompt, roles)
+    if not args.json:
+        for role in answers:
+            eos = sum(a["stopped_at_eos"] for a in answers[role])
+            line = f"{role}: {eos}/{len(records)} answers stopped at EOS"
+            if all("output" in r for r in records):
+                exact = sum(a["text"] == r["output"].strip() for a, r in zip(answers[role], records))
+                line += f"; exact match with the reference: {exact}/{len(records)}"
+            print(line)
+
+
+if __name__ == "__main__":
+    import cli
+
+    parser = cli.build_parser(sys.modules[__name__])
+    parsed = cli.parse_or_exit(parser, validate_args)
+    try:
+        main(parsed, cli.explicit_dests(parser, sys.argv[1:]))
+    except UserError as error:
+        cli.fail(str(error))
