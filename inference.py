@@ -123,7 +123,7 @@ def generation_kwargs(args) -> dict:
 
 
 def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
-             streamer=None, progress: bool = False) -> list[dict]:
+             streamer=None, progress: bool = False, desc: str = "Generating") -> list[dict]:
     """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first EOS."""
     import torch
     from tqdm.auto import tqdm
@@ -133,8 +133,9 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     torch.manual_seed(seed)
     answers = []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="Generating", disable=not progress or len(batches) < 2, file=sys.stderr):
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress or len(prompts) <= batch_size,
+               file=sys.stderr)
+    for start in range(0, len(prompts), batch_size):
         encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
         width = max(map(len, encoded))
         # Left padding: every prompt ends at the same column, so generation continues right after it.
@@ -148,6 +149,8 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
             tokens = row[: row.index(eos)] if stopped else row
             answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                             "new_tokens": len(tokens), "stopped_at_eos": stopped})
+        bar.update(len(encoded))
+    bar.close()
     return answers
 
 

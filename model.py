@@ -113,6 +113,46 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     return model
 
 
+def enable_response_only_logits(model) -> bool:
+    """Make training forward passes compute the output layer and loss only where labels are not -100.
+
+    With the loss on the response only, ~40% of positions carry no loss, and DistilGPT2's 50,257-word
+    output layer is half its weights: skipping those positions saves their share of that cost and
+    never builds the full batch x length x vocab logits. The loss is the same shifted cross-entropy
+    (sum / num_items_in_batch during training, so gradient accumulation stays exact). The forward is
+    replaced on the instance, so the Trainer's autocast and DDP wrappers still go through it.
+    Returns False (and changes nothing) for models whose logits get extra processing.
+    """
+    import types
+
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    dense_forward = model.forward
+    body, head = model.base_model, model.get_output_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("return_dict") is False:
+            return dense_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs.pop("use_cache", None)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False, **kwargs).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = head(hidden[:, :-1][keep]).float()  # only the positions that carry loss
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+        return CausalLMOutputWithPast(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
 def set_generation_ids(model, tokenizer) -> None:
     """EOS and pad ids in the config and generation config, so generation stops at EOS after saving."""
     for cfg in (model.config, model.generation_config):

@@ -38,6 +38,7 @@ LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the data split, the shuffling and the initial weights
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (collate.py); auto picks the fastest
+ORDER = "random"  # random|length: batch order; length groups similar lengths (less padding, but learns less)
 TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (default: response + EOS only)
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
@@ -151,7 +152,8 @@ def main(args) -> None:
         save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none", remove_unused_columns=False,
-        dataloader_pin_memory=device.type == "cuda")
+        dataloader_pin_memory=device.type == "cuda", prediction_loss_only=True,
+        train_sampling_strategy="group_by_length" if args.order == "length" else "random")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -181,7 +183,9 @@ def main(args) -> None:
     if attn:
         model.set_attn_implementation(attn)
     model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
-    config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size)
+    sparse = model_lib.enable_response_only_logits(model)  # output layer only where labels != -100
+    config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
+                  response_only_logits=sparse)
     if main_process:
         write_json(os.path.join(args.output_dir, "run_config.json"), config)
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a tokenizer the project builds itself, and the optional ../shared assets."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +36,14 @@ def gpt2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(shared_path("gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def smoke_trained(tmp_path_factory):
+    """A directory where `python train.py --smoke` has run in full (about 90 s on 2 cores); shared by tests."""
+    path = tmp_path_factory.mktemp("learn")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke"], cwd=path, env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path

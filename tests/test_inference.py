@@ -19,13 +19,8 @@ GREEDY = {"max_new_tokens": 32, "do_sample": False}
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    """A full `python train.py --smoke` run (about 90 s on 2 cores)."""
-    path = tmp_path_factory.mktemp("learn")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke"], cwd=path, env=ENV,
-                            capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return path
+def work(smoke_trained):
+    return smoke_trained
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,249 @@
+"""Training throughput of batching strategies, on DistilGPT2's real architecture and real Alpaca records.
+
+    python benchmarks/throughput.py            # 96 records, every row at every precision (~20 min on 2 CPU cores)
+    python benchmarks/throughput.py --quick    # 16 records: a quick check that every row runs
+
+Every row trains one epoch from the same random initial weights on the same records, batch size and
+learning rate; only the batching strategy and precision change. Each row runs in its own process so
+its peak memory is its own. Results go to benchmarks/results/throughput-<device>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
+DATASET = os.path.join(ROOT, "..", "shared", "data", "alpaca_5000.json")  # Alpaca records
+RECORDS = 96  # records trained on (the first N usable ones); >= 16
+BATCH_SIZE = 8  # examples per step in every row
+TEMPLATE = "alpaca"  # prompt template: seed|alpaca
+MAX_LENGTH = 512  # the pad-to-max row pads to this; every row truncates to it
+RAW_WIDTH = 128  # row width of the raw forward+backward bound
+ROWS = "all"  # comma-separated subset of: pad_max,dynamic,length_grouped,packed,default,trl,raw_bound
+PRECISIONS = "auto"  # comma-separated subset of fp32,bf16; auto = every precision this machine offers
+QUICK = False  # 16 records: check that every row runs
+WORKER = ""  # internal: run one row (ROW:PRECISION) in this process and print its JSON
+
+ALL_ROWS = ("pad_max", "dynamic", "length_grouped", "packed", "default", "trl", "raw_bound")
+LABELS = {"pad_max": "pad every example to MAX_LENGTH", "dynamic": "dynamic padding",
+          "length_grouped": "length-grouped dynamic padding", "packed": "packing, examples kept apart",
+          "default": "project default (train.py)", "trl": "TRL SFTTrainer defaults",
+          "raw_bound": "raw fwd+bwd+AdamW on full rows (bound)"}
+
+
+class Counting:
+    """Wraps a collator to record each batch's real tokens and computed positions."""
+
+    def __init__(self, collator):
+        self.collator, self.real, self.computed = collator, [], []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        ids = batch["input_ids"]
+        if "num_real_tokens" in batch:
+            real = int(batch["num_real_tokens"])
+        elif "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        else:
+            real = ids.numel()
+        self.real.append(real)
+        self.computed.append(ids.numel())
+        return batch
+
+
+def _timing_callback(times):
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter())
+
+    return Timer()
+
+
+def _records(n):
+    import datasetup
+
+    records, _ = datasetup.load_records(DATASET)
+    return records[:n]
+
+
+def run_row(row: str, precision: str, n_records: int) -> dict:
+    """Train one epoch with one strategy; the figures exclude the first (warm-up) step."""
+    import torch
+
+    import datasetup
+    import model as model_lib
+    from collate import SFTCollator
+
+    torch.manual_seed(0)
+    tokenizer = model_lib.load_tokenizer(MODEL)
+    model = model_lib.load_model(MODEL, "scratch", tokenizer)
+    model.config.use_cache = False
+    records = _records(n_records)
+    bf16 = precision == "bf16"
+    if row == "raw_bound":
+        return _raw_bound(model, tokenizer, records, bf16)
+    times, outdir = [], tempfile.mkdtemp()
+    common = dict(output_dir=outdir, per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1, logging_steps=1,
+                  save_strategy="no", eval_strategy="no", report_to="none", bf16=bf16, use_cpu=True,
+                  learning_rate=1e-4, seed=42, disable_tqdm=True)
+    if row == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"prompt": datasetup.format_prompt(r, TEMPLATE), "completion": r["output"]}
+                                  for r in records])
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                             callbacks=[_timing_callback(times)])
+        counter = trainer.data_collator = Counting(trainer.data_collator)
+    else:
+        from transformers import TrainingArguments
+
+        from trainer import InstructTrainer
+
+        data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
+        mode = "rows" if row in ("packed", "default") else "none"
+        counter = Counting(SFTCollator(tokenizer.pad_token_id, mode, MAX_LENGTH if row == "pad_max" else None))
+        if row == "default":
+            model_lib.enable_response_only_logits(model)
+        targs = TrainingArguments(**common, remove_unused_columns=False, prediction_loss_only=True,
+                                  train_sampling_strategy="group_by_length" if row == "length_grouped" else "random")
+        trainer = InstructTrainer(model=model, args=targs, train_dataset=data, data_collator=counter,
+                                  processing_class=tokenizer, callbacks=[_timing_callback(times)])
+    trainer.train()
+    steps = len(times)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    real_after_warmup = sum(counter.real[1:steps])
+    return {"row": row, "precision": precision, "steps": steps,
+            "tokens_per_s": real_after_warmup / (times[-1] - times[0]),
+            "real_share": sum(counter.real[:steps]) / sum(counter.computed[:steps]),
+            "mean_loss": sum(losses) / len(losses), "peak_mb": _peak_mb(), "seconds": times[-1] - times[0]}
+
+
+def _raw_bound(model, tokenizer, records, bf16) -> dict:
+    """Plain forward + backward + AdamW on full BATCH_SIZE x RAW_WIDTH rows: as fast as this shape gets."""
+    import torch
+
+    import datasetup
+
+    stream = [t for ex in datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)["input_ids"]
+              for t in ex]
+    per_step = BATCH_SIZE * RAW_WIDTH
+    while len(stream) < 3 * per_step:  # --quick: enough for a warm-up step and two timed ones
+        stream = stream * 2
+    batches = [torch.tensor(stream[i:i + per_step]).view(BATCH_SIZE, RAW_WIDTH)
+               for i in range(0, len(stream) - per_step + 1, per_step)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    model.train()
+    times, losses = [], []
+    for ids in batches:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        times.append(time.perf_counter())
+    return {"row": "raw_bound", "precision": "bf16" if bf16 else "fp32", "steps": len(batches),
+            "tokens_per_s": per_step * (len(batches) - 1) / (times[-1] - times[0]), "real_share": 1.0,
+            "mean_loss": None, "peak_mb": _peak_mb(), "seconds": times[-1] - times[0]}
+
+
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summarize(results: list[dict], precisions: list[str], auto: str) -> str:
+    lines = ["| strategy | precision | real tokens/s | real share of computed positions | peak RSS (MB) "
+             "| mean loss (same examples) |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        loss = f"{r['mean_loss']:.4f}" if r["mean_loss"] is not None else "n/a (other layout)"
+        lines.append(f"| {LABELS[r['row']]} | {r['precision']} | {r['tokens_per_s']:.0f} | {r['real_share']:.0%} "
+                     f"| {r['peak_mb']:.0f} | {loss} |")
+    by = {(r["row"], r["precision"]): r for r in results}
+    lines.append("")
+    for p in precisions:
+        d = by.get(("default", p))
+        if not d:
+            continue
+        checks = [("TRL SFTTrainer defaults", "trl", p, 3.5, "tokens_per_s"),
+                  ("pad to MAX_LENGTH, fp32", "pad_max", "fp32", 7.0, "tokens_per_s"),
+                  ("raw bound, same precision", "raw_bound", p, 0.8, "tokens_per_s")]
+        for label, row, prec, target, key in checks:
+            other = by.get((row, prec))
+            if other:
+                ratio = d[key] / other[key]
+                lines.append(f"- default ({p}) vs {label} (target >= {target}x): {ratio:.2f}x "
+                             f"{'PASS' if ratio >= target else 'FAIL'}")
+        pad = by.get(("pad_max", p))
+        if pad:
+            share = d["peak_mb"] / pad["peak_mb"]
+            lines.append(f"- default ({p}) peak memory vs pad to MAX_LENGTH ({p}) (target <= 60%): {share:.0%} "
+                         f"{'PASS' if share <= 0.6 else 'FAIL'}")
+    lines.append(f"\n`--precision auto` picks {auto} on this machine.")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    import model as model_lib
+
+    n = 16 if args.quick else args.records
+    rows = ALL_ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        rows = tuple(r for r in rows if r != "trl")
+        print("trl is not installed (pip install -r requirements-dev.txt): skipping its row")
+    auto, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
+    precisions = (["fp32", "bf16"] if auto == "bf16" else ["fp32"]) if args.precisions == "auto" \
+        else args.precisions.split(",")
+    results = []
+    for precision in precisions:
+        for row in rows:
+            print(f"running {row} at {precision} on {n} records ...", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--worker", f"{row}:{precision}", "--records", str(n)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{row} at {precision} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  {results[-1]['tokens_per_s']:.0f} real tokens/s, peak {results[-1]['peak_mb']:.0f} MB",
+                  flush=True)
+    table = summarize(results, precisions, auto)
+    header = (f"Records: first {n} of {os.path.basename(DATASET)}; model: DistilGPT2 architecture (random weights); "
+              f"batch size {BATCH_SIZE}; template {TEMPLATE}; CPU threads: {os.cpu_count()}; one epoch per row, "
+              "figures exclude the first step.\n")
+    print("\n" + header + "\n" + table)
+    if not args.quick and args.rows == "all" and args.precisions == "auto":
+        os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+        base = os.path.join(ROOT, "benchmarks", "results", "throughput-cpu")
+        with open(base + ".json", "w") as handle:
+            json.dump({"records": n, "batch_size": BATCH_SIZE, "auto_precision": auto, "results": results}, handle,
+                      indent=2)
+        with open(base + ".md", "w") as handle:
+            handle.write(header + "\n" + table + "\n")
+        print(f"\nwritten: {base}.json and .md")
+
+
+if __name__ == "__main__":
+    import cli
+
+    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
+    if parsed.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        row_name, prec = parsed.worker.split(":")
+        print(json.dumps(run_row(row_name, prec, parsed.records)))
+    else:
+        main(parsed)

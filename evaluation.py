@@ -1,0 +1,254 @@
+"""Evaluation report: what fine-tuning changed, measured on the validation split train.py held out.
+
+    python evaluation.py                 # distilgpt2 vs distilgpt2-alpaca/ -> distilgpt2-alpaca/eval/
+    python evaluation.py --smoke         # the tiny model from `python train.py --smoke`
+    python evaluation.py --limit 200 --num-generations 100 --max-new-tokens 96
+
+Writes report.json (every figure), report.md (a table and samples) and report.png (a bar chart).
+(Named evaluation.py, not evaluate.py, so it doesn't shadow the `evaluate` package.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from cli import UserError
+
+# ---- settings (each has a flag: NUM_GENERATIONS -> --num-generations) ----
+BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
+FINETUNED = "distilgpt2-alpaca"  # directory written by train.py (its run_config.json names the split)
+DATASET = ""  # records to split; empty = the dataset recorded in the fine-tuned model's run_config.json
+OUTPUT_DIR = ""  # where the report goes; empty = FINETUNED/eval
+LIMIT = 0  # validation examples for perplexity; 0 = the whole split
+NUM_GENERATIONS = 100  # held-out prompts to generate answers for; >= 1
+NUM_SAMPLES = 5  # prompts shown with both answers and the reference in report.md; >= 0
+MAX_NEW_TOKENS = 128  # most tokens generated per answer; >= 1
+BATCH_SIZE = 16  # prompts (or perplexity examples) per batch; >= 1
+DEVICE = "auto"  # auto|cuda|mps|cpu
+SMOKE = False  # evaluate smoke-run/ from `python train.py --smoke`
+
+# metric: (label, which way is better). "length gap" is |mean answer length - mean reference length|.
+METRICS = {
+    "response_loss": ("response loss", "lower"), "response_perplexity": ("response perplexity", "lower"),
+    "eos_rate": ("stops at EOS", "higher"), "length_gap": ("length gap to reference (tokens)", "lower"),
+    "repeated_4gram_share": ("repeated 4-grams", "lower"), "distinct_2": ("distinct-2", "higher"),
+    "rouge_l_f1": ("ROUGE-L F1", "higher"),
+}
+
+
+# ---------------------------------------------------------------- metric functions (pure)
+def repeated_ngram_share(tokens: list, n: int = 4) -> float:
+    """Share of an answer's n-grams that repeat an earlier n-gram of the same answer (0 = none)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct_n(tokens: list, n: int = 2) -> float:
+    """Unique n-grams / n-grams within an answer (1 = no repetition; answers too short count as 1)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def lcs_length(a: list, b: list) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased whitespace words."""
+    cand, ref = candidate.lower().split(), reference.lower().split()
+    if not cand or not ref:
+        return 0.0
+    lcs = lcs_length(cand, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(cand), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_metrics(answers: list[dict], token_ids: list[list[int]], references: list[str],
+                       reference_lengths: list[int]) -> dict:
+    n = len(answers)
+    mean_length = sum(a["new_tokens"] for a in answers) / n
+    return {"reference_mean_length": sum(reference_lengths) / n,
+        "eos_rate": sum(a["stopped_at_eos"] for a in answers) / n,
+        "mean_length": mean_length,
+        "length_gap": abs(mean_length - sum(reference_lengths) / n),
+        "repeated_4gram_share": sum(repeated_ngram_share(t) for t in token_ids) / n,
+        "distinct_2": sum(distinct_n(t) for t in token_ids) / n,
+        "rouge_l_f1": sum(rouge_l_f1(a["text"], r) for a, r in zip(answers, references)) / n,
+    }
+
+
+# ---------------------------------------------------------------- model-side measurements
+def response_loss(lm, tokenizer, records: list[dict], template, max_length: int, batch_size: int) -> float:
+    """Mean cross-entropy per response token (prompt tokens masked), over all the records."""
+    import torch
+    import torch.nn.functional as F
+
+    from collate import SFTCollator
+    from datasetup import encode_prompt, format_prompt
+
+    examples = []
+    for r in records:
+        prompt = encode_prompt(tokenizer, format_prompt(r, template))
+        response = tokenizer(r["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt + response)[:max_length]
+        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + response)[:max_length]})
+    collate = SFTCollator(tokenizer.pad_token_id, "none")
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start:start + batch_size])
+        with torch.no_grad():
+            logits = lm(input_ids=batch["input_ids"].to(lm.device),
+                        attention_mask=batch["attention_mask"].to(lm.device)).logits[:, :-1]
+        targets = batch["labels"][:, 1:].to(lm.device)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    return total / max(1, count)
+
+
+def held_out_split(finetuned: str, dataset: str = "") -> tuple[list[dict], dict]:
+    """The validation records train.py held out, rebuilt from its run_config.json."""
+    from datasetup import load_records, split_records
+
+    path = os.path.join(finetuned, "run_config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found: evaluation needs the run_config.json that train.py writes "
+                        "(run `python train.py` first, or pass --finetuned DIR)")
+    with open(path) as handle:
+        config = json.load(handle)
+    records, _ = load_records(dataset or config["dataset"], config.get("skip_invalid", False))
+    return split_records(records, config["val_size"], config["seed"])[1], config
+
+
+def evaluate_model(role, path, device, records, config, args, template) -> tuple[dict, list[dict]]:
+    from datasetup import format_prompt
+    from inference import generate, load_for_generation
+
+    lm, tokenizer = load_for_generation(path, device, role)
+    ppl_records = records[: args.limit] if args.limit else records
+    loss = response_loss(lm, tokenizer, ppl_records, template, config["max_length"], args.batch_size)
+    gen_records = records[: args.num_generations]
+    prompts = [format_prompt(r, template) for r in gen_records]
+    answers = generate(lm, tokenizer, prompts, {"max_new_tokens": args.max_new_tokens, "do_sample": False},
+                       batch_size=args.batch_size, progress=True, desc=f"Generating ({role})")
+    token_ids = [tokenizer(a["text"], add_special_tokens=False)["input_ids"] for a in answers]
+    ref_lengths = [len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in gen_records]
+    metrics = {"response_loss": loss, "response_perplexity": math.exp(min(loss, 50)),
+               "perplexity_examples": len(ppl_records), "generations": len(gen_records),
+               **generation_metrics(answers, token_ids, [r["output"] for r in gen_records], ref_lengths)}
+    return metrics, answers
+
+
+# ---------------------------------------------------------------- report
+def compare(base: dict, finetuned: dict) -> dict:
+    """For each metric: did fine-tuning make it better?"""
+    return {key: (finetuned[key] < base[key]) if way == "lower" else (finetuned[key] > base[key])
+            for key, (_, way) in METRICS.items()}
+
+
+def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
+    base, fine, better = report["base"], report["finetuned"], report["finetuned_better"]
+    lines = [f"# Evaluation: {report['base_model']} vs {report['finetuned_model']}", "",
+             f"Held-out validation split of `{report['dataset']}` (seed {report['seed']}, size "
+             f"{report['val_size']}): perplexity on {fine['perplexity_examples']} examples, greedy generations "
+             f"for {fine['generations']} prompts, at most {report['max_new_tokens']} new tokens.", "",
+             "| metric | better | base | fine-tuned | fine-tuned better? |", "| --- | --- | ---: | ---: | --- |"]
+    for key, (label, way) in METRICS.items():
+        lines.append(f"| {label} | {way} | {base[key]:.4g} | {fine[key]:.4g} | {'yes' if better[key] else 'no'} |")
+    lines.append(f"| mean answer length (tokens) | - | {base['mean_length']:.1f} | {fine['mean_length']:.1f} | "
+                 f"reference: {report['reference_mean_length']:.1f} |")
+    lines += ["", "![report](report.png)", "", "## Samples", ""]
+    for i, s in enumerate(samples, 1):
+        lines += [f"### {i}. {s['instruction']}", ""]
+        if s["input"]:
+            lines += [f"**Input:** {s['input']}", ""]
+        for role in ("base", "finetuned", "reference"):
+            lines += [f"**{role}:**", "", "```text", s[role] or "(empty)", "```", ""]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+
+
+def plot_report(path: str, report: dict) -> None:
+    """One small bar chart per metric (they have different scales), base vs fine-tuned."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.1 * len(METRICS), 3.4))
+    for ax, (key, (label, way)) in zip(axes, METRICS.items()):
+        values = [report["base"][key], report["finetuned"][key]]
+        bars = ax.bar(["base", "fine-tuned"], values, color=["tab:gray", "tab:green"])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_title(f"{label}\n({way} is better)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.margins(y=0.2)
+    fig.suptitle(f"{report['base_model']} vs {report['finetuned_model']} on held-out prompts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+
+    check_all([f"--{k.replace('_', '-')} must be >= {low} (got {getattr(args, k)})"
+               for k, low in (("limit", 0), ("num_generations", 1), ("num_samples", 0), ("max_new_tokens", 1),
+                              ("batch_size", 1)) if getattr(args, k) < low])
+
+
+def main(args, explicit: set) -> dict:
+    import smoke
+    from inference import load_template, require_finetuned
+    from model import get_device
+    from trainer import write_json
+
+    if args.smoke:
+        args.base = args.base if "base" in explicit else os.path.join(smoke.OUTPUT_DIR, "base")
+        args.finetuned = args.finetuned if "finetuned" in explicit else os.path.join(smoke.OUTPUT_DIR, "model")
+    require_finetuned(args.finetuned)
+    output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
+    records, config = held_out_split(args.finetuned, args.dataset)
+    device = get_device(args.device)
+    template = load_template(args.finetuned)
+    results, answers = {}, {}
+    for role, path in (("base", args.base), ("finetuned", args.finetuned)):
+        results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template)
+    gen_records = records[: args.num_generations]
+    report = {"base_model": args.base, "finetuned_model": args.finetuned, "dataset": args.dataset or config["dataset"],
+              "seed": config["seed"], "val_size": config["val_size"], "max_new_tokens": args.max_new_tokens,
+              "reference_mean_length": results["finetuned"]["reference_mean_length"], **results,
+              "finetuned_better": compare(results["base"], results["finetuned"])}
+    samples = [{"instruction": r["instruction"], "input": r["input"], "base": answers["base"][i]["text"],
+                "finetuned": answers["finetuned"][i]["text"], "reference": r["output"]}
+               for i, r in enumerate(gen_records[: args.num_samples])]
+    report["samples"] = samples
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, "report.json"), report)
+    write_markdown(os.path.join(output_dir, "report.md"), report, samples)
+    plot_report(os.path.join(output_dir, "report.png"), report)
+    print(open(os.path.join(output_dir, "report.md")).read().split("![report]")[0])
+    print(f"Wrote report.json, report.md and report.png to {output_dir}/")
+    return report
+
+
+if __name__ == "__main__":
+    import cli
+
+    parser = cli.build_parser(sys.modules[__name__])
+    parsed = cli.parse_or_exit(parser, validate_args)
+    try:
+        main(parsed, cli.explicit_dests(parser, sys.argv[1:]))
+    except UserError as error:
+        cli.fail(str(error))

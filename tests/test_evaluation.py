@@ -1,0 +1,70 @@
+"""evaluation.py: metric functions on hand-made strings, and a full report on the smoke model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import evaluation as ev
+from conftest import ROOT
+
+
+def test_repeated_4gram_share():
+    assert ev.repeated_ngram_share("a b c d e f".split()) == 0.0
+    # "a b c d" x3: 9 four-grams, of which 4 are distinct -> 5 of 9 repeat
+    assert ev.repeated_ngram_share("a b c d a b c d a b c d".split()) == pytest.approx(5 / 9)
+    assert ev.repeated_ngram_share(["x"] * 8) == pytest.approx(4 / 5)
+    assert ev.repeated_ngram_share("a b c".split()) == 0.0
+
+
+def test_distinct_2():
+    assert ev.distinct_n("the cat sat".split()) == 1.0
+    assert ev.distinct_n("a a a a a".split()) == pytest.approx(1 / 4)
+    assert ev.distinct_n("a b a b".split()) == pytest.approx(2 / 3)
+    assert ev.distinct_n(["one"]) == 1.0
+
+
+def test_lcs_and_rouge_l():
+    assert ev.lcs_length("a b c d e".split(), "a c e".split()) == 3
+    assert ev.rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert ev.rouge_l_f1("", "anything") == 0.0 and ev.rouge_l_f1("x y", "a b") == 0.0
+    # LCS "the cat the mat" = 4; P = 4/6, R = 4/5 -> F1 = 8/11
+    assert ev.rouge_l_f1("the cat sat on the mat", "The cat saw the mat") == pytest.approx(8 / 11)
+
+
+def test_generation_metrics_and_comparison():
+    answers = [{"text": "a b", "new_tokens": 2, "stopped_at_eos": True},
+               {"text": "x x x x x", "new_tokens": 5, "stopped_at_eos": False}]
+    m = ev.generation_metrics(answers, [[1, 2], [7, 7, 7, 7, 7]], ["a b", "y"], [2, 1])
+    assert m["eos_rate"] == 0.5 and m["mean_length"] == 3.5 and m["length_gap"] == 2.0
+    assert m["repeated_4gram_share"] == pytest.approx(0.25) and m["distinct_2"] == pytest.approx(0.625)
+    assert m["rouge_l_f1"] == pytest.approx(0.5)
+    better = ev.compare({**m, "response_loss": 2.0, "response_perplexity": 7.4},
+                        {**m, "response_loss": 1.0, "response_perplexity": 2.7, "eos_rate": 1.0})
+    assert better["response_loss"] and better["eos_rate"] and not better["distinct_2"]
+
+
+def test_smoke_report_shows_fine_tuning_wins_everywhere(smoke_trained):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--smoke", "--num-generations", "60",
+                             "--max-new-tokens", "40"], cwd=smoke_trained, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = smoke_trained / "smoke-run" / "model" / "eval"
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetuned"]["generations"] == 60 and report["finetuned"]["perplexity_examples"] == 200
+    assert all(report["finetuned_better"].values()), report["finetuned_better"]
+    assert report["finetuned"]["rouge_l_f1"] > 0.9 and report["finetuned"]["eos_rate"] > 0.95
+    markdown = (out / "report.md").read_text()
+    assert "| ROUGE-L F1 | higher |" in markdown and "## Samples" in markdown and "**reference:**" in markdown
+    assert (out / "report.png").stat().st_size > 10000
+    assert "Generating (finetuned)" in result.stderr  # the progress bar
+
+
+def test_missing_run_is_a_clean_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--finetuned", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Run `python train.py` first" in result.stderr
+    assert "Traceback" not in result.stderr
