@@ -100,3 +100,14 @@ def check_all(problems: list[str]) -> None:
     """Raise one ValueError listing every problem, so the user fixes them in one go."""
     if problems:
         raise ValueError("\n  ".join(["invalid settings:"] + problems) if len(problems) > 1 else problems[0])
+
+
+def run(module, main, validate) -> None:
+    """Parse the module's flags, validate them, and call main(args, explicitly given settings);
+    a UserError from main ends the run with its message and exit code 2."""
+    parser = build_parser(module)
+    args = parse_or_exit(parser, validate)
+    try:
+        main(args, explicit_dests(parser, sys.argv[1:]))
+    except UserError as error:
+        fail(str(error))

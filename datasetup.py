@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import random
-import re
 import time
 from typing import NamedTuple
 
 import numpy as np
 
 from cli import UserError
+from records import DataError, is_placeholder_input, load_records, read_raw  # noqa: F401  (part of this API)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
@@ -59,18 +59,6 @@ TEMPLATES = {
     ),
 }
 
-# "No input", "Noinput", "<no input>", "< noinput >", "<Noinput>." ... mean the record has no input.
-_PLACEHOLDER_INPUT = re.compile(r"^<?\s*no\s*input\s*>?\s*\.?$", re.IGNORECASE)
-
-
-class DataError(UserError):
-    """A problem with the user's data, reported without a traceback."""
-
-
-def is_placeholder_input(text: str) -> bool:
-    return bool(_PLACEHOLDER_INPUT.match(text.strip()))
-
-
 def format_prompt(record: dict, template: str | Template = TEMPLATE) -> str:
     """The prompt text for a record (template: a name in TEMPLATES or a Template); the answer follows it."""
     if not isinstance(template, Template) and template not in TEMPLATES:
@@ -80,104 +68,6 @@ def format_prompt(record: dict, template: str | Template = TEMPLATE) -> str:
     if text_input.strip():
         return form.with_input.format(instruction=record["instruction"], input=text_input)
     return form.no_input.format(instruction=record["instruction"])
-
-
-# ---------------------------------------------------------------- loading and validation
-def _is_local(source: str) -> bool:
-    return os.path.exists(source) or source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
-
-
-def read_raw(source: str) -> list[tuple[str, object]]:
-    """[(location, record)] from a local .json/.jsonl file or a Hub dataset id."""
-    if not _is_local(source):
-        return _read_hub(source)
-    path = os.path.expanduser(source)
-    if not os.path.exists(path):
-        raise DataError(f"{source}: file not found")
-    if os.path.isdir(path):
-        raise DataError(f"{source}: is a directory; expected a .json or .jsonl file of records")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if path.endswith(".jsonl"):
-        rows = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{source}: record {len(rows)} (line {line_no})"
-            try:
-                rows.append((where, json.loads(line)))
-            except json.JSONDecodeError as err:
-                rows.append((where, _Malformed(f"malformed JSON: {err.msg} at column {err.colno}")))
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{source}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(data, list):
-        raise DataError(f"{source}: expected a JSON list of records, found a {type(data).__name__}")
-    return [(f"{source}: record {i}", record) for i, record in enumerate(data)]
-
-
-def _read_hub(name: str) -> list[tuple[str, object]]:
-    import datasets
-
-    try:
-        data = datasets.load_dataset(name, split="train")
-    except Exception as err:  # network, auth, unknown id: all end the same way for the user
-        raise DataError(
-            f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Offline? Pass a local .json or .jsonl file with --dataset."
-        ) from None
-    return [(f"{name}: record {i}", record) for i, record in enumerate(data)]
-
-
-class _Malformed(str):
-    """A JSONL line that did not parse; carries its error message."""
-
-
-def _problem(record: object) -> str | None:
-    """Why a record is invalid, or None."""
-    if isinstance(record, _Malformed):
-        return str(record)
-    if not isinstance(record, dict):
-        return f"is a {type(record).__name__}, not an object"
-    for field in ("instruction", "output"):
-        if field not in record or record[field] is None:
-            return f"field '{field}' is missing"
-        if not isinstance(record[field], str):
-            return f"field '{field}' is a {type(record[field]).__name__}, not a string"
-    if record.get("input") is not None and not isinstance(record["input"], str):
-        return f"field 'input' is a {type(record['input']).__name__}, not a string"
-    return None
-
-
-def load_records(source: str = DATASET, skip_invalid: bool = SKIP_INVALID) -> tuple[list[dict], dict]:
-    """Clean {instruction, input, output} records and a report of what was skipped or changed.
-
-    Invalid records raise DataError (or are skipped with `skip_invalid`); records with an empty
-    instruction or output are dropped; placeholder inputs such as "<noinput>" become "".
-    """
-    rows = read_raw(source)
-    records, skipped, empty, placeholders = [], [], [], 0
-    for index, (where, record) in enumerate(rows):
-        problem = _problem(record)
-        if problem:
-            if not skip_invalid:
-                raise DataError(f"{where}: {problem} (use --skip-invalid to drop such records)")
-            skipped.append(f"{where}: {problem}")
-            continue
-        text_input = record.get("input") or ""
-        if is_placeholder_input(text_input) and text_input.strip():
-            placeholders += 1
-            text_input = ""
-        if not record["instruction"].strip() or not record["output"].strip():
-            empty.append(index)
-            continue
-        records.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
-    if not records:
-        raise DataError(f"{source}: no usable records ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
-    report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "placeholder_inputs": placeholders}
-    return records, report
 
 
 def split_records(records: list, val_size: int | float = VAL_SIZE, seed: int = SEED) -> tuple[list, list]:
@@ -274,16 +164,17 @@ def _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_si
 
 
 def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_length=MAX_LENGTH, val_size=VAL_SIZE,
-                     seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=SKIP_INVALID):
+                     seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=SKIP_INVALID, loaded=None):
     """(DatasetDict with train/validation, report). Reuses a cached tokenization when nothing changed.
 
-    `source` may also be a directory written by `--save`, which is loaded as it is.
+    `source` may also be a directory written by `--save`, which is loaded as it is. `loaded` takes
+    the (records, report) of an earlier load_records(source), so the file isn't read twice.
     """
     import datasets
 
-    if os.path.isfile(os.path.join(source, "dataset_dict.json")):
+    if is_saved_dir(source):
         return load_saved(source, tokenizer, template, max_length, train_on_prompt)
-    records, report = load_records(source, skip_invalid)
+    records, report = loaded or load_records(source, skip_invalid)
     train, val = split_records(records, val_size, seed)
     cache = _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
     report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)})
@@ -296,6 +187,10 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
     report["from_cache"] = False
     _save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
     return dsd, report
+
+
+def is_saved_dir(source: str) -> bool:
+    return os.path.isfile(os.path.join(source, "dataset_dict.json"))
 
 
 def _save(dsd, path, tokenizer, template, max_length, train_on_prompt):
@@ -365,37 +260,33 @@ def print_summary(dsd, report, template, max_length, tokenizer, source) -> None:
           f" {report.get('saved_dir') or report.get('cache')}")
 
 
+def val_size_problems(val_size) -> list[str]:
+    """--val-size is a count >= 1 or a fraction in (0, 1)."""
+    if isinstance(val_size, float) and not 0 < val_size < 1:
+        return [f"--val-size as a fraction must be in (0, 1) (got {val_size})"]
+    if isinstance(val_size, int) and val_size < 1:
+        return [f"--val-size as a count must be >= 1 (got {val_size})"]
+    return []
+
+
 def validate_args(args) -> None:
     from cli import check_all
 
     problems = []
     if args.max_length < 2:
         problems.append(f"--max-length must be at least 2 (got {args.max_length})")
-    if isinstance(args.val_size, float) and not 0 < args.val_size < 1:
-        problems.append(f"--val-size as a fraction must be in (0, 1) (got {args.val_size})")
-    if isinstance(args.val_size, int) and args.val_size < 1:
-        problems.append(f"--val-size as a count must be >= 1 (got {args.val_size})")
-    check_all(problems)
-
-
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as err:
-        raise DataError(f"could not load tokenizer {name_or_path!r} ({type(err).__name__}: {err}). "
-                        "Offline? Pass a local tokenizer directory with --tokenizer.") from None
-    if tokenizer.eos_token_id is None:
-        raise DataError(f"tokenizer {name_or_path!r} has no EOS token; answers could never stop")
-    return tokenizer
+    check_all(problems + val_size_problems(args.val_size))
 
 
 def main(args) -> None:
     start = time.perf_counter()
-    tokenizer = load_tokenizer(args.tokenizer)
+    from model import load_tokenizer
+
+    # Records first: a bad file is reported before any tokenizer download.
+    loaded = None if is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
+    tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
-                                   args.seed, args.train_on_prompt, args.skip_invalid)
+                                   args.seed, args.train_on_prompt, args.skip_invalid, loaded)
     print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
     if args.save:
         _save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt)
@@ -411,5 +302,5 @@ if __name__ == "__main__":
     parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), validate_args)
     try:
         main(parsed)
-    except DataError as error:
+    except UserError as error:
         cli.fail(str(error))

@@ -246,9 +246,4 @@ def main(args, explicit: set) -> dict:
 if __name__ == "__main__":
     import cli
 
-    parser = cli.build_parser(sys.modules[__name__])
-    parsed = cli.parse_or_exit(parser, validate_args)
-    try:
-        main(parsed, cli.explicit_dests(parser, sys.argv[1:]))
-    except UserError as error:
-        cli.fail(str(error))
+    cli.run(sys.modules[__name__], main, validate_args)

@@ -56,7 +56,7 @@ def load_template(model_dir: str, requested: str = "auto"):
 
 def read_prompts(path: str) -> list[dict]:
     """Records {instruction, input[, output]} from .json/.jsonl records or a text file of instructions."""
-    from datasetup import DataError, read_raw
+    from records import DataError, read_raw
 
     if not os.path.isfile(path):
         raise UserError(f"--prompts-file {path}: file not found")
@@ -262,9 +262,4 @@ def main(args, explicit: set) -> None:
 if __name__ == "__main__":
     import cli
 
-    parser = cli.build_parser(sys.modules[__name__])
-    parsed = cli.parse_or_exit(parser, validate_args)
-    try:
-        main(parsed, cli.explicit_dests(parser, sys.argv[1:]))
-    except UserError as error:
-        cli.fail(str(error))
+    cli.run(sys.modules[__name__], main, validate_args)

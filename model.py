@@ -72,7 +72,7 @@ def resolve_precision(precision: str, device) -> tuple[str, str]:
     return precision, "set explicitly"
 
 
-def load_tokenizer(name_or_path: str = MODEL):
+def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model"):
     """The model's fast tokenizer; pad = EOS when it has no pad token (the collator masks padding by position)."""
     from transformers import AutoTokenizer
 
@@ -81,7 +81,7 @@ def load_tokenizer(name_or_path: str = MODEL):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as err:
         raise ModelError(f"could not load the tokenizer of {name_or_path!r} ({type(err).__name__}: {err}). "
-                         "Offline? Pass a local directory with --model, or try --smoke.") from None
+                         f"Offline? Pass a local directory with {flag}, or try --smoke.") from None
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of {name_or_path!r} has no EOS token, so answers could never stop")
     if tokenizer.pad_token_id is None:

@@ -52,6 +52,7 @@ IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prom
 
 def validate_args(args) -> None:
     from cli import check_all
+    from datasetup import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
                 for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "save_total_limit",
@@ -64,11 +65,7 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    if isinstance(args.val_size, float) and not 0 < args.val_size < 1:
-        problems.append(f"--val-size as a fraction must be in (0, 1) (got {args.val_size})")
-    if isinstance(args.val_size, int) and args.val_size < 1:
-        problems.append(f"--val-size as a count must be >= 1 (got {args.val_size})")
-    check_all(problems)
+    check_all(problems + val_size_problems(args.val_size))
 
 
 def apply_smoke(args, explicit: set) -> None:
@@ -173,9 +170,13 @@ def main(args) -> None:
             import smoke
 
             smoke.prepare(os.path.dirname(args.model))
+        # Records first: a bad data file is reported before any model download.
+        loaded = None if datasetup.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
+                                                                                          args.skip_invalid)
         tokenizer = model_lib.load_tokenizer(args.model)
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
-                                                  args.val_size, args.seed, args.train_on_prompt, args.skip_invalid)
+                                                  args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
+                                                  loaded)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} validation examples"
         f" ({'cached' if report.get('from_cache') else 'tokenized'})")
     torch.manual_seed(args.seed)

@@ -28,8 +28,9 @@ def main(args) -> None:
 
     datasets.disable_progress_bars()
     import datasetup
+    from model import load_tokenizer
 
-    tokenizer = datasetup.load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     timings = []
     for label in ("cold (tokenize + cache)", "warm (from the cache)"):
         start = time.perf_counter()

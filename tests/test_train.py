@@ -148,9 +148,12 @@ def test_scratch_distilgpt2_config_on_real_records(tmp_path):
     (["--packing", "tight"], "argument --packing: invalid choice"),
     (["--epochs", "many"], "argument --epochs: invalid number value"),
     (["--precision", "fp16", "--device", "cpu", "--smoke"], "--precision fp16 needs a CUDA GPU"),
-    (["--model", "./no-such-model", "--dataset", "x.json"], "./no-such-model: no such directory"),
+    (["--model", "./no-such-model", "--dataset", "{data}"], "./no-such-model: no such directory"),
+    (["--dataset", "missing.jsonl"], "missing.jsonl: file not found"),
 ])
 def test_bad_flags_are_refused_naming_the_flag(tmp_path, args, expected):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}] * 4))
+    args = [a.replace("{data}", str(tmp_path / "d.json")) for a in args]
     result = run_train(tmp_path, *args, "--output-dir", str(tmp_path / "out"))
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr

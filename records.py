@@ -1,0 +1,118 @@
+"""Reading Alpaca-style records from a Hub dataset id or a local .json/.jsonl file, with errors that
+name the file, the record (and line) and the field. Used through datasetup.load_records."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from cli import UserError
+
+# "No input", "Noinput", "<no input>", "< noinput >", "<Noinput>." ... mean the record has no input.
+_PLACEHOLDER_INPUT = re.compile(r"^<?\s*no\s*input\s*>?\s*\.?$", re.IGNORECASE)
+
+
+class DataError(UserError):
+    """A problem with the user's data, reported without a traceback."""
+
+
+def is_placeholder_input(text: str) -> bool:
+    return bool(_PLACEHOLDER_INPUT.match(text.strip()))
+
+
+def _is_local(source: str) -> bool:
+    return os.path.exists(source) or source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
+
+
+def read_raw(source: str) -> list[tuple[str, object]]:
+    """[(location, record)] from a local .json/.jsonl file or a Hub dataset id."""
+    if not _is_local(source):
+        return _read_hub(source)
+    path = os.path.expanduser(source)
+    if not os.path.exists(path):
+        raise DataError(f"{source}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{source}: is a directory; expected a .json or .jsonl file of records")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".jsonl"):
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{source}: record {len(rows)} (line {line_no})"
+            try:
+                rows.append((where, json.loads(line)))
+            except json.JSONDecodeError as err:
+                rows.append((where, _Malformed(f"malformed JSON: {err.msg} at column {err.colno}")))
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{source}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(data, list):
+        raise DataError(f"{source}: expected a JSON list of records, found a {type(data).__name__}")
+    return [(f"{source}: record {i}", record) for i, record in enumerate(data)]
+
+
+def _read_hub(name: str) -> list[tuple[str, object]]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(name, split="train")
+    except Exception as err:  # network, auth, unknown id: all end the same way for the user
+        raise DataError(
+            f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Offline? Pass a local .json or .jsonl file with --dataset."
+        ) from None
+    return [(f"{name}: record {i}", record) for i, record in enumerate(data)]
+
+
+class _Malformed(str):
+    """A JSONL line that did not parse; carries its error message."""
+
+
+def _problem(record: object) -> str | None:
+    """Why a record is invalid, or None."""
+    if isinstance(record, _Malformed):
+        return str(record)
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object"
+    for field in ("instruction", "output"):
+        if field not in record or record[field] is None:
+            return f"field '{field}' is missing"
+        if not isinstance(record[field], str):
+            return f"field '{field}' is a {type(record[field]).__name__}, not a string"
+    if record.get("input") is not None and not isinstance(record["input"], str):
+        return f"field 'input' is a {type(record['input']).__name__}, not a string"
+    return None
+
+
+def load_records(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
+    """Clean {instruction, input, output} records and a report of what was skipped or changed.
+
+    Invalid records raise DataError (or are skipped with `skip_invalid`); records with an empty
+    instruction or output are dropped; placeholder inputs such as "<noinput>" become "".
+    """
+    rows = read_raw(source)
+    records, skipped, empty, placeholders = [], [], [], 0
+    for index, (where, record) in enumerate(rows):
+        problem = _problem(record)
+        if problem:
+            if not skip_invalid:
+                raise DataError(f"{where}: {problem} (use --skip-invalid to drop such records)")
+            skipped.append(f"{where}: {problem}")
+            continue
+        text_input = record.get("input") or ""
+        if is_placeholder_input(text_input) and text_input.strip():
+            placeholders += 1
+            text_input = ""
+        if not record["instruction"].strip() or not record["output"].strip():
+            empty.append(index)
+            continue
+        records.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
+    if not records:
+        raise DataError(f"{source}: no usable records ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
+    report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "placeholder_inputs": placeholders}
+    return records, report
