@@ -87,11 +87,12 @@ def split_records(records: list, val_size: int | float = VAL_SIZE, seed: int = S
 # ---------------------------------------------------------------- tokenization
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Prompt token ids; a BOS is added only for models that have one distinct from EOS (Llama, not GPT-2)."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return _bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
     bos = tokenizer.bos_token_id
-    if bos is not None and bos != tokenizer.eos_token_id:
-        ids = [bos] + ids
-    return ids
+    return [bos] if bos is not None and bos != tokenizer.eos_token_id else []
 
 
 def build_example(prompt_ids, response_ids, eos_id, max_length, train_on_prompt=TRAIN_ON_PROMPT) -> dict | None:
@@ -120,10 +121,9 @@ def tokenize_example(record: dict, tokenizer, template=TEMPLATE, max_length=MAX_
 
 def _tokenize_batch(batch, tokenizer, template, max_length, train_on_prompt):
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    prompts = tokenizer([format_prompt(r, template) for r in rows], add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and bos != tokenizer.eos_token_id:
-        prompts = [[bos] + p for p in prompts]
+    bos = _bos_prefix(tokenizer)
+    prompts = [bos + p for p in tokenizer([format_prompt(r, template) for r in rows],
+                                          add_special_tokens=False)["input_ids"]]
     responses = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
     out = {"input_ids": [], "labels": [], "length": [], "prompt_length": [], "truncated": []}
     for p, r in zip(prompts, responses):
@@ -187,6 +187,25 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
     report["from_cache"] = False
     _save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
     return dsd, report
+
+
+def held_out_records(run_dir: str, dataset: str = "", base_dir: str = "") -> tuple[list[dict], dict]:
+    """(validation records, run config) of a train.py run, rebuilt from its run_config.json.
+
+    `dataset` overrides the recorded one; a relative dataset path is looked up in `base_dir` (where
+    train.py ran) when given.
+    """
+    path = os.path.join(run_dir, "run_config.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
+                        "(or pass --finetuned DIR)")
+    with open(path) as handle:
+        config = json.load(handle)
+    source = dataset or config["dataset"]
+    if base_dir and os.path.exists(os.path.join(base_dir, source)):
+        source = os.path.join(base_dir, source)
+    records, _ = load_records(source, config.get("skip_invalid", False))
+    return split_records(records, config["val_size"], config["seed"])[1], config
 
 
 def is_saved_dir(source: str) -> bool:

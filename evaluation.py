@@ -10,12 +10,9 @@ Writes report.json (every figure), report.md (a table and samples) and report.pn
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
-
-from cli import UserError
 
 # ---- settings (each has a flag: NUM_GENERATIONS -> --num-generations) ----
 BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
@@ -95,14 +92,10 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
     import torch.nn.functional as F
 
     from collate import SFTCollator
-    from datasetup import encode_prompt, format_prompt
+    from datasetup import tokenize_example
 
-    examples = []
-    for r in records:
-        prompt = encode_prompt(tokenizer, format_prompt(r, template))
-        response = tokenizer(r["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        examples.append({"input_ids": ids, "labels": ([-100] * len(prompt) + response)[:max_length]})
+    # The same tokens and loss mask as training; examples whose prompt alone is too long carry no loss.
+    examples = [ex for ex in (tokenize_example(r, tokenizer, template, max_length) for r in records) if ex]
     collate = SFTCollator(tokenizer.pad_token_id, "none")
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -115,20 +108,6 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
                                  ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
     return total / max(1, count)
-
-
-def held_out_split(finetuned: str, dataset: str = "") -> tuple[list[dict], dict]:
-    """The validation records train.py held out, rebuilt from its run_config.json."""
-    from datasetup import load_records, split_records
-
-    path = os.path.join(finetuned, "run_config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} not found: evaluation needs the run_config.json that train.py writes "
-                        "(run `python train.py` first, or pass --finetuned DIR)")
-    with open(path) as handle:
-        config = json.load(handle)
-    records, _ = load_records(dataset or config["dataset"], config.get("skip_invalid", False))
-    return split_records(records, config["val_size"], config["seed"])[1], config
 
 
 def evaluate_model(role, path, device, records, config, args, template) -> tuple[dict, list[dict]]:
@@ -210,16 +189,16 @@ def validate_args(args) -> None:
 
 def main(args, explicit: set) -> dict:
     import smoke
+    from datasetup import held_out_records
     from inference import load_template, require_finetuned
     from model import get_device
     from trainer import write_json
 
     if args.smoke:
-        args.base = args.base if "base" in explicit else os.path.join(smoke.OUTPUT_DIR, "base")
-        args.finetuned = args.finetuned if "finetuned" in explicit else os.path.join(smoke.OUTPUT_DIR, "model")
+        smoke.use_smoke_models(args, explicit)
     require_finetuned(args.finetuned)
     output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
-    records, config = held_out_split(args.finetuned, args.dataset)
+    records, config = held_out_records(args.finetuned, args.dataset)
     device = get_device(args.device)
     template = load_template(args.finetuned)
     results, answers = {}, {}

@@ -157,15 +157,12 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
 def smoke_prompts() -> list[dict]:
     """The held-out validation records of the smoke run, rebuilt from its run_config.json."""
     import smoke
-    from datasetup import load_records, split_records
+    from datasetup import held_out_records
 
-    config_path = os.path.join(smoke.OUTPUT_DIR, "model", "run_config.json")
-    if not os.path.isfile(config_path):
+    model_dir = os.path.join(smoke.OUTPUT_DIR, "model")
+    if not os.path.isfile(os.path.join(model_dir, "run_config.json")):
         raise UserError("no smoke run found. Run `python train.py --smoke` first.")
-    with open(config_path) as handle:
-        config = json.load(handle)
-    records, _ = load_records(config["dataset"])
-    return split_records(records, config["val_size"], config["seed"])[1]
+    return held_out_records(model_dir)[0]
 
 
 def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
@@ -207,8 +204,7 @@ def main(args, explicit: set) -> None:
     from model import get_device
 
     if args.smoke:
-        args.base = args.base if "base" in explicit else os.path.join(smoke.OUTPUT_DIR, "base")
-        args.finetuned = args.finetuned if "finetuned" in explicit else os.path.join(smoke.OUTPUT_DIR, "model")
+        smoke.use_smoke_models(args, explicit)
     if args.prompts_file:
         records = read_prompts(args.prompts_file)
     elif args.smoke and "prompt" not in explicit:

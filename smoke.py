@@ -28,6 +28,14 @@ def _words(rng, low=3, high=5):
     return rng.sample(WORDS, rng.randint(low, high))
 
 
+def use_smoke_models(args, explicit: set) -> None:
+    """--smoke in inference/evaluation: the smoke base and fine-tuned models, unless given as flags."""
+    if "base" not in explicit:
+        args.base = os.path.join(OUTPUT_DIR, "base")
+    if "finetuned" not in explicit:
+        args.finetuned = os.path.join(OUTPUT_DIR, "model")
+
+
 def make_example(rng: random.Random) -> dict:
     """One random instruction in Alpaca record form; five tasks take an input, one does not."""
     task = rng.randrange(6)

@@ -35,10 +35,7 @@ def score(workdir: str, run: str) -> dict:
     import inference
 
     model_dir = os.path.join(workdir, run)
-    with open(os.path.join(model_dir, "run_config.json")) as handle:
-        config = json.load(handle)
-    records, _ = datasetup.load_records(os.path.join(workdir, config["dataset"]))
-    held_out = datasetup.split_records(records, config["val_size"], config["seed"])[1]
+    held_out, _ = datasetup.held_out_records(model_dir, base_dir=workdir)
     lm, tok = inference.load_for_generation(model_dir, torch.device("cpu"), "fine-tuned")
     prompts = [datasetup.format_prompt(r, inference.load_template(model_dir)) for r in held_out]
     answers = inference.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)

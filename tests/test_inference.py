@@ -25,9 +25,7 @@ def work(smoke_trained):
 
 @pytest.fixture(scope="module")
 def held_out(work):
-    config = json.loads((work / "smoke-run" / "model" / "run_config.json").read_text())
-    records, _ = ds.load_records(str(work / config["dataset"]))
-    return ds.split_records(records, config["val_size"], config["seed"])[1]
+    return ds.held_out_records(str(work / "smoke-run" / "model"), base_dir=str(work))[0]
 
 
 def answers_for(model_dir, records, template=None, batch_size=32):
