@@ -13,12 +13,13 @@ import json
 import os
 import random
 import time
-from typing import NamedTuple
-
 import numpy as np
 
+import datacache
+import rundir
 from cli import UserError
 from records import DataError, is_placeholder_input, load_records, read_raw  # noqa: F401  (part of this API)
+from templates import TEMPLATES, Template, bos_prefix, encode_prompt, format_prompt, template_of  # noqa: F401
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
@@ -31,43 +32,8 @@ TRAIN_ON_PROMPT = False  # also put loss on prompt tokens (default: response + E
 SKIP_INVALID = False  # drop malformed records and report them instead of stopping
 SAVE = ""  # directory to save the tokenized DatasetDict to; empty = don't save
 
-IGNORE_INDEX = -100  # label of tokens that carry no loss (PyTorch cross-entropy's ignore_index)
-
-
-class Template(NamedTuple):
-    with_input: str
-    no_input: str
-
-
-# The one copy of each prompt template; training, inference and evaluation all import these.
-TEMPLATES = {
-    "seed": Template(
-        with_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
-        no_input="### Instruction:\n{instruction}\n\n### Response:\n",
-    ),
-    "alpaca": Template(
-        with_input=(
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-        ),
-        no_input=(
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request.\n\n"
-            "### Instruction:\n{instruction}\n\n### Response:\n"
-        ),
-    ),
-}
-
-def format_prompt(record: dict, template: str | Template = TEMPLATE) -> str:
-    """The prompt text for a record (template: a name in TEMPLATES or a Template); the answer follows it."""
-    if not isinstance(template, Template) and template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
-    form = template if isinstance(template, Template) else TEMPLATES[template]
-    text_input = record.get("input") or ""
-    if text_input.strip():
-        return form.with_input.format(instruction=record["instruction"], input=text_input)
-    return form.no_input.format(instruction=record["instruction"])
+# Label of tokens that carry no loss (PyTorch cross-entropy's ignore_index); fixed, so not a flag.
+IGNORE_INDEX = -100
 
 
 def split_records(records: list, val_size: int | float = VAL_SIZE, seed: int = SEED) -> tuple[list, list]:
@@ -85,16 +51,6 @@ def split_records(records: list, val_size: int | float = VAL_SIZE, seed: int = S
 
 
 # ---------------------------------------------------------------- tokenization
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Prompt token ids; a BOS is added only for models that have one distinct from EOS (Llama, not GPT-2)."""
-    return _bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-
-def _bos_prefix(tokenizer) -> list[int]:
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and bos != tokenizer.eos_token_id else []
-
-
 def build_example(prompt_ids, response_ids, eos_id, max_length, train_on_prompt=TRAIN_ON_PROMPT) -> dict | None:
     """input_ids = prompt + response + EOS, cut to max_length in the response; labels mask the prompt.
 
@@ -121,7 +77,7 @@ def tokenize_example(record: dict, tokenizer, template=TEMPLATE, max_length=MAX_
 
 def _tokenize_batch(batch, tokenizer, template, max_length, train_on_prompt):
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    bos = _bos_prefix(tokenizer)
+    bos = bos_prefix(tokenizer)
     prompts = [bos + p for p in tokenizer([format_prompt(r, template) for r in rows],
                                           add_special_tokens=False)["input_ids"]]
     responses = tokenizer([r["output"] for r in rows], add_special_tokens=False)["input_ids"]
@@ -133,13 +89,6 @@ def _tokenize_batch(batch, tokenizer, template, max_length, train_on_prompt):
         for key in out:
             out[key].append(example[key])
     return out
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
-    extra = f"{tokenizer.bos_token_id}/{tokenizer.eos_token_id}"
-    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
 
 
 def tokenize_records(records: list, tokenizer, template=TEMPLATE, max_length=MAX_LENGTH,
@@ -155,29 +104,23 @@ def tokenize_records(records: list, tokenizer, template=TEMPLATE, max_length=MAX
                             desc="Dropping prompts longer than --max-length")
 
 
-def _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed) -> str:
-    import datasets
-
-    key = hashlib.sha256(json.dumps([records, tokenizer_fingerprint(tokenizer), template, max_length,
-                                     train_on_prompt, val_size, seed]).encode()).hexdigest()[:20]
-    return os.path.join(datasets.config.HF_DATASETS_CACHE, "instruct-sft", key)
-
-
 def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_length=MAX_LENGTH, val_size=VAL_SIZE,
                      seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=SKIP_INVALID, loaded=None):
     """(DatasetDict with train/validation, report). Reuses a cached tokenization when nothing changed.
 
     `source` may also be a directory written by `--save`, which is loaded as it is. `loaded` takes
-    the (records, report) of an earlier load_records(source), so the file isn't read twice.
+    the (records, report) of an earlier load_records(source), so the file isn't read twice. The
+    report's "held_out" holds the validation records themselves, for train.py to keep with the run.
     """
     import datasets
 
-    if is_saved_dir(source):
-        return load_saved(source, tokenizer, template, max_length, train_on_prompt)
+    if datacache.is_saved_dir(source):
+        return datacache.load_saved(source, tokenizer, template, max_length, train_on_prompt)
     records, report = loaded or load_records(source, skip_invalid)
     train, val = split_records(records, val_size, seed)
-    cache = _cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
-    report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)})
+    cache = datacache.cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
+    report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)},
+                  held_out=val)
     if os.path.isfile(os.path.join(cache, "dataset_dict.json")):
         report["from_cache"] = True
         return datasets.load_from_disk(cache), report
@@ -185,59 +128,34 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
     dsd = datasets.DatasetDict(train=tokenize_records(train, *args, desc="Tokenizing train"),
                                validation=tokenize_records(val, *args, desc="Tokenizing validation"))
     report["from_cache"] = False
-    _save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
+    datacache.save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
     return dsd, report
 
 
-def held_out_records(run_dir: str, dataset: str = "", base_dir: str = "") -> tuple[list[dict], dict]:
-    """(validation records, run config) of a train.py run, rebuilt from its run_config.json.
+def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]:
+    """(validation records, run config) of a train.py run (or of a checkpoint-N in it).
 
-    `dataset` overrides the recorded one; a relative dataset path is looked up in `base_dir` (where
-    train.py ran) when given.
+    These are the exact records the run held out, saved by it as held_out.jsonl, whatever the data
+    source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size.
     """
-    path = os.path.join(run_dir, "run_config.json")
+    path = rundir.run_file(run_dir, rundir.RUN_CONFIG_FILE)
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
                         "(or pass --finetuned DIR)")
     with open(path) as handle:
         config = json.load(handle)
-    source = dataset or config["dataset"]
-    if base_dir and os.path.exists(os.path.join(base_dir, source)):
-        source = os.path.join(base_dir, source)
-    records, _ = load_records(source, config.get("skip_invalid", False))
-    return split_records(records, config["val_size"], config["seed"])[1], config
-
-
-def is_saved_dir(source: str) -> bool:
-    return os.path.isfile(os.path.join(source, "dataset_dict.json"))
-
-
-def _save(dsd, path, tokenizer, template, max_length, train_on_prompt):
-    tmp = path + f".tmp{os.getpid()}"  # write then rename: an interrupted save never looks complete
-    dsd.save_to_disk(tmp)
-    meta = {"template": template, "max_length": max_length, "train_on_prompt": train_on_prompt,
-            "tokenizer": tokenizer_fingerprint(tokenizer)}
-    with open(os.path.join(tmp, "sft_meta.json"), "w") as handle:
-        json.dump(meta, handle)
-    if os.path.exists(path):
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def load_saved(path, tokenizer, template, max_length, train_on_prompt):
-    """Load a `--save` directory, refusing one made with other settings than those asked for."""
-    import datasets
-
-    with open(os.path.join(path, "sft_meta.json")) as handle:
-        meta = json.load(handle)
-    asked = {"template": template, "max_length": max_length, "train_on_prompt": train_on_prompt,
-             "tokenizer": tokenizer_fingerprint(tokenizer)}
-    diffs = [f"{k}: saved {meta.get(k)!r}, asked {v!r}" for k, v in asked.items() if meta.get(k) != v]
-    if diffs:
-        raise DataError(f"{path}: was tokenized with other settings ({'; '.join(diffs)})")
-    return datasets.load_from_disk(path), {"from_cache": True, "saved_dir": path}
+    if dataset:
+        records, _ = load_records(dataset, config.get("skip_invalid", False))
+        return split_records(records, config["val_size"], config["seed"])[1], config
+    held_out = rundir.run_file(run_dir, rundir.HELD_OUT_FILE)
+    if not os.path.isfile(held_out):
+        raise DataError(f"{held_out} not found: this run kept no held-out records; pass --dataset FILE to "
+                        "rebuild its split from the data")
+    with open(held_out, "rb") as handle:
+        text = handle.read()
+    if config.get("held_out_sha256", hashlib.sha256(text).hexdigest()) != hashlib.sha256(text).hexdigest():
+        raise DataError(f"{held_out} was changed after training (its hash differs from {path})")
+    return [json.loads(line) for line in text.decode("utf-8").splitlines() if line.strip()], config
 
 
 # ---------------------------------------------------------------- summary
@@ -302,14 +220,16 @@ def main(args) -> None:
     from model import load_tokenizer
 
     # Records first: a bad file is reported before any tokenizer download.
-    loaded = None if is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
+    loaded = None if datacache.is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
                                    args.seed, args.train_on_prompt, args.skip_invalid, loaded)
     print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
     if args.save:
-        _save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt)
-        print(f"Saved tokenized DatasetDict to {args.save} (use: python train.py --dataset {args.save})")
+        datacache.save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt, report.get("held_out"))
+        model_hint = "" if args.tokenizer == TOKENIZER else f" with a --model whose tokenizer is {args.tokenizer}"
+        print(f"Saved tokenized DatasetDict to {args.save}. Use: python train.py --dataset {args.save}{model_hint};"
+              " it reads the template, --max-length and --train-on-prompt from there.")
     print(f"Done in {time.perf_counter() - start:.1f} s")
 
 

@@ -19,6 +19,7 @@ BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
 FINETUNED = "distilgpt2-alpaca"  # directory written by train.py (its run_config.json names the split)
 DATASET = ""  # records to split; empty = the dataset recorded in the fine-tuned model's run_config.json
 OUTPUT_DIR = ""  # where the report goes; empty = FINETUNED/eval
+ONLY = "both"  # both|finetuned: compare with the base model, or report the fine-tuned one alone (--init scratch runs)
 LIMIT = 0  # validation examples for perplexity; 0 = the whole split
 NUM_GENERATIONS = 100  # held-out prompts to generate answers for; >= 1
 NUM_SAMPLES = 5  # prompts shown with both answers and the reference in report.md; >= 0
@@ -34,6 +35,10 @@ METRICS = {
     "repeated_4gram_share": ("repeated 4-grams", "lower"), "distinct_2": ("distinct-2", "higher"),
     "rouge_l_f1": ("ROUGE-L F1", "higher"),
 }
+
+
+LABELS = {"base": "base", "finetuned": "fine-tuned"}
+COLORS = {"base": "tab:gray", "finetuned": "tab:green"}
 
 
 # ---------------------------------------------------------------- metric functions (pure)
@@ -137,22 +142,26 @@ def compare(base: dict, finetuned: dict) -> dict:
 
 
 def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
-    base, fine, better = report["base"], report["finetuned"], report["finetuned_better"]
-    lines = [f"# Evaluation: {report['base_model']} vs {report['finetuned_model']}", "",
+    roles = [role for role in ("base", "finetuned") if role in report]
+    fine, better = report["finetuned"], report.get("finetuned_better")
+    title = " vs ".join(report[f"{role}_model"] for role in roles)
+    lines = [f"# Evaluation: {title}", "",
              f"Held-out validation split of `{report['dataset']}` (seed {report['seed']}, size "
              f"{report['val_size']}): perplexity on {fine['perplexity_examples']} examples, greedy generations "
              f"for {fine['generations']} prompts, at most {report['max_new_tokens']} new tokens.", "",
-             "| metric | better | base | fine-tuned | fine-tuned better? |", "| --- | --- | ---: | ---: | --- |"]
+             "| metric | better | " + " | ".join(LABELS[r] for r in roles) + (" | fine-tuned better? |" if better else " |"),
+             "| --- | --- |" + " ---: |" * len(roles) + (" --- |" if better else "")]
     for key, (label, way) in METRICS.items():
-        lines.append(f"| {label} | {way} | {base[key]:.4g} | {fine[key]:.4g} | {'yes' if better[key] else 'no'} |")
-    lines.append(f"| mean answer length (tokens) | - | {base['mean_length']:.1f} | {fine['mean_length']:.1f} | "
-                 f"reference: {report['reference_mean_length']:.1f} |")
+        verdict = f" {'yes' if better[key] else 'no'} |" if better else ""
+        lines.append(f"| {label} | {way} | " + " | ".join(f"{report[r][key]:.4g}" for r in roles) + f" |{verdict}")
+    lines.append("| mean answer length (tokens) | - | " + " | ".join(f"{report[r]['mean_length']:.1f}" for r in roles)
+                 + f" | reference: {report['reference_mean_length']:.1f} |")
     lines += ["", "![report](report.png)", "", "## Samples", ""]
     for i, s in enumerate(samples, 1):
         lines += [f"### {i}. {s['instruction']}", ""]
         if s["input"]:
             lines += [f"**Input:** {s['input']}", ""]
-        for role in ("base", "finetuned", "reference"):
+        for role in (*roles, "reference"):
             lines += [f"**{role}:**", "", "```text", s[role] or "(empty)", "```", ""]
     with open(path, "w") as handle:
         handle.write("\n".join(lines))
@@ -165,15 +174,16 @@ def plot_report(path: str, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    roles = [role for role in ("base", "finetuned") if role in report]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(2.1 * len(METRICS), 3.4))
     for ax, (key, (label, way)) in zip(axes, METRICS.items()):
-        values = [report["base"][key], report["finetuned"][key]]
-        bars = ax.bar(["base", "fine-tuned"], values, color=["tab:gray", "tab:green"])
+        values = [report[role][key] for role in roles]
+        bars = ax.bar([LABELS[role] for role in roles], values, color=[COLORS[role] for role in roles])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(f"{label}\n({way} is better)", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.margins(y=0.2)
-    fig.suptitle(f"{report['base_model']} vs {report['finetuned_model']} on held-out prompts", fontsize=10)
+    fig.suptitle(" vs ".join(report[f"{role}_model"] for role in roles) + " on held-out prompts", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -187,30 +197,43 @@ def validate_args(args) -> None:
                               ("batch_size", 1)) if getattr(args, k) < low])
 
 
+def check_base(args, config: dict, explicit: set) -> None:
+    """A run trained from random weights (--init scratch) has no base model to compare with."""
+    from cli import UserError
+
+    if args.only == "both" and config.get("init") == "scratch" and "base" not in explicit:
+        raise UserError(f"{args.finetuned} was trained from random weights (--init scratch), so there is no base "
+                        "model to compare with: pass --only finetuned (or --base DIR to compare with another model)")
+
+
 def main(args, explicit: set) -> dict:
     import smoke
     from datasetup import held_out_records
     from inference import load_template, require_finetuned
     from model import get_device
-    from trainer import write_json
+    from rundir import write_json
 
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
     require_finetuned(args.finetuned)
     output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
     records, config = held_out_records(args.finetuned, args.dataset)
+    check_base(args, config, explicit)
     device = get_device(args.device)
     template = load_template(args.finetuned)
+    roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}
     results, answers = {}, {}
-    for role, path in (("base", args.base), ("finetuned", args.finetuned)):
+    for role, path in roles.items():
         results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template)
     gen_records = records[: args.num_generations]
-    report = {"base_model": args.base, "finetuned_model": args.finetuned, "dataset": args.dataset or config["dataset"],
-              "seed": config["seed"], "val_size": config["val_size"], "max_new_tokens": args.max_new_tokens,
-              "reference_mean_length": results["finetuned"]["reference_mean_length"], **results,
-              "finetuned_better": compare(results["base"], results["finetuned"])}
-    samples = [{"instruction": r["instruction"], "input": r["input"], "base": answers["base"][i]["text"],
-                "finetuned": answers["finetuned"][i]["text"], "reference": r["output"]}
+    report = {**{f"{role}_model": path for role, path in roles.items()},
+              "dataset": args.dataset or config["dataset"], "seed": config["seed"], "val_size": config["val_size"],
+              "max_new_tokens": args.max_new_tokens,
+              "reference_mean_length": results["finetuned"]["reference_mean_length"], **results}
+    if "base" in results:
+        report["finetuned_better"] = compare(results["base"], results["finetuned"])
+    samples = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+                **{role: answers[role][i]["text"] for role in roles}}
                for i, r in enumerate(gen_records[: args.num_samples])]
     report["samples"] = samples
     os.makedirs(output_dir, exist_ok=True)

@@ -40,8 +40,8 @@ SMOKE = False  # use smoke-run/ from `python train.py --smoke` and its held-out 
 
 def load_template(model_dir: str, requested: str = "auto"):
     """The template to format prompts with: the one saved with the fine-tuned model, unless overridden."""
-    from datasetup import TEMPLATES, Template
-    from trainer import TEMPLATE_FILE
+    from rundir import TEMPLATE_FILE
+    from templates import TEMPLATES, Template
 
     if requested != "auto":
         return TEMPLATES[requested]
@@ -82,12 +82,14 @@ def require_finetuned(path: str) -> None:
     """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return
-    hint = ""
-    if os.path.isdir(path):
-        from train import find_checkpoint
+    import rundir
 
-        ckpt = find_checkpoint(path)
-        hint = f" Training did not finish: resume it with `python train.py`, or pass --finetuned {ckpt}." if ckpt else ""
+    hint = ""
+    ckpt = rundir.find_checkpoint(path)
+    if ckpt:
+        config = rundir.read_run_config(path) or {}
+        command = config.get("command") or f"python train.py --output-dir {path}"
+        hint = f" Training did not finish: resume it with `{command}`, or pass --finetuned {ckpt}."
     raise UserError(f"no fine-tuned model in {path!r}. Run `python train.py` first "
                     f"(or `python train.py --smoke`, then `python inference.py --smoke`).{hint}")
 
@@ -98,15 +100,16 @@ def load_for_generation(name_or_path: str, device, role: str):
 
     import model as model_lib
 
-    if role == "fine-tuned":
+    if role == "finetuned":
         require_finetuned(name_or_path)
-    tokenizer = model_lib.load_tokenizer(name_or_path)
+    flag = f"--{role}"
+    tokenizer = model_lib.load_tokenizer(name_or_path, flag=flag)
     tokenizer.padding_side = "left"
     try:
         lm = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
     except Exception as err:
         raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
-                        "Offline? Pass a local directory.") from None
+                        f"Offline? Pass a local directory with {flag}.") from None
     model_lib.set_generation_ids(lm, tokenizer)
     return lm, tokenizer
 
@@ -124,13 +127,15 @@ def generation_kwargs(args) -> dict:
 
 def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
              streamer=None, progress: bool = False, desc: str = "Generating") -> list[dict]:
-    """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first EOS."""
+    """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first stop token
+    (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3)."""
     import torch
     from tqdm.auto import tqdm
 
-    from datasetup import encode_prompt
+    from model import stop_token_ids
+    from templates import encode_prompt
 
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
     torch.manual_seed(seed)
     answers = []
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress or len(prompts) <= batch_size,
@@ -142,11 +147,12 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=lm.device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=lm.device)
         with torch.no_grad():
-            out = lm.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=eos, pad_token_id=pad,
+            out = lm.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=stops, pad_token_id=pad,
                               streamer=streamer, **gen_kwargs)
         for row in out[:, width:].tolist():
-            stopped = eos in row
-            tokens = row[: row.index(eos)] if stopped else row
+            end = next((i for i, token in enumerate(row) if token in stops), None)
+            stopped = end is not None
+            tokens = row[:end] if stopped else row
             answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                             "new_tokens": len(tokens), "stopped_at_eos": stopped})
         bar.update(len(encoded))
@@ -198,11 +204,19 @@ def validate_args(args) -> None:
     check_all(problems)
 
 
+def check_sampling_flags(args, explicit: set) -> None:
+    """Sampling settings without --sample would be silently ignored by greedy decoding: refuse them."""
+    unused = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "top_k") if name in explicit]
+    if unused and not args.sample:
+        raise UserError(f"{', '.join(unused)} only apply when sampling; add --sample (greedy decoding ignores them)")
+
+
 def main(args, explicit: set) -> None:
     import smoke
-    from datasetup import format_prompt
     from model import get_device
+    from templates import format_prompt
 
+    check_sampling_flags(args, explicit)
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
     if args.prompts_file:
@@ -218,7 +232,7 @@ def main(args, explicit: set) -> None:
         require_finetuned(args.finetuned)
     template = load_template(args.finetuned if os.path.isdir(args.finetuned) else "", args.template)
     prompts = [format_prompt(r, template) for r in records]
-    models = {role: load_for_generation(path, device, "fine-tuned" if role == "finetuned" else "base")
+    models = {role: load_for_generation(path, device, role)
               for role, path in roles.items()}
     gen_kwargs = generation_kwargs(args)
 

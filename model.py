@@ -50,16 +50,28 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str, device) -> tuple[str, str]:
-    """(precision, reason) with 'auto' resolved for `device` and explicit choices checked."""
+def cuda_capability(device) -> tuple[int, int]:
+    """The CUDA GPU's compute capability, e.g. (7, 5) for a T4 and (8, 0) for an A100."""
     import torch
 
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def cuda_native_bf16(device) -> bool:
+    """bf16 in hardware: Ampere (compute capability 8.0) and newer. torch.cuda.is_bf16_supported() also counts
+    the slow emulated bf16 of a T4 or V100."""
+    return cuda_capability(device) >= (8, 0)
+
+
+def resolve_precision(precision: str, device) -> tuple[str, str]:
+    """(precision, reason) with 'auto' resolved for `device` and explicit choices checked."""
     kind = getattr(device, "type", device)
     if precision == "auto":
         if kind == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return "bf16", "CUDA GPU with bf16 support"
-            return "fp16", "CUDA GPU without bf16: fp16 with loss scaling"
+            major, minor = cuda_capability(device)
+            if cuda_native_bf16(device):
+                return "bf16", f"CUDA GPU with native bf16 (compute capability {major}.{minor})"
+            return "fp16", f"CUDA GPU without native bf16 (compute capability {major}.{minor}): fp16 with loss scaling"
         if kind == "mps":
             return "fp32", "Apple MPS: mixed precision training is not reliable there"
         if cpu_supports_bf16():
@@ -67,8 +79,10 @@ def resolve_precision(precision: str, device) -> tuple[str, str]:
         return "fp32", "CPU without native bf16: fp32"
     if precision == "fp16" and kind != "cuda":
         raise ModelError(f"--precision fp16 needs a CUDA GPU (device is {kind}); use bf16 or fp32")
-    if precision == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ModelError("--precision bf16: this GPU does not support bf16; use fp16")
+    if precision == "bf16" and kind == "cuda" and not cuda_native_bf16(device):
+        major, minor = cuda_capability(device)
+        raise ModelError(f"--precision bf16: this GPU (compute capability {major}.{minor}) has no native bf16 "
+                         "and would emulate it slowly; use fp16")
     return precision, "set explicitly"
 
 
@@ -82,8 +96,13 @@ def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model"):
     except Exception as err:
         raise ModelError(f"could not load the tokenizer of {name_or_path!r} ({type(err).__name__}: {err}). "
                          f"Offline? Pass a local directory with {flag}, or try --smoke.") from None
+    return ready_tokenizer(tokenizer, name_or_path)
+
+
+def ready_tokenizer(tokenizer, name: str = MODEL):
+    """The checks and settings every tokenizer gets: an EOS is required, pad = EOS when it has none."""
     if tokenizer.eos_token_id is None:
-        raise ModelError(f"the tokenizer of {name_or_path!r} has no EOS token, so answers could never stop")
+        raise ModelError(f"the tokenizer of {name!r} has no EOS token, so answers could never stop")
     if tokenizer.pad_token_id is None:
         # Padding never reaches the loss (labels of padding are -100 by position, not by token id),
         # so reusing EOS as pad keeps the vocabulary unchanged and the real EOS keeps its label.
@@ -113,50 +132,134 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     return model
 
 
-def enable_response_only_logits(model) -> bool:
+class _ResponseOnlyLogits:
+    """Mixed into a causal LM's class by enable_response_only_logits (see there).
+
+    The forward reads the body and head of the module it is called on, so a replica made by
+    nn.DataParallel or torch.nn.parallel.replicate computes with the replica's own weights.
+    """
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
+                num_items_in_batch=None, **kwargs):
+        if labels is None or kwargs.get("return_dict") is False:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
+        import torch.nn.functional as F
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        kwargs.pop("use_cache", None)
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False, **kwargs).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.get_output_embeddings()(hidden[:, :-1][keep]).float()  # only the positions that carry loss
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
+        return CausalLMOutputWithPast(loss=loss)
+
+
+def _response_only_class(cls):
+    # Same name and module, so save_pretrained still writes the original architecture into config.json.
+    return type(cls.__name__, (_ResponseOnlyLogits, cls), {"__module__": cls.__module__,
+                                                           "__qualname__": cls.__qualname__})
+
+
+def enable_response_only_logits(model, check_batch: dict) -> bool:
     """Make training forward passes compute the output layer and loss only where labels are not -100.
 
     With the loss on the response only, ~40% of positions carry no loss, and DistilGPT2's 50,257-word
     output layer is half its weights: skipping those positions saves their share of that cost and
     never builds the full batch x length x vocab logits. The loss is the same shifted cross-entropy
-    (sum / num_items_in_batch during training, so gradient accumulation stays exact). The forward is
-    replaced on the instance, so the Trainer's autocast and DDP wrappers still go through it.
-    Returns False (and changes nothing) for models whose logits get extra processing.
+    (sum / num_items_in_batch during training, so gradient accumulation stays exact).
+
+    Only models whose own loss it reproduces exactly are changed: `check_batch` (a collated training
+    batch) goes through both forwards, and a model whose loss differs (logit scaling or soft-capping as
+    in Granite and Gemma 2, an MoE router loss, ...) keeps its own forward. Returns whether it was enabled.
     """
-    import types
-
-    import torch.nn.functional as F
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    config = model.config
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+    original = type(model)
+    if isinstance(model, _ResponseOnlyLogits):
+        return True
+    model.__class__ = _response_only_class(original)  # a class, not an instance attribute: replicas follow it
+    if not _same_loss(model, original.forward, check_batch):
+        model.__class__ = original
         return False
-    dense_forward = model.forward
-    body, head = model.base_model, model.get_output_embeddings()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, **kwargs):
-        if labels is None or kwargs.get("return_dict") is False:
-            return dense_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs.pop("use_cache", None)
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False, **kwargs).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != -100
-        logits = head(hidden[:, :-1][keep]).float()  # only the positions that carry loss
-        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1))
-        return CausalLMOutputWithPast(loss=loss)
-
-    model.forward = types.MethodType(forward, model)
     return True
 
 
+def _same_loss(model, own_forward, batch: dict) -> bool:
+    """Does `model` give the logits (where labels are set) and the loss of `own_forward` on `batch`?"""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k != "num_real_tokens"}
+    keep = inputs["labels"][:, 1:] != -100
+    ours = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: ours.append(out))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = own_forward(model, **inputs)
+            ours_loss = model(**inputs).loss
+        own_logits = own.logits[:, :-1][keep].float()
+        return (len(ours) == 2 and ours[1].shape == own_logits.shape  # [0] is the head inside own_forward
+                and bool(torch.allclose(own_logits, ours[1].float(), rtol=1e-4, atol=1e-4))
+                and bool(torch.allclose(own.loss.float(), ours_loss.float(), rtol=1e-5, atol=1e-6)))
+    except Exception:  # a family whose body does not take these inputs: keep its own forward
+        return False
+    finally:
+        hook.remove()
+        model.train(was_training)
+
+
+def packed_loss_matches(model, examples: list[dict], pad_id: int) -> tuple[bool, float, float]:
+    """(same, padded loss, packed loss): does `model` keep packed examples apart?
+
+    The per-token response losses of `examples` laid out one per row (with an attention mask) are
+    compared with those of the same examples packed into one row without a mask, position ids
+    restarting at each. Models that build the block mask from position_ids (GPT-2, Llama, Qwen2, ...)
+    agree; OPT, BLOOM and MPT let packed examples attend to each other.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from collate import SFTCollator
+
+    def token_losses(batch):  # sorted, since packing reorders the examples
+        labels = batch.pop("labels")[:, 1:].reshape(-1)
+        batch.pop("num_real_tokens", None)
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
+        return losses[labels != -100].sort().values
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = token_losses(SFTCollator(pad_id, "none")(examples))
+            try:
+                packed = token_losses(SFTCollator(pad_id, "flat")(examples))
+            except Exception:  # e.g. a forward without position_ids
+                return False, padded.mean().item(), float("nan")
+    finally:
+        model.train(was_training)
+    same = packed.shape == padded.shape and bool(torch.allclose(padded, packed, rtol=1e-5, atol=1e-5))
+    return same, padded.mean().item(), packed.mean().item()
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and any others in the generation config (Llama 3)."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [] if configured is None else [configured]
+    return [tokenizer.eos_token_id] + [i for i in configured if i != tokenizer.eos_token_id]
+
+
 def set_generation_ids(model, tokenizer) -> None:
-    """EOS and pad ids in the config and generation config, so generation stops at EOS after saving."""
+    """EOS and pad ids in the config and generation config, so generation stops at EOS after saving.
+
+    The tokenizer's EOS is added to (never replaces) a list of stop ids that the model already has."""
+    stops = stop_token_ids(model, tokenizer)
     for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
+        cfg.eos_token_id = stops if len(stops) > 1 and cfg is model.generation_config else tokenizer.eos_token_id
         cfg.pad_token_id = tokenizer.pad_token_id
 
 
@@ -183,10 +286,10 @@ if __name__ == "__main__":
     try:
         device = get_device(args.device)
         precision, why = resolve_precision(args.precision, device)
+        print(f"device: {device}\nprecision: {precision} ({why})", flush=True)  # needs no download
         tok = load_tokenizer(args.model)
         lm = load_model(args.model, args.init, tok)
     except ModelError as error:
         cli.fail(str(error))
-    print(f"device: {device}\nprecision: {precision} ({why})")
     print(f"model: {args.model} ({args.init}), {type(lm).__name__}, {count_parameters(lm) / 1e6:.1f}M parameters")
     print(f"tokenizer: {len(tok)} tokens, eos={tok.eos_token!r} ({tok.eos_token_id}), pad id {tok.pad_token_id}")

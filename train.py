@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import shlex
 import sys
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
@@ -71,7 +71,12 @@ def validate_args(args) -> None:
 def apply_smoke(args, explicit: set) -> None:
     """--smoke: the offline preset's model, data and settings, except for flags given on the command line."""
     import smoke
+    from cli import UserError
 
+    clash = [f"--{name.replace('_', '-')}" for name in ("model", "init", "dataset") if name in explicit]
+    if clash:
+        raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}; "
+                        "drop --smoke to train on them")
     for name, value in smoke.TRAIN_SETTINGS.items():
         if name not in explicit:
             setattr(args, name, value)
@@ -81,11 +86,18 @@ def apply_smoke(args, explicit: set) -> None:
     args.dataset = os.path.join(smoke.OUTPUT_DIR, "data.json")
 
 
-def resolve_packing(packing: str, device) -> tuple[str, str | None]:
-    """(collator mode, attention implementation) for --packing on `device`."""
+def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | None]:
+    """(collator mode, attention implementation) for --packing on `device` at `precision`.
+
+    FlashAttention 2 needs flash_attn installed, a GPU of compute capability 8.0 or newer (Ampere+) and
+    bf16 or fp16; elsewhere "auto" means rows and an explicit "flat" runs through SDPA's block mask.
+    """
     import importlib.util
 
-    flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    from model import cuda_native_bf16
+
+    flash = (device.type == "cuda" and precision in ("bf16", "fp16") and cuda_native_bf16(device)
+             and importlib.util.find_spec("flash_attn") is not None)
     if packing == "auto":
         packing = "flat" if flash else "rows"
     if packing == "flat" and not flash:
@@ -93,52 +105,55 @@ def resolve_packing(packing: str, device) -> tuple[str, str | None]:
     return packing, "flash_attention_2" if packing == "flat" else None
 
 
-# ---------------------------------------------------------------- checkpoints and resume
-def find_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint-N (trainer_state.json is written last, so a killed save is skipped)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-                   and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")))
-    return os.path.join(output_dir, steps[-1][1]) if steps else None
+def use_saved_settings(args, explicit: set) -> None:
+    """--dataset DIR from `datasetup.py --save`: its template, max length and prompt loss, unless given as flags."""
+    import datacache
+
+    if datacache.is_saved_dir(args.dataset):
+        saved = datacache.saved_settings(args.dataset)
+        for name in ("template", "max_length", "train_on_prompt"):
+            if name not in explicit and saved.get(name) is not None:
+                setattr(args, name, saved[name])
 
 
-def check_same_run(output_dir: str, config: dict) -> None:
-    """Refuse to resume into an output dir that holds another run."""
-    path = os.path.join(output_dir, "run_config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as handle:
-        saved = json.load(handle)
-    diffs = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in IDENTITY if saved.get(k) != config[k]]
-    if diffs:
-        from cli import UserError
+def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
+    """`packing`, or "none" when this model lets packed examples attend to each other (BLOOM, MPT)."""
+    import model as model_lib
+    from cli import UserError
 
-        raise UserError(f"{output_dir}/ holds a different run ({'; '.join(diffs)}). Use another --output-dir, "
-                         "or --no-resume to start over in this one.")
-
-
-def clear_previous(output_dir: str) -> None:
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name))
+    if packing == "none" or len(examples) < 2:
+        return packing
+    same, padded, packed = model_lib.packed_loss_matches(model, examples, pad_id)
+    if same:
+        return packing
+    why = (f"{type(model).__name__} lets packed examples attend to each other (loss of {len(examples)} "
+           f"training examples: {padded:.4f} padded, {packed:.4f} packed)")
+    if explicit:
+        raise UserError(f"--packing {packing}: {why}; use --packing none")
+    say(f"note: {why}, so batches are padded instead (--packing none)")
+    return "none"
 
 
-def main(args) -> None:
+def main(args, explicit: set) -> None:
     import torch
     from transformers import TrainingArguments
 
+    import datacache
     import datasetup
     import model as model_lib
+    import rundir
     from collate import SFTCollator
-    from trainer import InstructTrainer, StopOnSignal, TemplateSaver, plot_loss_curve, write_json
+    from trainer import InstructTrainer, StopOnSignal, TemplateSaver, plot_loss_curve
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
-    packing, attn = resolve_packing(args.packing, device)
+    if args.smoke and "precision" not in explicit:
+        why = "set by --smoke"
+    packing, attn = resolve_packing(args.packing, device, precision)
+    use_saved_settings(args, explicit)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
-    config = {**vars(args), "device": device.type, "precision": precision, "packing": packing}
+    config = {**vars(args), "device": device.type, "precision": precision,
+              "command": shlex.join(["python", "train.py", *sys.argv[1:]])}
 
     training_args = TrainingArguments(
         output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
@@ -157,11 +172,11 @@ def main(args) -> None:
     checkpoint = None
     with training_args.main_process_first(desc="checking the output dir"):
         if args.resume:
-            check_same_run(args.output_dir, config)
-            checkpoint = find_checkpoint(args.output_dir)
+            rundir.check_same_run(args.output_dir, config, IDENTITY)
+            checkpoint = rundir.find_checkpoint(args.output_dir)
         elif main_process:
-            clear_previous(args.output_dir)
-    say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why}); packing: {packing}")
+            rundir.clear_checkpoints(args.output_dir)
+    say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why})")
     if checkpoint:
         say(f"Resuming from {checkpoint} (--no-resume to start over)")
 
@@ -171,7 +186,7 @@ def main(args) -> None:
 
             smoke.prepare(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
-        loaded = None if datasetup.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
+        loaded = None if datacache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
                                                                                           args.skip_invalid)
         tokenizer = model_lib.load_tokenizer(args.model)
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
@@ -181,14 +196,23 @@ def main(args) -> None:
         f" ({'cached' if report.get('from_cache') else 'tokenized'})")
     torch.manual_seed(args.seed)
     model = model_lib.load_model(args.model, args.init, tokenizer)
+    model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
+    # Checked on a few real training examples: packing keeps them apart, and response-only logits give the
+    # model's own loss; otherwise the plain path is used.
+    probe = [data["train"][i] for i in range(min(4, len(data["train"])))]
+    packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
+    attn = attn if packing == "flat" else None
     if attn:
         model.set_attn_implementation(attn)
-    model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
-    sparse = model_lib.enable_response_only_logits(model)  # output layer only where labels != -100
-    config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
-                  response_only_logits=sparse)
+    sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
+    say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
+    config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
+                  world_size=training_args.world_size, response_only_logits=sparse)
     if main_process:
-        write_json(os.path.join(args.output_dir, "run_config.json"), config)
+        if report.get("held_out") is not None:
+            config["held_out_sha256"] = rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE),
+                                                             report["held_out"])
+        rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
 
     stopper = StopOnSignal()
     trainer = InstructTrainer(
@@ -204,13 +228,13 @@ def main(args) -> None:
         say("Evaluating the model before fine-tuning ...")
         before = trainer.evaluate(metric_key_prefix="before")
         if main_process:
-            write_json(before_path, before)
+            rundir.write_json(before_path, before)
     say(f"Before: eval loss {before['before_loss']:.4f}, perplexity {math.exp(before['before_loss']):.2f}")
 
     with stopper.installed():
         result = trainer.train(resume_from_checkpoint=checkpoint)
     if stopper.stopped:
-        say(f"\nInterrupted: checkpoint saved in {find_checkpoint(args.output_dir)}. "
+        say(f"\nInterrupted: checkpoint saved in {rundir.find_checkpoint(args.output_dir)}. "
             "Run the same command to continue.")
         raise SystemExit(130)
 
@@ -228,7 +252,7 @@ def main(args) -> None:
         "train_real_tokens": tokens, "train_runtime_s": runtime, "global_step": trainer.state.global_step,
         "device": device.type, "precision": precision, "packing": packing, "world_size": training_args.world_size,
         "peak_memory_mb": trainer.peak_memory_mb()}
-    write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    rundir.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
     plot_loss_curve(trainer.state.log_history, before["before_loss"], os.path.join(args.output_dir, "loss_curve.png"))
     say(f"\nEval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}  (perplexity "
         f"{metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity_after']:.2f})")
@@ -241,10 +265,11 @@ if __name__ == "__main__":
 
     parser = cli.build_parser(sys.modules[__name__])
     parsed = cli.parse_or_exit(parser, validate_args)
-    if parsed.smoke:
-        apply_smoke(parsed, cli.explicit_dests(parser, sys.argv[1:]))
+    given = cli.explicit_dests(parser, sys.argv[1:])
     try:
-        main(parsed)
+        if parsed.smoke:
+            apply_smoke(parsed, given)
+        main(parsed, given)
     except cli.UserError as error:  # bad data, model, device or output dir: one line, no traceback
         cli.fail(str(error))
     except KeyboardInterrupt:

@@ -4,7 +4,6 @@ the template saved with every checkpoint, and the loss-curve plot."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -13,7 +12,7 @@ import sys
 import torch
 from transformers import Trainer, TrainerCallback
 
-TEMPLATE_FILE = "sft_template.json"
+from rundir import TEMPLATE_FILE, write_json
 
 
 class _PackedBatchWarningFilter(logging.Filter):
@@ -26,20 +25,15 @@ class _PackedBatchWarningFilter(logging.Filter):
 logging.getLogger("transformers.modeling_utils").addFilter(_PackedBatchWarningFilter())
 
 
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.replace(tmp, path)  # never a half-written file after a kill
-
-
 class InstructTrainer(Trainer):
-    """Trainer that counts the real (non-pad) tokens it trains on; the collator reports them per batch."""
+    """Trainer that counts the real (non-pad) tokens it trains on (the collator reports them per batch), and
+    whose evaluation loss is the mean over all response tokens, as in evaluation.py, not a mean of batch means
+    (which would change with --batch-size)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._real_tokens = 0
+        self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss, loss tokens
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._real_tokens += int(inputs.pop("num_real_tokens", 0))
@@ -47,7 +41,21 @@ class InstructTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("num_real_tokens", None)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if loss is not None and "labels" in inputs:
+            n = int((inputs["labels"][:, 1:] != -100).sum())  # the batch loss is the mean over these tokens
+            self._eval_sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_sums.zero_()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        sums = self.accelerator.reduce(self._eval_sums.to(self.args.device), reduction="sum").cpu()
+        if sums[1] > 0:  # Trainer.evaluate logs the metrics after this, so the log has the per-token mean too
+            output.metrics[f"{metric_key_prefix}_loss"] = float(sums[0] / sums[1])
+        return output
 
     def real_tokens_total(self) -> int:
         """Real tokens trained on in this session, summed over all processes."""

@@ -35,8 +35,8 @@ def score(workdir: str, run: str) -> dict:
     import inference
 
     model_dir = os.path.join(workdir, run)
-    held_out, _ = datasetup.held_out_records(model_dir, base_dir=workdir)
-    lm, tok = inference.load_for_generation(model_dir, torch.device("cpu"), "fine-tuned")
+    held_out, _ = datasetup.held_out_records(model_dir)
+    lm, tok = inference.load_for_generation(model_dir, torch.device("cpu"), "finetuned")
     prompts = [datasetup.format_prompt(r, inference.load_template(model_dir)) for r in held_out]
     answers = inference.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
     with open(os.path.join(model_dir, "metrics.json")) as handle:

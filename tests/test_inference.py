@@ -25,11 +25,11 @@ def work(smoke_trained):
 
 @pytest.fixture(scope="module")
 def held_out(work):
-    return ds.held_out_records(str(work / "smoke-run" / "model"), base_dir=str(work))[0]
+    return ds.held_out_records(str(work / "smoke-run" / "model"))[0]
 
 
 def answers_for(model_dir, records, template=None, batch_size=32):
-    lm, tok = inference.load_for_generation(str(model_dir), CPU, "fine-tuned")
+    lm, tok = inference.load_for_generation(str(model_dir), CPU, "finetuned")
     template = template or inference.load_template(str(model_dir))
     prompts = [ds.format_prompt(r, template) for r in records]
     return inference.generate(lm, tok, prompts, GREEDY, batch_size=batch_size)
@@ -65,7 +65,7 @@ def test_check_fails_with_another_template(work, held_out):
 def test_check_fails_with_right_padding(work, held_out):
     """Right-padded batches make the model continue after pad tokens: answers go wrong."""
     records = held_out[:48]
-    lm, tok = inference.load_for_generation(str(work / "smoke-run" / "model"), CPU, "fine-tuned")
+    lm, tok = inference.load_for_generation(str(work / "smoke-run" / "model"), CPU, "finetuned")
     tok.padding_side = "right"
     enc = tok([ds.format_prompt(r, "seed") for r in records], return_tensors="pt", padding=True)
     out = lm.generate(**enc, **GREEDY)[:, enc["input_ids"].shape[1]:]

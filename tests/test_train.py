@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import model as model_lib
+import rundir
 import train
 from conftest import ROOT, shared_path
 
@@ -57,7 +58,7 @@ def test_smoke_steps_write_loadable_checkpoints(workdir):
     out = workdir / "few"
     result = run_train(workdir, *FAST, "--max-steps", "4", "--save-steps", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Before: eval loss" in result.stdout
+    assert "Before: eval loss" in result.stdout and "precision: fp32 (set by --smoke)" in result.stdout
     for step in (2, 4):
         ckpt = out / f"checkpoint-{step}"
         assert (ckpt / "trainer_state.json").exists() and (ckpt / "optimizer.pt").exists()
@@ -105,7 +106,7 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(workdir):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output[-3000:]
     assert "Interrupted: checkpoint saved" in output and "Traceback" not in output
-    assert train.find_checkpoint(str(out)) is not None
+    assert rundir.find_checkpoint(str(out)) is not None
 
 
 def test_output_dir_of_another_run_is_refused(workdir):
@@ -117,6 +118,35 @@ def test_output_dir_of_another_run_is_refused(workdir):
     fresh = run_train(workdir, *FAST, "--max-steps", "2", "--max-length", "64", "--no-resume",
                       "--output-dir", str(out))
     assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+
+def test_a_saved_dataset_run_is_evaluated_on_its_own_held_out_records(workdir, tmp_path):
+    """datasetup.py --save, train.py --dataset DIR (settings read from DIR), then evaluation.py run from
+    another directory on a checkpoint: the exact records the run held out are evaluated."""
+    saved = workdir / "saved-alpaca"
+    made = subprocess.run([sys.executable, str(ROOT / "datasetup.py"), "--dataset", "smoke-run/data.json",
+                           "--tokenizer", "smoke-run/base", "--template", "alpaca", "--max-length", "96",
+                           "--val-size", "12", "--save", str(saved)], cwd=workdir, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert f"Use: python train.py --dataset {saved} with a --model whose tokenizer is smoke-run/base" in made.stdout
+    out = workdir / "from-saved"
+    result = run_train(workdir, "--model", "smoke-run/base", "--dataset", str(saved), "--max-steps", "2",
+                       "--save-steps", "2", "--eval-steps", "1000", "--batch-size", "8", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = load_json(out / "run_config.json")
+    assert config["template"] == "alpaca" and config["max_length"] == 96
+    held_out = [json.loads(line) for line in (out / "held_out.jsonl").read_text().splitlines()]
+    assert held_out == [json.loads(line) for line in (saved / "held_out.jsonl").read_text().splitlines()]
+    assert len(held_out) == 12
+    report = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--finetuned", str(out / "checkpoint-2"),
+                             "--only", "finetuned", "--num-generations", "3", "--max-new-tokens", "4",
+                             "--output-dir", str(tmp_path / "eval")], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    written = load_json(tmp_path / "eval" / "report.json")
+    assert written["finetuned"]["perplexity_examples"] == 12 and "base" not in written
+    assert [s["instruction"] for s in written["samples"]] == [r["instruction"] for r in held_out[:3]]
 
 
 def test_torchrun_two_cpu_processes(workdir):
@@ -183,13 +213,40 @@ def test_precision_auto_on_this_cpu():
     assert model_lib.resolve_precision("auto", torch.device("mps"))[0] == "fp32"
 
 
-def test_precision_auto_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == "fp16"
-    with pytest.raises(model_lib.ModelError, match="does not support bf16"):
-        model_lib.resolve_precision("bf16", torch.device("cuda"))
+@pytest.mark.parametrize("gpu,capability,expected", [
+    ("T4", (7, 5), "fp16"), ("V100", (7, 0), "fp16"), ("A100", (8, 0), "bf16"), ("RTX 4090", (8, 9), "bf16"),
+    ("H100", (9, 0), "bf16")])
+def test_precision_auto_on_cuda_follows_the_hardware(monkeypatch, gpu, capability, expected):
+    """Decided from the device's compute capability: is_bf16_supported() also counts emulated bf16 (T4, V100)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports, emulation included
+    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == expected, gpu
+    if expected == "fp16":
+        with pytest.raises(model_lib.ModelError, match="no native bf16"):
+            model_lib.resolve_precision("bf16", torch.device("cuda"))
+    else:
+        assert model_lib.resolve_precision("bf16", torch.device("cuda"))[0] == "bf16"
+
+
+@pytest.mark.parametrize("capability,precision,flash_installed,packing,expected", [
+    ((8, 0), "bf16", True, "auto", ("flat", "flash_attention_2")),
+    ((9, 0), "fp16", True, "auto", ("flat", "flash_attention_2")),
+    ((8, 0), "fp32", True, "auto", ("rows", None)),  # FlashAttention 2 has no fp32 kernels
+    ((7, 5), "fp16", True, "auto", ("rows", None)),  # a T4: FlashAttention 2 needs Ampere or newer
+    ((8, 0), "bf16", False, "auto", ("rows", None)),
+    ((7, 5), "fp16", True, "flat", ("flat", None)),  # asked for: one row through SDPA's block mask
+    ((8, 0), "bf16", True, "none", ("none", None)),
+])
+def test_flash_attention_only_where_it_runs(monkeypatch, capability, precision, flash_installed, packing, expected):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if flash_installed else None) if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    assert train.resolve_packing(packing, torch.device("cuda"), precision) == expected
+    assert train.resolve_packing("auto", torch.device("cpu"), precision) == ("rows", None)
 
 
 def test_get_device_order(monkeypatch):

@@ -1,0 +1,83 @@
+"""Every causal-LM family the README lists: packing keeps examples apart or is refused, response-only logits
+give the model's own loss and gradients or are refused, and prompts begin with the tokenizer's own BOS."""
+
+import copy
+
+import pytest
+import torch
+
+import datasetup as ds
+import families
+import model as model_lib
+import train
+from collate import SFTCollator
+
+RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
+           {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+           {"instruction": "Write a short sentence about the sea.", "input": "", "output": "The sea is wide and deep."},
+           {"instruction": "Give the last word.", "input": "cat dog owl", "output": "owl"}]
+# What each family is known to do (see tests/families.py for where the facts come from).
+PACKING_KEEPS_APART = {"gpt2": True, "llama": True, "qwen2": True, "gemma2": True, "granite": True,
+                       "opt": False, "bloom": False}  # OPT's mask ignores position_ids; BLOOM's ALiBi has none
+OWN_LOSS_REPRODUCED = {"gpt2": True, "llama": True, "qwen2": True, "opt": True, "bloom": True,
+                       "gemma2": False, "granite": False}  # soft-capped / scaled logits
+
+
+def build(family):
+    lm, tok, bos = families.build(family)
+    return lm, model_lib.ready_tokenizer(tok, family), bos
+
+
+def examples(tokenizer):
+    return [ds.tokenize_example(r, tokenizer, "seed", 128) for r in RECORDS]
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_template_tokens_begin_with_the_right_bos(family, tmp_path):
+    _, tok, expected = families.build(family)
+    tok.save_pretrained(tmp_path)
+    tok = model_lib.load_tokenizer(str(tmp_path))  # as train.py and inference.py load it
+    ids = ds.encode_prompt(tok, ds.format_prompt(RECORDS[0], "seed"))
+    assert ids[:len(expected)] == expected
+    if not expected and tok.bos_token_id is not None:
+        assert ids[0] != tok.bos_token_id
+    assert ids[len(expected):] == tok(ds.format_prompt(RECORDS[0], "seed"), add_special_tokens=False)["input_ids"]
+    assert examples(tok)[0]["input_ids"][:len(ids)] == ids  # training tokenizes the prompt the same way
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_packing_is_kept_apart_or_refused(family):
+    lm, tok, _ = build(family)
+    exs = examples(tok)
+    same, padded, packed = model_lib.packed_loss_matches(lm, exs, tok.pad_token_id)
+    assert same == PACKING_KEEPS_APART[family], (padded, packed)
+    notes = []
+    chosen = train.choose_packing(lm, exs, "rows", False, tok.pad_token_id, notes.append)
+    assert chosen == ("rows" if same else "none")
+    assert bool(notes) != same  # a fallback is always explained
+    if not same:
+        with pytest.raises(model_lib.UserError, match="--packing rows: .* use --packing none"):
+            train.choose_packing(lm, exs, "rows", True, tok.pad_token_id, print)
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_response_only_logits_give_the_models_own_loss_and_gradients(family):
+    own, tok, _ = build(family)
+    mode = "rows" if PACKING_KEEPS_APART[family] else "none"
+    batch = {k: v for k, v in SFTCollator(tok.pad_token_id, mode)(examples(tok)).items() if k != "num_real_tokens"}
+    sparse = copy.deepcopy(own)
+    enabled = model_lib.enable_response_only_logits(sparse, batch)
+    assert enabled == OWN_LOSS_REPRODUCED[family]
+    own.train(), sparse.train()
+    loss_own, loss_sparse = own(**batch).loss, sparse(**batch).loss
+    assert torch.allclose(loss_own, loss_sparse, rtol=1e-5, atol=1e-6)  # enabled or not, the loss is the model's
+    loss_own.backward()
+    loss_sparse.backward()
+    for (name, p_own), p_sparse in zip(own.named_parameters(), sparse.parameters()):
+        if p_own.grad is not None:
+            assert torch.allclose(p_own.grad, p_sparse.grad, rtol=1e-4, atol=1e-6), name
+    if enabled:
+        shapes = []
+        sparse.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+        sparse(**batch)
+        assert shapes[0][0] == int((batch["labels"][:, 1:] != -100).sum())  # only the positions with a label
