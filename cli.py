@@ -91,8 +91,16 @@ def parse_or_exit(parser: argparse.ArgumentParser, validate, argv=None) -> argpa
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print a user-facing error without a traceback and exit."""
-    print(f"error: {message}", file=sys.stderr)
+    """Print a user-facing error (or, with code 0, a note) without a traceback and exit.
+
+    Under torchrun every process ends the same way, so only the first one prints."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        if code == 0:
+            print(message)
+        else:
+            print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 
@@ -110,4 +118,4 @@ def run(module, main, validate) -> None:
     try:
         main(args, explicit_dests(parser, sys.argv[1:]))
     except UserError as error:
-        fail(str(error))
+        fail(str(error), getattr(error, "code", 2))

@@ -177,6 +177,8 @@ def print_summary(dsd, report, template, max_length, tokenizer, source) -> None:
     empty = report.get("empty_dropped", [])
     if empty:
         print(f"Dropped {len(empty)} records with an empty instruction or output (indices {empty[:5]})")
+        for line in report.get("empty_details", [])[:3]:
+            print(f"  {line}")
     print(f"Placeholder inputs ('No input', '<noinput>', ...) treated as empty: {report.get('placeholder_inputs', 0)}")
     for split, dataset in dsd.items():
         s = length_stats(dataset)

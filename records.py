@@ -96,7 +96,7 @@ def load_records(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
     instruction or output are dropped; placeholder inputs such as "<noinput>" become "".
     """
     rows = read_raw(source)
-    records, skipped, empty, placeholders = [], [], [], 0
+    records, skipped, empty, empty_details, placeholders = [], [], [], [], 0
     for index, (where, record) in enumerate(rows):
         problem = _problem(record)
         if problem:
@@ -108,11 +108,17 @@ def load_records(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
         if is_placeholder_input(text_input) and text_input.strip():
             placeholders += 1
             text_input = ""
-        if not record["instruction"].strip() or not record["output"].strip():
+        blank = [field for field in ("instruction", "output") if not record[field].strip()]
+        if blank:
             empty.append(index)
+            empty_details.append(f"{where}: empty {' and '.join(repr(f) for f in blank)}")
             continue
         records.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
     if not records:
-        raise DataError(f"{source}: no usable records ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
-    report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "placeholder_inputs": placeholders}
+        problems = [p.removeprefix(f"{source}: ") for p in skipped + empty_details]
+        shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        raise DataError(f"{source}: no usable records ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty"
+                        f"{': ' + shown if shown else ''})")
+    report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "empty_details": empty_details,
+              "placeholder_inputs": placeholders}
     return records, report

@@ -1,6 +1,9 @@
 """What a training run leaves in its output directory, and how it is read back.
 
-Ground floor: training, generation and evaluation all import this module, and it imports none of them.
+Ground floor: every training script, generation and evaluation import this module, and it imports none
+of them. It knows the files of a run, which checkpoint a resume can trust, whether a run is finished,
+the identity that keeps two runs from mixing, the lock that keeps two processes apart, and the signals
+that stop a run cleanly.
 """
 
 from __future__ import annotations
@@ -8,10 +11,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import zipfile
+
+from cli import UserError
 
 TEMPLATE_FILE = "sft_template.json"  # the prompt template, beside the model and in every checkpoint
 RUN_CONFIG_FILE = "run_config.json"  # every resolved setting of the run
 HELD_OUT_FILE = "held_out.jsonl"  # the validation records the run held out, exactly as read
+METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
+TOTALS_FILE = "run_totals.json"  # in each checkpoint: loss sum, real tokens and runtime of the run so far
+LOCK_FILE = ".run.lock"  # held (flock) by the process that trains into the directory
+STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+# Files of an earlier run that --no-resume deletes besides the checkpoints.
+RUN_OUTPUTS = ("eval_before.json", METRICS_FILE, "loss_curve.png")
+
+
+class RunStop(UserError):
+    """A run that ends early for a reason the user can act on; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def write_json(path: str, data: dict) -> None:
@@ -21,6 +42,13 @@ def write_json(path: str, data: dict) -> None:
     with open(tmp, "w") as handle:
         json.dump(data, handle, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
 
 
 def write_records(path: str, records: list[dict]) -> str:
@@ -44,28 +72,78 @@ def run_file(run_dir: str, name: str) -> str:
     return path
 
 
-def find_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint-N (trainer_state.json is written last, so a killed save is skipped)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-                   and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")))
-    return os.path.join(output_dir, steps[-1][1]) if steps else None
-
-
 def read_run_config(run_dir: str) -> dict | None:
-    path = run_file(run_dir, RUN_CONFIG_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        return json.load(handle)
+    return read_json(run_file(run_dir, RUN_CONFIG_FILE))
 
 
+# ---------------------------------------------------------------- checkpoints
+def checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N directories, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
+                    if name.startswith("checkpoint-") and name.split("-")[1].isdigit()), reverse=True)
+    return [os.path.join(output_dir, name) for _, name in steps]
+
+
+def damaged_file(checkpoint: str) -> str | None:
+    """The first file of `checkpoint` that would not load on resume (None when all do).
+
+    A save killed part-way lacks trainer_state.json, which the Trainer writes last; a full disk or a
+    copy cut short leaves truncated files, found here without loading them: a safetensors file must be
+    as long as its header says, a torch .pt/.pth file must be a complete zip archive, JSON must parse.
+    """
+    if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
+        return STATE_FILE
+    for name in sorted(os.listdir(checkpoint)):
+        path = os.path.join(checkpoint, name)
+        try:
+            if name.endswith(".safetensors"):
+                with open(path, "rb") as handle:
+                    header_size = int.from_bytes(handle.read(8), "little")
+                    header = json.loads(handle.read(header_size))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if os.path.getsize(path) != 8 + header_size + end:
+                    return name
+            elif name.endswith((".pt", ".pth", ".bin")):
+                with zipfile.ZipFile(path) as archive:
+                    archive.infolist()
+            elif name.endswith(".json"):
+                with open(path) as handle:
+                    json.load(handle)
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return name
+    return None
+
+
+def find_checkpoint(output_dir: str, warn=None) -> str | None:
+    """The newest checkpoint whose every file loads. Damaged newer ones are skipped, with a warning
+    through `warn` (when given) that names the damaged file."""
+    for checkpoint in checkpoints(output_dir):
+        bad = damaged_file(checkpoint)
+        if bad is None:
+            return checkpoint
+        if warn and bad != STATE_FILE:  # a save cut short by a kill is routine, a damaged file is not
+            warn(f"warning: skipping {checkpoint}: {bad} is damaged (truncated?); using an older checkpoint")
+    return None
+
+
+def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
+    """Delete checkpoint dirs newer than the newest complete one (a save cut short); returns them."""
+    import shutil
+
+    removed = []
+    for checkpoint in checkpoints(output_dir):
+        if damaged_file(checkpoint) is None:
+            break
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        removed.append(checkpoint)
+    return removed
+
+
+# ---------------------------------------------------------------- a run's identity and lifecycle
 def check_same_run(output_dir: str, config: dict, identity: tuple[str, ...]) -> None:
     """Refuse to resume into an output dir that holds another run (one whose `identity` settings differ)."""
-    from cli import UserError
-
     saved = read_run_config(output_dir)
     if saved is None:
         return
@@ -75,10 +153,80 @@ def check_same_run(output_dir: str, config: dict, identity: tuple[str, ...]) -> 
                         "or --no-resume to start over in this one.")
 
 
-def clear_checkpoints(output_dir: str) -> None:
-    """--no-resume: delete the checkpoints of an earlier run."""
+def finished_step(output_dir: str) -> int | None:
+    """The final step of a finished run in `output_dir` (it wrote metrics.json last), else None."""
+    metrics = read_json(os.path.join(output_dir, METRICS_FILE))
+    return None if metrics is None else metrics.get("global_step")
+
+
+def clear_run(output_dir: str) -> list[str]:
+    """--no-resume: delete the checkpoints and results of an earlier run; returns what was deleted."""
     import shutil
 
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name.startswith("checkpoint-"):
-            shutil.rmtree(os.path.join(output_dir, name))
+    removed = checkpoints(output_dir)
+    for checkpoint in removed:
+        shutil.rmtree(checkpoint)
+    for name in RUN_OUTPUTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def lock(output_dir: str):
+    """Hold an OS lock on `output_dir` for the rest of the process, or refuse: another process trains there.
+
+    The kernel drops a flock when its process dies, so a run killed with kill -9 never blocks the next.
+    Returns the open lock file (keep it referenced).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; two runs there are not detected
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    handle = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        other = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{output_dir}/ is in use by another run (process {other}); wait for it to finish, "
+                        "stop it, or use another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (Slurm, Kubernetes, spot preemption) stops the process like Ctrl-C does."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is put down to a full disk
+
+
+def disk_full(error: BaseException, directory: str) -> bool:
+    """Did `error` come from a full disk? An ENOSPC anywhere in its chain says so; torch.save only says
+    "iostream error" or "unexpected pos", so a failure while `directory`'s disk is (nearly) full counts too."""
+    import errno
+    import shutil
+
+    chain = error
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
+            return True
+        if any(s in str(chain) for s in ("No space left on device", "StorageFull")):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE
+    except OSError:
+        return False

@@ -9,7 +9,6 @@ Running the same command again after an interruption continues from the newest c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shlex
@@ -46,8 +45,9 @@ DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), written to smoke-run/
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
+# The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
 IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prompt", "val_size", "seed",
-            "epochs", "max_steps", "batch_size", "grad_accum")
+            "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "weight_decay")
 
 
 def validate_args(args) -> None:
@@ -142,8 +142,9 @@ def main(args, explicit: set) -> None:
     import datasetup
     import model as model_lib
     import rundir
+    import runner
     from collate import SFTCollator
-    from trainer import InstructTrainer, StopOnSignal, TemplateSaver, plot_loss_curve
+    from trainer import InstructTrainer, StopOnSignal, plot_loss_curve, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -169,16 +170,8 @@ def main(args, explicit: set) -> None:
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
-    checkpoint = None
-    with training_args.main_process_first(desc="checking the output dir"):
-        if args.resume:
-            rundir.check_same_run(args.output_dir, config, IDENTITY)
-            checkpoint = rundir.find_checkpoint(args.output_dir)
-        elif main_process:
-            rundir.clear_checkpoints(args.output_dir)
+    checkpoint = runner.open_output_dir(args.output_dir, config, IDENTITY, args.resume, training_args, say)
     say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why})")
-    if checkpoint:
-        say(f"Resuming from {checkpoint} (--no-resume to start over)")
 
     with training_args.main_process_first(desc="preparing data"):
         if args.smoke:
@@ -214,63 +207,56 @@ def main(args, explicit: set) -> None:
                                                              report["held_out"])
         rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
 
-    stopper = StopOnSignal()
+    stopper = StopOnSignal(announce=main_process)
     trainer = InstructTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
         data_collator=SFTCollator(tokenizer.pad_token_id, packing, 8 if device.type == "cuda" else None),
-        processing_class=tokenizer, callbacks=[stopper, TemplateSaver(args.template)])
+        processing_class=tokenizer, callbacks=[stopper],
+        checkpoint_files=lambda directory: write_template(directory, args.template))
 
-    before_path = os.path.join(args.output_dir, "eval_before.json")
-    if checkpoint and os.path.isfile(before_path):
-        with open(before_path) as handle:
-            before = json.load(handle)
-    else:
+    if not checkpoint:
         say("Evaluating the model before fine-tuning ...")
-        before = trainer.evaluate(metric_key_prefix="before")
-        if main_process:
-            rundir.write_json(before_path, before)
+    before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)
     say(f"Before: eval loss {before['before_loss']:.4f}, perplexity {math.exp(before['before_loss']):.2f}")
 
-    with stopper.installed():
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    if stopper.stopped:
-        say(f"\nInterrupted: checkpoint saved in {rundir.find_checkpoint(args.output_dir)}. "
-            "Run the same command to continue.")
-        raise SystemExit(130)
-
-    after = trainer.evaluate()
-    trainer.save_model(args.output_dir)
-    tokens = trainer.real_tokens_total()  # a collective: every process must reach it
+    with runner.guarded(args.output_dir, main_process):
+        runner.train(trainer, stopper, checkpoint, args.output_dir)
+        after = trainer.evaluate()
+        trainer.save_model(args.output_dir)
+        if main_process:
+            write_template(args.output_dir, args.template)
+        metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
+        if main_process:
+            metrics.update({
+                "eval_loss_before": before["before_loss"], "eval_loss_after": after["eval_loss"],
+                "eval_perplexity_before": math.exp(before["before_loss"]),
+                "eval_perplexity_after": math.exp(after["eval_loss"]), "device": device.type, "precision": precision,
+                "packing": packing, "world_size": training_args.world_size, "peak_memory_mb": trainer.peak_memory_mb()})
+            plot_loss_curve(trainer.state.log_history, before["before_loss"],
+                            os.path.join(args.output_dir, "loss_curve.png"))
+            rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
+    runner.finish(trainer)
     if not main_process:
         return
-    TemplateSaver(args.template).write(args.output_dir)
-    runtime = result.metrics["train_runtime"]
-    metrics = {
-        "train_loss": result.metrics.get("train_loss"), "eval_loss_before": before["before_loss"],
-        "eval_loss_after": after["eval_loss"], "eval_perplexity_before": math.exp(before["before_loss"]),
-        "eval_perplexity_after": math.exp(after["eval_loss"]), "train_tokens_per_second": tokens / runtime,
-        "train_real_tokens": tokens, "train_runtime_s": runtime, "global_step": trainer.state.global_step,
-        "device": device.type, "precision": precision, "packing": packing, "world_size": training_args.world_size,
-        "peak_memory_mb": trainer.peak_memory_mb()}
-    rundir.write_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-    plot_loss_curve(trainer.state.log_history, before["before_loss"], os.path.join(args.output_dir, "loss_curve.png"))
     say(f"\nEval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}  (perplexity "
         f"{metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity_after']:.2f})")
-    say(f"{tokens / runtime:.0f} real tokens/s on {device.type}; model, metrics.json and loss_curve.png in "
-        f"{args.output_dir}/")
+    say(f"{metrics['train_tokens_per_second']:.0f} real tokens/s on {device.type}; model, metrics.json and "
+        f"loss_curve.png in {args.output_dir}/")
 
 
 if __name__ == "__main__":
     import cli
+    import rundir
 
     parser = cli.build_parser(sys.modules[__name__])
     parsed = cli.parse_or_exit(parser, validate_args)
     given = cli.explicit_dests(parser, sys.argv[1:])
+    rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
     try:
         if parsed.smoke:
             apply_smoke(parsed, given)
         main(parsed, given)
-    except cli.UserError as error:  # bad data, model, device or output dir: one line, no traceback
-        cli.fail(str(error))
+    except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
+        cli.fail(str(error), getattr(error, "code", 2))
     except KeyboardInterrupt:
         cli.fail("interrupted; run the same command to continue from the newest checkpoint", 130)

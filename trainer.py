@@ -1,18 +1,20 @@
-"""The pieces train.py adds to the Hugging Face Trainer: real-token counting, a clean stop on Ctrl-C,
-the template saved with every checkpoint, and the loss-curve plot."""
+"""What every training script here adds to the Hugging Face Trainer: real-token counting, run totals
+that survive a resume, a guard against NaN, a clean stop on Ctrl-C or SIGTERM, and the loss-curve plot."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
+import time
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from rundir import TEMPLATE_FILE, write_json
+import rundir
 
 
 class _PackedBatchWarningFilter(logging.Filter):
@@ -22,23 +24,90 @@ class _PackedBatchWarningFilter(logging.Filter):
         return "strongly recommend passing in an `attention_mask`" not in record.getMessage()
 
 
+class _TiedHeadWarningFilter(logging.Filter):
+    """Resuming a model whose output layer shares the embedding weights (GPT-2) "misses" lm_head.weight:
+    it is not saved separately, and is tied again on load. Nothing is lost, so say nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "missing keys in the checkpoint model loaded: ['lm_head.weight']" not in record.getMessage()
+
+
 logging.getLogger("transformers.modeling_utils").addFilter(_PackedBatchWarningFilter())
+logging.getLogger("transformers.trainer").addFilter(_TiedHeadWarningFilter())
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss or gradient became NaN or inf; raised before the optimizer step, so no NaN weights."""
 
 
 class InstructTrainer(Trainer):
-    """Trainer that counts the real (non-pad) tokens it trains on (the collator reports them per batch), and
-    whose evaluation loss is the mean over all response tokens, as in evaluation.py, not a mean of batch means
-    (which would change with --batch-size)."""
+    """The Trainer of every training script here. On top of the Hugging Face Trainer it
 
-    def __init__(self, *args, **kwargs):
+    - counts the real (non-pad) tokens it trains on (the collator reports them per batch);
+    - keeps the run's totals (loss sum, real tokens, runtime) in every checkpoint, so a resumed run
+      reports the whole run, not its last session;
+    - stops at the first non-finite loss or gradient, before the optimizer step can spread it;
+    - reports the evaluation loss as the mean over all response tokens, as evaluation.py does, not a
+      mean of batch means (which would change with --batch-size);
+    - writes `checkpoint_files(directory)` (the template, ...) into each checkpoint before its state.
+    """
+
+    def __init__(self, *args, checkpoint_files=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._real_tokens = 0
+        self.checkpoint_files = checkpoint_files
+        self._session = {"loss_sum": 0.0, "real_tokens": 0}  # this process, this session
+        self.prior = {"loss_sum": 0.0, "real_tokens": 0, "runtime_s": 0.0}  # the run before this session
         self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss, loss tokens
+        self._started = time.perf_counter()
+        self.add_callback(_GradientGuard(self))
 
+    # ---------------------------------------------------------------- training
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._real_tokens += int(inputs.pop("num_real_tokens", 0))
-        return super().training_step(model, inputs, num_items_in_batch)
+        self._session["real_tokens"] += int(inputs.pop("num_real_tokens", 0))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss)
+        # One process: stop here. Under DDP a lone rank must not leave the others waiting in a collective;
+        # its NaN reaches every rank through the gradient all-reduce, and _GradientGuard stops them together.
+        if not math.isfinite(value) and self.args.world_size == 1:
+            raise self.non_finite("loss", value)
+        self._session["loss_sum"] += value
+        return loss
 
+    def non_finite(self, what: str, value: float) -> NonFiniteLoss:
+        step, lr = self.state.global_step + 1, self._get_learning_rate()
+        precision = "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32"
+        hint = "try --precision fp32, or a lower --lr" if precision == "fp16" else "try a lower --lr"
+        return NonFiniteLoss(f"the training {what} became {value} at step {step} (learning rate {lr:.3g}, "
+                             f"precision {precision}); nothing of this step was kept. {hint}, and run again "
+                             "(with --no-resume, or from the last good checkpoint with the same settings)")
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        self._started = time.perf_counter()
+        if resume_from_checkpoint:
+            saved = rundir.read_json(os.path.join(resume_from_checkpoint, rundir.TOTALS_FILE))
+            self.prior.update(saved or {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def run_totals(self) -> dict:
+        """The whole run so far: loss sum (mean over processes), real tokens (summed), runtime. A collective."""
+        here = torch.tensor([self._session["loss_sum"], self._session["real_tokens"]], dtype=torch.float64,
+                            device=self.args.device)
+        loss_sum = float(self.accelerator.reduce(here[:1].clone(), reduction="mean").item())
+        tokens = int(self.accelerator.reduce(here[1:].clone(), reduction="sum").item())
+        return {"loss_sum": self.prior["loss_sum"] + loss_sum, "real_tokens": self.prior["real_tokens"] + tokens,
+                "runtime_s": self.prior["runtime_s"] + time.perf_counter() - self._started}
+
+    def _save_checkpoint(self, model, trial):
+        totals = self.run_totals()  # every process gets here, as a collective needs
+        if self.args.should_save:
+            directory = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            os.makedirs(directory, exist_ok=True)
+            rundir.write_json(os.path.join(directory, rundir.TOTALS_FILE), totals)
+            if self.checkpoint_files:
+                self.checkpoint_files(directory)
+        super()._save_checkpoint(model, trial)  # trainer_state.json last: a checkpoint is complete with it
+
+    # ---------------------------------------------------------------- evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("num_real_tokens", None)
         loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
@@ -57,11 +126,6 @@ class InstructTrainer(Trainer):
             output.metrics[f"{metric_key_prefix}_loss"] = float(sums[0] / sums[1])
         return output
 
-    def real_tokens_total(self) -> int:
-        """Real tokens trained on in this session, summed over all processes."""
-        count = torch.tensor(self._real_tokens, device=self.args.device)
-        return int(self.accelerator.reduce(count, reduction="sum").item())
-
     def peak_memory_mb(self) -> float:
         if self.args.device.type == "cuda":
             return torch.cuda.max_memory_allocated() / 2**20
@@ -71,12 +135,31 @@ class InstructTrainer(Trainer):
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-class StopOnSignal(TrainerCallback):
-    """Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts."""
+class _GradientGuard(TrainerCallback):
+    """Before each optimizer step: a NaN or inf gradient stops the run (fp16 excepted: its loss scaler skips
+    such steps on purpose). Gradients are already all-reduced, so every process decides alike."""
 
-    def __init__(self):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16 or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
+            if not math.isfinite(norm):
+                raise self.trainer.non_finite("gradient norm", norm)
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM finishes the current step, saves a checkpoint and stops; a second one aborts."""
+
+    def __init__(self, announce: bool = True):
         self.requested = False
         self.stopped = False
+        self.signal = None  # the signal that asked for the stop
+        self.announce = announce  # False on all but the main process, so the note is printed once
 
     @contextlib.contextmanager
     def installed(self):
@@ -85,8 +168,9 @@ class StopOnSignal(TrainerCallback):
         def handler(signum, frame):
             if self.requested:
                 raise KeyboardInterrupt
-            self.requested = True
-            print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort) ...", flush=True)
+            self.requested, self.signal = True, signum
+            if self.announce:
+                print("\nStopping after this step and saving a checkpoint (Ctrl-C again to abort) ...", flush=True)
 
         for sig in previous:
             signal.signal(sig, handler)
@@ -109,20 +193,11 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-class TemplateSaver(TrainerCallback):
-    """Writes the prompt template beside every checkpoint, so inference formats prompts the same way."""
+def write_template(directory: str, name: str) -> None:
+    """The prompt template beside a model, so inference formats prompts exactly as training did."""
+    from templates import TEMPLATES
 
-    def __init__(self, name: str):
-        self.name = name
-
-    def write(self, directory: str) -> None:
-        from datasetup import TEMPLATES
-
-        write_json(os.path.join(directory, TEMPLATE_FILE), {"name": self.name, **TEMPLATES[self.name]._asdict()})
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            self.write(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+    rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **TEMPLATES[name]._asdict()})
 
 
 def plot_loss_curve(log_history: list[dict], loss_before: float, path: str) -> None:

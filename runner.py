@@ -1,0 +1,114 @@
+"""The run layer: what every training script does around Trainer.train, so each behaves alike.
+
+    checkpoint = runner.open_output_dir(args.output_dir, config, IDENTITY, args.resume, training_args, say)
+    before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)
+    with runner.guarded(args.output_dir, main_process):
+        result = runner.train(trainer, stopper, checkpoint, args.output_dir)
+        ...  # final evaluation and saving
+    metrics = runner.run_metrics(trainer)
+
+The output dir is locked for the run, a finished run is not run again, an interruption (Ctrl-C,
+SIGTERM) saves a checkpoint, and a full disk or a NaN loss end the run with one line that says
+what to do, leaving the last good checkpoint for the same command to resume from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import rundir
+from rundir import RunStop
+
+_locks = []  # lock files held for the life of the process
+
+
+def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], resume: bool, training_args,
+                    say=print) -> str | None:
+    """Lock the output dir and return the checkpoint to resume from (None: start fresh).
+
+    Refuses a dir that holds another run, or that another process trains into; a finished run raises
+    RunStop with exit status 0. --no-resume deletes the earlier run's checkpoints and results.
+    """
+    main_process = training_args.process_index == 0
+    if main_process:
+        _locks.append(rundir.lock(output_dir))
+    with training_args.main_process_first(desc="checking the output dir"):
+        if not resume:
+            if main_process and rundir.clear_run(output_dir):
+                say(f"--no-resume: deleted the checkpoints and results of the earlier run in {output_dir}/")
+            return None
+        rundir.check_same_run(output_dir, config, identity)
+        step = rundir.finished_step(output_dir)
+        if step is not None:
+            raise RunStop(f"{output_dir}/ already holds this finished run (step {step}); nothing to do. "
+                          "--no-resume trains it again from the start.", code=0)
+        checkpoint = rundir.find_checkpoint(output_dir, warn=say)
+    if checkpoint:
+        say(f"Resuming from {checkpoint} (--no-resume to start over)")
+    return checkpoint
+
+
+def evaluate_once(trainer, prefix: str, checkpoint: str | None, output_dir: str, main_process: bool) -> dict:
+    """trainer.evaluate() with metric prefix `prefix`, kept in PREFIX_eval.json so a resumed run reuses it."""
+    path = os.path.join(output_dir, f"eval_{prefix}.json")
+    saved = rundir.read_json(path) if checkpoint else None
+    if saved is not None:
+        return saved
+    metrics = trainer.evaluate(metric_key_prefix=prefix)
+    if main_process:
+        rundir.write_json(path, metrics)
+    return metrics
+
+
+@contextlib.contextmanager
+def guarded(output_dir: str, main_process: bool):
+    """Turn a full disk or a non-finite loss into a RunStop that says what to do next."""
+    from trainer import NonFiniteLoss
+
+    try:
+        yield
+    except RunStop:
+        raise
+    except NonFiniteLoss as error:
+        last = rundir.find_checkpoint(output_dir)
+        where = f" The last good checkpoint is {last}." if last else ""
+        raise RunStop(f"{error}.{where}") from None
+    except Exception as error:
+        if not rundir.disk_full(error, output_dir):
+            raise
+        if main_process:
+            rundir.remove_incomplete_checkpoints(output_dir)  # frees the space the cut-short save took
+        last = rundir.find_checkpoint(output_dir)
+        where = f"the newest complete checkpoint, {last}, is intact" if last else "no checkpoint was complete yet"
+        raise RunStop(f"no space left on the disk of {output_dir}/ while saving ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:120] if str(error) else ''}); {where}. Free some space and run "
+                      "the same command to continue.") from None
+
+
+def train(trainer, stopper, checkpoint: str | None, output_dir: str):
+    """trainer.train() that stops cleanly on Ctrl-C or SIGTERM (RunStop with exit status 130 or 143)."""
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stopper.stopped:
+        code = 128 + (stopper.signal or signal.SIGINT)
+        raise RunStop(f"Interrupted: checkpoint saved in {rundir.find_checkpoint(output_dir)}. "
+                      "Run the same command to continue.", code=code)
+    return result
+
+
+def run_metrics(trainer) -> dict:
+    """Loss, real tokens, runtime and tokens/s of the whole run, all sessions of it together. A collective."""
+    totals = trainer.run_totals()
+    steps = max(trainer.state.global_step, 1)
+    return {"train_loss": totals["loss_sum"] / steps, "train_real_tokens": totals["real_tokens"],
+            "train_runtime_s": totals["runtime_s"], "train_tokens_per_second": totals["real_tokens"] / totals["runtime_s"],
+            "global_step": trainer.state.global_step}
+
+
+def finish(trainer) -> None:
+    """Wait until the main process has written the results, then close the process group cleanly (a
+    process that exits while the others still talk to it can abort them)."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()

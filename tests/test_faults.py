@@ -1,0 +1,225 @@
+"""The faults a run survives (SIGTERM, a full disk, two runs at once, NaN, a damaged checkpoint, a finished run
+started again) and a resumed run that reports as one run. train.py is run as users run it."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import rundir
+from conftest import ROOT
+from test_train import FAST, ENV, load_json, run_train, start_train, wait_for, workdir  # noqa: F401  (fixture)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(workdir):
+    out = workdir / "terminated"
+    args = [*FAST, "--max-steps", "300", "--save-steps", "100", "--output-dir", str(out)]
+    proc = start_train(workdir, *args)
+    wait_for(out / "eval_before.json", proc)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)  # what Slurm, Kubernetes and spot preemption send
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output[-3000:]
+    assert "Interrupted: checkpoint saved in" in output and "Traceback" not in output
+    stopped_at = rundir.find_checkpoint(str(out))
+    assert stopped_at is not None and output.count("Stopping after this step") == 1
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from {stopped_at}" in result.stdout
+    assert load_json(out / "metrics.json")["global_step"] == 300
+
+
+SITE_FULL_DISK = """
+import errno, torch
+_save = torch.save
+def save(obj, f, *args, **kwargs):  # the disk fills up while checkpoint-4 is written
+    if "checkpoint-4" in str(f) and str(f).endswith("optimizer.pt"):
+        with open(f, "wb") as handle:
+            handle.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return _save(obj, f, *args, **kwargs)
+torch.save = save
+"""
+
+
+def test_a_full_disk_stops_the_run_and_keeps_the_last_checkpoint(workdir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(SITE_FULL_DISK))
+    out = workdir / "disk-full"
+    args = [*FAST, "--max-steps", "6", "--save-steps", "2", "--output-dir", str(out)]
+    full = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=workdir, capture_output=True,
+                          text=True, timeout=300, env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert full.returncode == 1, full.stderr[-3000:]
+    lines = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in full.stderr
+    assert f"no space left on the disk of {out}/" in lines[0] and "checkpoint-2, is intact" in lines[0]
+    assert rundir.find_checkpoint(str(out)) == str(out / "checkpoint-2") and not (out / "checkpoint-4").exists()
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    resumed = run_train(workdir, *args)  # space freed: the same command goes on
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
+    assert load_json(out / "metrics.json")["global_step"] == 6
+
+
+def test_two_runs_into_one_dir_and_a_killed_runs_lock(workdir):
+    out = workdir / "locked"
+    args = [*FAST, "--max-steps", "60", "--save-steps", "5", "--output-dir", str(out)]
+    first = start_train(workdir, *args)
+    wait_for(out / "checkpoint-5" / "trainer_state.json", first)
+    second = run_train(workdir, *args)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"{out}/ is in use by another run (process {first.pid})" in second.stderr
+    first.kill()  # kill -9 leaves the lock file behind, but not the lock
+    first.wait()
+    third = run_train(workdir, *args)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "Resuming from" in third.stdout
+
+
+def test_a_finished_run_started_again_changes_nothing(workdir):
+    out = workdir / "finished"
+    args = [*FAST, "--max-steps", "6", "--save-steps", "3", "--output-dir", str(out)]
+    assert run_train(workdir, *args).returncode == 0
+    metrics = (out / "metrics.json").read_text()
+    again = run_train(workdir, *args)
+    assert again.returncode == 0 and "already holds this finished run (step 6); nothing to do" in again.stdout
+    assert (out / "metrics.json").read_text() == metrics and not (out / "checkpoint-7").exists()
+    fresh = run_train(workdir, *args, "--no-resume")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "--no-resume: deleted the checkpoints and results of the earlier run" in fresh.stdout
+    assert load_json(out / "metrics.json")["global_step"] == 6
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt"])
+def test_a_damaged_checkpoint_is_skipped_with_a_warning(workdir, damaged):
+    out = workdir / f"damaged-{damaged}"
+    args = [*FAST, "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "5", "--output-dir", str(out)]
+    assert run_train(workdir, *args).returncode == 0
+    os.remove(out / "metrics.json")  # as if the run had stopped after checkpoint-4
+    shutil.rmtree(out / "checkpoint-6")
+    path = out / "checkpoint-4" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy or a save cut short
+    warnings = []
+    assert rundir.find_checkpoint(str(out), warnings.append) == str(out / "checkpoint-2")
+    assert warnings == [f"warning: skipping {out / 'checkpoint-4'}: {damaged} is damaged (truncated?); "
+                        "using an older checkpoint"]
+    result = run_train(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert warnings[0] in result.stdout and f"Resuming from {out / 'checkpoint-2'}" in result.stdout
+    assert load_json(out / "metrics.json")["global_step"] == 6
+
+
+def test_a_resumed_run_reports_as_one_run(workdir):
+    """Interrupted and resumed, or not: the same tokens, loss, and steps in metrics.json."""
+    args = [*FAST, "--max-steps", "40", "--save-steps", "5"]
+    whole = run_train(workdir, *args, "--output-dir", str(workdir / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = workdir / "pieces"
+    proc = start_train(workdir, *args, "--output-dir", str(out))
+    wait_for(out / "checkpoint-10" / "trainer_state.json", proc)
+    proc.kill()
+    proc.wait()
+    resumed = run_train(workdir, *args, "--output-dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "missing keys" not in resumed.stdout + resumed.stderr  # the tied lm_head is no cause for alarm
+    one, two = load_json(workdir / "whole" / "metrics.json"), load_json(out / "metrics.json")
+    assert two["train_real_tokens"] == one["train_real_tokens"] and two["global_step"] == one["global_step"] == 40
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
+    assert two["train_runtime_s"] > 0 and two["train_tokens_per_second"] > 0
+
+
+def test_changed_learning_rate_settings_are_refused_on_resume(workdir):
+    out = workdir / "schedule"
+    assert run_train(workdir, *FAST, "--max-steps", "2", "--output-dir", str(out)).returncode == 0
+    os.remove(out / "metrics.json")
+    result = run_train(workdir, *FAST, "--max-steps", "2", "--lr-scheduler", "constant", "--warmup-ratio", "0.5",
+                       "--output-dir", str(out))
+    assert result.returncode == 2 and "holds a different run" in result.stderr
+    assert "lr_scheduler: 'cosine' there, 'constant' now" in result.stderr and "warmup_ratio" in result.stderr
+    assert load_json(out / "run_config.json")["lr_scheduler"] == "cosine"  # still the truth
+
+
+def test_a_nan_loss_stops_the_run_before_it_spreads(tmp_path):
+    """At the first NaN: stop with the step, lr and precision; no NaN weights saved; older checkpoints stay."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    import runner
+    from collate import SFTCollator
+    from test_speed import examples, tiny_gpt2
+    from trainer import InstructTrainer, NonFiniteLoss
+
+    model = tiny_gpt2()
+    calls = []
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):  # the fifth micro-batch's loss overflows
+        out = forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5 and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=8, save_steps=2,
+                             save_strategy="steps", report_to="none", use_cpu=True, remove_unused_columns=False,
+                             learning_rate=1e-3, logging_steps=1)
+    trainer = InstructTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples(16)),
+                              data_collator=SFTCollator(0, "rows"))
+    with pytest.raises(NonFiniteLoss, match=r"became nan at step 5 \(learning rate .*, precision fp32\)"):
+        trainer.train()
+    assert [os.path.basename(c) for c in rundir.checkpoints(str(tmp_path))] == ["checkpoint-4", "checkpoint-2"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(rundir.RunStop, match=r"try a lower --lr.*The last good checkpoint is .*checkpoint-4"):
+        with runner.guarded(str(tmp_path), True):
+            raise NonFiniteLoss("the training loss became nan at step 5 (...); try a lower --lr")
+
+
+def test_empty_fields_are_named(tmp_path):
+    import datasetup
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "  ", "output": "x"}]))
+    with pytest.raises(datasetup.DataError, match=r"1 empty: record 0: empty 'instruction'\)"):
+        datasetup.load_records(str(path))
+
+
+def test_only_the_first_process_prints_the_stop_message(capsys, monkeypatch):
+    import cli
+
+    for rank, printed in (("1", ""), ("0", "error: Interrupted\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            cli.fail("Interrupted", 130)
+        assert capsys.readouterr().err == printed
+
+
+def test_generation_and_evaluation_never_import_training_code():
+    for name in ("inference.py", "evaluation.py", "rundir.py", "datasetup.py", "templates.py", "datacache.py"):
+        source = (ROOT / name).read_text()
+        assert not re.search(r"^\s*(from|import)\s+(train|trainer|runner)\b", source, re.M), name
+
+
+def test_a_full_disk_is_recognised_however_it_is_worded(tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    assert rundir.disk_full(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
+    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")  # safetensors
+    assert rundir.disk_full(wrapped, str(tmp_path))
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 325696 vs 325584")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(60 * 2**20, 60 * 2**20, 0))
+    assert rundir.disk_full(torch_save, str(tmp_path))  # what a 60 MB tmpfs gave, once full
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**30, 2**39))
+    assert not rundir.disk_full(torch_save, str(tmp_path)) and not rundir.disk_full(ValueError("x"), str(tmp_path))
