@@ -1,8 +1,10 @@
 """Reading Alpaca-style records from a Hub dataset id or a local .json/.jsonl file, with errors that
-name the file, the record (and line) and the field. Used through datasetup.load_records."""
+name the file, the record (and line) and the field. Used through datasetup.load_records; preferences.py
+reads preference pairs through read_raw, which also takes .jsonl.gz."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -22,11 +24,12 @@ def is_placeholder_input(text: str) -> bool:
 
 
 def _is_local(source: str) -> bool:
-    return os.path.exists(source) or source.endswith((".json", ".jsonl")) or source.startswith((".", "/", "~"))
+    return (os.path.exists(source) or source.endswith((".json", ".jsonl", ".jsonl.gz"))
+            or source.startswith((".", "/", "~")))
 
 
 def read_raw(source: str) -> list[tuple[str, object]]:
-    """[(location, record)] from a local .json/.jsonl file or a Hub dataset id."""
+    """[(location, record)] from a local .json/.jsonl/.jsonl.gz file or a Hub dataset id."""
     if not _is_local(source):
         return _read_hub(source)
     path = os.path.expanduser(source)
@@ -34,9 +37,12 @@ def read_raw(source: str) -> list[tuple[str, object]]:
         raise DataError(f"{source}: file not found")
     if os.path.isdir(path):
         raise DataError(f"{source}: is a directory; expected a .json or .jsonl file of records")
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if path.endswith(".jsonl"):
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, EOFError) as err:  # a damaged or cut-short .gz
+        raise DataError(f"{source}: could not be read ({type(err).__name__}: {err})") from None
+    if path.endswith((".jsonl", ".jsonl.gz")):
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -45,7 +51,7 @@ def read_raw(source: str) -> list[tuple[str, object]]:
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as err:
-                rows.append((where, _Malformed(f"malformed JSON: {err.msg} at column {err.colno}")))
+                rows.append((where, MalformedRow(f"malformed JSON: {err.msg} at column {err.colno}")))
         return rows
     try:
         data = json.loads(text)
@@ -64,18 +70,18 @@ def _read_hub(name: str) -> list[tuple[str, object]]:
     except Exception as err:  # network, auth, unknown id: all end the same way for the user
         raise DataError(
             f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Offline? Pass a local .json or .jsonl file with --dataset."
+            "Offline? Pass a local .json, .jsonl or .jsonl.gz file with --dataset."
         ) from None
     return [(f"{name}: record {i}", record) for i, record in enumerate(data)]
 
 
-class _Malformed(str):
+class MalformedRow(str):
     """A JSONL line that did not parse; carries its error message."""
 
 
 def _problem(record: object) -> str | None:
     """Why a record is invalid, or None."""
-    if isinstance(record, _Malformed):
+    if isinstance(record, MalformedRow):
         return str(record)
     if not isinstance(record, dict):
         return f"is a {type(record).__name__}, not an object"
