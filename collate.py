@@ -88,3 +88,35 @@ class SFTCollator:
             # Trailing padding forms its own segment, so no real token ever attends to it.
             positions[row, start:] = torch.arange(width - start)
         return {"input_ids": input_ids, "labels": out_labels, "position_ids": positions}
+
+
+def packed_loss_matches(model, examples: list[dict], pad_id: int) -> tuple[bool, float, float]:
+    """(same, padded loss, packed loss): does `model` keep packed examples apart?
+
+    The per-token response losses of `examples` laid out one per row (with an attention mask) are
+    compared with those of the same examples packed into one row without a mask, position ids
+    restarting at each. Models that build the block mask from position_ids (GPT-2, Llama, Qwen2, ...)
+    agree; OPT, BLOOM and MPT let packed examples attend to each other.
+    """
+    import torch.nn.functional as F
+
+    def token_losses(batch):  # sorted, since packing reorders the examples
+        labels = batch.pop("labels")[:, 1:].reshape(-1)
+        batch.pop("num_real_tokens", None)
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
+        return losses[labels != -100].sort().values
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = token_losses(SFTCollator(pad_id, "none")(examples))
+            try:
+                packed = token_losses(SFTCollator(pad_id, "flat")(examples))
+            except Exception:  # e.g. a forward without position_ids
+                return False, padded.mean().item(), float("nan")
+    finally:
+        model.train(was_training)
+    same = packed.shape == padded.shape and bool(torch.allclose(padded, packed, rtol=1e-5, atol=1e-5))
+    return same, padded.mean().item(), packed.mean().item()

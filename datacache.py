@@ -48,7 +48,9 @@ def save(dsd, path, tokenizer, template, max_length, train_on_prompt, held_out=N
     tmp = path + f".tmp{os.getpid()}"  # write then rename: an interrupted save never looks complete
     dsd.save_to_disk(tmp)
     with open(os.path.join(tmp, "sft_meta.json"), "w") as handle:
-        json.dump(_meta(tokenizer, template, max_length, train_on_prompt), handle)
+        # val_size: the split's real size, for train.py's run_config (the fraction asked for is not it)
+        json.dump({**_meta(tokenizer, template, max_length, train_on_prompt),
+                   "val_size": len(dsd["validation"])}, handle)
     if held_out is not None:
         rundir.write_records(os.path.join(tmp, rundir.HELD_OUT_FILE), held_out)
     if os.path.exists(path):
@@ -59,7 +61,7 @@ def save(dsd, path, tokenizer, template, max_length, train_on_prompt, held_out=N
 
 
 def saved_settings(path: str) -> dict:
-    """The template, max_length and train_on_prompt a --save dir was tokenized with."""
+    """The template, max_length, train_on_prompt and validation size a --save dir was made with."""
     with open(os.path.join(path, "sft_meta.json")) as handle:
         return json.load(handle)
 
@@ -69,6 +71,9 @@ def load_saved(path, tokenizer, template, max_length, train_on_prompt):
     import datasets
 
     meta = saved_settings(path)
+    if meta.get("cache_version") != CACHE_VERSION:
+        raise DataError(f"{path}: was made by an older version of datasetup.py; make it again with "
+                        f"datasetup.py --save {path}")
     asked = _meta(tokenizer, template, max_length, train_on_prompt)
     diffs = [f"{k}: saved {meta.get(k)!r}, asked {v!r}" for k, v in asked.items() if meta.get(k) != v]
     if diffs:

@@ -86,7 +86,7 @@ def resolve_precision(precision: str, device) -> tuple[str, str]:
     return precision, "set explicitly"
 
 
-def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model"):
+def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model", smoke_hint: bool = False):
     """The model's fast tokenizer; pad = EOS when it has no pad token (the collator masks padding by position)."""
     from transformers import AutoTokenizer
 
@@ -95,7 +95,8 @@ def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as err:
         raise ModelError(f"could not load the tokenizer of {name_or_path!r} ({type(err).__name__}: {err}). "
-                         f"Offline? Pass a local directory with {flag}, or try --smoke.") from None
+                         f"Offline? Pass a local directory with {flag}{', or try --smoke' if smoke_hint else ''}."
+                         ) from None
     return ready_tokenizer(tokenizer, name_or_path)
 
 
@@ -179,11 +180,23 @@ def enable_response_only_logits(model, check_batch: dict) -> bool:
     original = type(model)
     if isinstance(model, _ResponseOnlyLogits):
         return True
+    if transforms_logits(model.config):  # known from the config, even where random weights would hide it
+        return False
     model.__class__ = _response_only_class(original)  # a class, not an instance attribute: replicas follow it
     if not _same_loss(model, original.forward, check_batch):
         model.__class__ = original
         return False
     return True
+
+
+# Config settings that change the logits after the output layer, with the value that leaves them alone.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0,
+                    "lm_head_multiplier": 1.0, "output_logits_multiplier": 1.0}
+
+
+def transforms_logits(config) -> bool:
+    """Does the config say the model scales or soft-caps its logits (Gemma 2, Granite, Cohere, Falcon-H1)?"""
+    return any(getattr(config, name, neutral) not in (neutral, None, 0) for name, neutral in LOGIT_TRANSFORMS.items())
 
 
 def _same_loss(model, own_forward, batch: dict) -> bool:
@@ -204,46 +217,13 @@ def _same_loss(model, own_forward, batch: dict) -> bool:
         return (len(ours) == 2 and ours[1].shape == own_logits.shape  # [0] is the head inside own_forward
                 and bool(torch.allclose(own_logits, ours[1].float(), rtol=1e-4, atol=1e-4))
                 and bool(torch.allclose(own.loss.float(), ours_loss.float(), rtol=1e-5, atol=1e-6)))
+    except torch.OutOfMemoryError:
+        raise
     except Exception:  # a family whose body does not take these inputs: keep its own forward
         return False
     finally:
         hook.remove()
         model.train(was_training)
-
-
-def packed_loss_matches(model, examples: list[dict], pad_id: int) -> tuple[bool, float, float]:
-    """(same, padded loss, packed loss): does `model` keep packed examples apart?
-
-    The per-token response losses of `examples` laid out one per row (with an attention mask) are
-    compared with those of the same examples packed into one row without a mask, position ids
-    restarting at each. Models that build the block mask from position_ids (GPT-2, Llama, Qwen2, ...)
-    agree; OPT, BLOOM and MPT let packed examples attend to each other.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from collate import SFTCollator
-
-    def token_losses(batch):  # sorted, since packing reorders the examples
-        labels = batch.pop("labels")[:, 1:].reshape(-1)
-        batch.pop("num_real_tokens", None)
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
-        return losses[labels != -100].sort().values
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            padded = token_losses(SFTCollator(pad_id, "none")(examples))
-            try:
-                packed = token_losses(SFTCollator(pad_id, "flat")(examples))
-            except Exception:  # e.g. a forward without position_ids
-                return False, padded.mean().item(), float("nan")
-    finally:
-        model.train(was_training)
-    same = packed.shape == padded.shape and bool(torch.allclose(padded, packed, rtol=1e-5, atol=1e-5))
-    return same, padded.mean().item(), packed.mean().item()
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

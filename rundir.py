@@ -8,6 +8,7 @@ that stop a run cleanly.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,8 +24,12 @@ METRICS_FILE = "metrics.json"  # written last: its presence marks a finished run
 TOTALS_FILE = "run_totals.json"  # in each checkpoint: loss sum, real tokens and runtime of the run so far
 LOCK_FILE = ".run.lock"  # held (flock) by the process that trains into the directory
 STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
-# Files of an earlier run that --no-resume deletes besides the checkpoints.
-RUN_OUTPUTS = ("eval_before.json", METRICS_FILE, "loss_curve.png")
+# A model's weights, as the Trainer saves them (whole, or as an adapter).
+WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"}
+# Files of an earlier run that --no-resume deletes besides the checkpoints: its results and final model,
+# so nothing stale sits beside the new run (tokenizer files are rewritten at the end of each run).
+RUN_OUTPUTS = ("eval_before.json", METRICS_FILE, "loss_curve.png", "config.json", "generation_config.json",
+               TEMPLATE_FILE, "adapter_config.json", "model.safetensors.index.json", *sorted(WEIGHT_FILES))
 
 
 class RunStop(UserError):
@@ -47,13 +52,22 @@ def write_json(path: str, data: dict) -> None:
 def read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def records_sha256(records: list[dict]) -> str:
+    """The sha256 of the JSON-lines file write_records makes of `records`."""
+    return hashlib.sha256(_jsonl(records).encode()).hexdigest()
 
 
 def write_records(path: str, records: list[dict]) -> str:
     """Write records as JSON lines, atomically; returns the file's sha256."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    text = _jsonl(records)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -95,6 +109,9 @@ def damaged_file(checkpoint: str) -> str | None:
     """
     if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
         return STATE_FILE
+    missing = _missing_file(checkpoint)
+    if missing:
+        return missing
     for name in sorted(os.listdir(checkpoint)):
         path = os.path.join(checkpoint, name)
         try:
@@ -109,11 +126,28 @@ def damaged_file(checkpoint: str) -> str | None:
                 with zipfile.ZipFile(path) as archive:
                     archive.infolist()
             elif name.endswith(".json"):
-                with open(path) as handle:
+                with open(path, encoding="utf-8") as handle:
                     json.load(handle)
         except (OSError, ValueError, zipfile.BadZipFile):
             return name
     return None
+
+
+def _missing_file(checkpoint: str) -> str | None:
+    """A file resume needs that is not there: the weights (every shard of an index), the optimizer and
+    scheduler (without them the Trainer would quietly start both afresh)."""
+    names = set(os.listdir(checkpoint))
+    index = next((n for n in names if n.endswith(".safetensors.index.json")), None)
+    if index:
+        try:
+            with open(os.path.join(checkpoint, index), encoding="utf-8") as handle:
+                shards = set(json.load(handle)["weight_map"].values())
+        except (OSError, ValueError, KeyError):
+            return index
+        return next((shard for shard in sorted(shards) if shard not in names), None)
+    if not names & WEIGHT_FILES:
+        return "model.safetensors"
+    return next((name for name in ("optimizer.pt", "scheduler.pt") if name not in names), None)
 
 
 def find_checkpoint(output_dir: str, warn=None) -> str | None:
@@ -124,7 +158,8 @@ def find_checkpoint(output_dir: str, warn=None) -> str | None:
         if bad is None:
             return checkpoint
         if warn and bad != STATE_FILE:  # a save cut short by a kill is routine, a damaged file is not
-            warn(f"warning: skipping {checkpoint}: {bad} is damaged (truncated?); using an older checkpoint")
+            state = "missing" if not os.path.exists(os.path.join(checkpoint, bad)) else "damaged (truncated?)"
+            warn(f"warning: skipping {checkpoint}: {bad} is {state}; using an older checkpoint")
     return None
 
 
@@ -166,7 +201,9 @@ def clear_run(output_dir: str) -> list[str]:
     removed = checkpoints(output_dir)
     for checkpoint in removed:
         shutil.rmtree(checkpoint)
-    for name in RUN_OUTPUTS:
+    shards = [n for n in os.listdir(output_dir) if n.startswith("model-") and n.endswith(".safetensors")] \
+        if os.path.isdir(output_dir) else []
+    for name in (*RUN_OUTPUTS, *shards):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             os.remove(path)
@@ -188,7 +225,11 @@ def lock(output_dir: str):
     handle = open(os.path.join(output_dir, LOCK_FILE), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):  # e.g. ENOLCK: no locks on NFS
+            print(f"warning: {output_dir}/ can't be locked ({error.strerror}); two runs into it would not be "
+                  "noticed")
+            return handle
         handle.seek(0)
         other = handle.read().strip() or "unknown"
         handle.close()
@@ -201,11 +242,15 @@ def lock(output_dir: str):
     return handle
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, stopping the process like Ctrl-C (exit status 143 rather than 130)."""
+
+
 def sigterm_as_interrupt() -> None:
     """SIGTERM (Slurm, Kubernetes, spot preemption) stops the process like Ctrl-C does."""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     signal.signal(signal.SIGTERM, interrupt)
 
@@ -215,7 +260,8 @@ LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is put down to a ful
 
 def disk_full(error: BaseException, directory: str) -> bool:
     """Did `error` come from a full disk? An ENOSPC anywhere in its chain says so; torch.save only says
-    "iostream error" or "unexpected pos", so a failure while `directory`'s disk is (nearly) full counts too."""
+    "iostream error" or "unexpected pos", so such a failed write while `directory`'s disk is (nearly) full
+    counts too."""
     import errno
     import shutil
 
@@ -226,6 +272,8 @@ def disk_full(error: BaseException, directory: str) -> bool:
         if any(s in str(chain) for s in ("No space left on device", "StorageFull")):
             return True
         chain = chain.__cause__ or chain.__context__
+    if not any(s in str(error) for s in ("unexpected pos", "iostream error", "file write failed")):
+        return False  # not a failed write (a CUDA out-of-memory, say), however full the disk
     try:
         return shutil.disk_usage(directory).free < LOW_SPACE
     except OSError:

@@ -111,19 +111,26 @@ def use_saved_settings(args, explicit: set) -> None:
 
     if datacache.is_saved_dir(args.dataset):
         saved = datacache.saved_settings(args.dataset)
-        for name in ("template", "max_length", "train_on_prompt"):
+        for name in ("template", "max_length", "train_on_prompt", "val_size"):
             if name not in explicit and saved.get(name) is not None:
                 setattr(args, name, saved[name])
 
 
+def probe_examples(train, n: int = 4, among: int = 32) -> list[dict]:
+    """The start-up checks' examples: the n shortest of the first `among` training examples (real ones,
+    and cheap: the checks run the model in fp32 on the CPU)."""
+    first = [train[i] for i in range(min(among, len(train)))]
+    return sorted(first, key=lambda example: len(example["input_ids"]))[:n]
+
+
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
-    """`packing`, or "none" when this model lets packed examples attend to each other (BLOOM, MPT)."""
-    import model as model_lib
+    """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
     from cli import UserError
+    from collate import packed_loss_matches
 
     if packing == "none" or len(examples) < 2:
         return packing
-    same, padded, packed = model_lib.packed_loss_matches(model, examples, pad_id)
+    same, padded, packed = packed_loss_matches(model, examples, pad_id)
     if same:
         return packing
     why = (f"{type(model).__name__} lets packed examples attend to each other (loss of {len(examples)} "
@@ -181,7 +188,7 @@ def main(args, explicit: set) -> None:
         # Records first: a bad data file is reported before any model download.
         loaded = None if datacache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
                                                                                           args.skip_invalid)
-        tokenizer = model_lib.load_tokenizer(args.model)
+        tokenizer = model_lib.load_tokenizer(args.model, smoke_hint=True)
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                                   args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
                                                   loaded)
@@ -192,19 +199,21 @@ def main(args, explicit: set) -> None:
     model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
     # Checked on a few real training examples: packing keeps them apart, and response-only logits give the
     # model's own loss; otherwise the plain path is used.
-    probe = [data["train"][i] for i in range(min(4, len(data["train"])))]
+    probe = probe_examples(data["train"])
     packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
-    attn = attn if packing == "flat" else None
-    if attn:
-        model.set_attn_implementation(attn)
     sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
+    if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't
+        model.set_attn_implementation(attn)
     say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, response_only_logits=sparse)
+    if report.get("held_out") is not None:
+        config["held_out_sha256"] = rundir.records_sha256(report["held_out"])
+        if checkpoint:  # a Hub dataset that changed since the run began would silently change its split
+            rundir.check_same_run(args.output_dir, config, ("held_out_sha256",))
     if main_process:
         if report.get("held_out") is not None:
-            config["held_out_sha256"] = rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE),
-                                                             report["held_out"])
+            rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE), report["held_out"])
         rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
 
     stopper = StopOnSignal(announce=main_process)
@@ -258,5 +267,6 @@ if __name__ == "__main__":
         main(parsed, given)
     except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
         cli.fail(str(error), getattr(error, "code", 2))
-    except KeyboardInterrupt:
-        cli.fail("interrupted; run the same command to continue from the newest checkpoint", 130)
+    except KeyboardInterrupt as stop:  # before training started (during it, a checkpoint is saved first)
+        cli.fail("interrupted; run the same command to continue from the newest checkpoint",
+                 143 if isinstance(stop, rundir.Terminated) else 130)

@@ -57,20 +57,16 @@ class InstructTrainer(Trainer):
         self.checkpoint_files = checkpoint_files
         self._session = {"loss_sum": 0.0, "real_tokens": 0}  # this process, this session
         self.prior = {"loss_sum": 0.0, "real_tokens": 0, "runtime_s": 0.0}  # the run before this session
-        self._eval_sums = torch.zeros(2, dtype=torch.float64)  # summed loss, loss tokens
-        self._started = time.perf_counter()
-        self.add_callback(_GradientGuard(self))
+        self._step_loss = None  # this optimizer step's loss so far, a tensor: checked once per step, no sync before
+        self._started, self._train_seconds = time.perf_counter(), None
+        self.add_callback(_NonFiniteGuard(self))
 
     # ---------------------------------------------------------------- training
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._session["real_tokens"] += int(inputs.pop("num_real_tokens", 0))
         loss = super().training_step(model, inputs, num_items_in_batch)
-        value = float(loss)
-        # One process: stop here. Under DDP a lone rank must not leave the others waiting in a collective;
-        # its NaN reaches every rank through the gradient all-reduce, and _GradientGuard stops them together.
-        if not math.isfinite(value) and self.args.world_size == 1:
-            raise self.non_finite("loss", value)
-        self._session["loss_sum"] += value
+        step_loss = loss.detach().float()
+        self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
         return loss
 
     def non_finite(self, what: str, value: float) -> NonFiniteLoss:
@@ -82,20 +78,23 @@ class InstructTrainer(Trainer):
                              "(with --no-resume, or from the last good checkpoint with the same settings)")
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        self._started = time.perf_counter()
+        self._started, self._train_seconds = time.perf_counter(), None
         if resume_from_checkpoint:
             saved = rundir.read_json(os.path.join(resume_from_checkpoint, rundir.TOTALS_FILE))
             self.prior.update(saved or {})
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._train_seconds = time.perf_counter() - self._started  # the final evaluation and save don't count
+        return result
 
     def run_totals(self) -> dict:
         """The whole run so far: loss sum (mean over processes), real tokens (summed), runtime. A collective."""
-        here = torch.tensor([self._session["loss_sum"], self._session["real_tokens"]], dtype=torch.float64,
+        here = torch.tensor([float(self._session["loss_sum"]), self._session["real_tokens"]], dtype=torch.float64,
                             device=self.args.device)
         loss_sum = float(self.accelerator.reduce(here[:1].clone(), reduction="mean").item())
         tokens = int(self.accelerator.reduce(here[1:].clone(), reduction="sum").item())
+        seconds = self._train_seconds if self._train_seconds is not None else time.perf_counter() - self._started
         return {"loss_sum": self.prior["loss_sum"] + loss_sum, "real_tokens": self.prior["real_tokens"] + tokens,
-                "runtime_s": self.prior["runtime_s"] + time.perf_counter() - self._started}
+                "runtime_s": self.prior["runtime_s"] + seconds}
 
     def _save_checkpoint(self, model, trial):
         totals = self.run_totals()  # every process gets here, as a collective needs
@@ -108,23 +107,31 @@ class InstructTrainer(Trainer):
         super()._save_checkpoint(model, trial)  # trainer_state.json last: a checkpoint is complete with it
 
     # ---------------------------------------------------------------- evaluation
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop("num_real_tokens", None)
-        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        if loss is not None and "labels" in inputs:
-            n = int((inputs["labels"][:, 1:] != -100).sum())  # the batch loss is the mean over these tokens
-            self._eval_sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
-        return loss, logits, labels
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
+        """The mean loss over every response token of the validation split, at any batch size and number of
+        processes: each process takes every world_size-th example (none twice, unlike a padded sampler),
+        and the summed losses and token counts are added up once at the end."""
+        from torch.utils.data import DataLoader
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):
-        self._eval_sums.zero_()
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        sums = self.accelerator.reduce(self._eval_sums.to(self.args.device), reduction="sum").cpu()
-        if sums[1] > 0:  # Trainer.evaluate logs the metrics after this, so the log has the per-token mean too
-            output.metrics[f"{metric_key_prefix}_loss"] = float(sums[0] / sums[1])
-        return output
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        shard = dataset.select(range(self.args.process_index, len(dataset), self.args.world_size))
+        batches = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        started, was_training = time.perf_counter(), self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in batches:
+                batch.pop("num_real_tokens", None)
+                batch = self._prepare_inputs(batch)
+                n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
+                sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
+        self.model.train(was_training)
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def peak_memory_mb(self) -> float:
         if self.args.device.type == "cuda":
@@ -135,21 +142,28 @@ class InstructTrainer(Trainer):
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-class _GradientGuard(TrainerCallback):
-    """Before each optimizer step: a NaN or inf gradient stops the run (fp16 excepted: its loss scaler skips
-    such steps on purpose). Gradients are already all-reduced, so every process decides alike."""
+class _NonFiniteGuard(TrainerCallback):
+    """Before each optimizer step, a NaN or inf loss (or, except under fp16, whose loss scaler skips such
+    steps on purpose, gradient norm) stops the run: nothing of that step reaches the weights. One check
+    a step, taken by every process together, so none is left waiting in a collective."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16 or model is None:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads:
-            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
-            if not math.isfinite(norm):
-                raise self.trainer.non_finite("gradient norm", norm)
+        trainer = self.trainer
+        loss = trainer._step_loss if trainer._step_loss is not None else torch.zeros((), device=args.device)
+        trainer._step_loss = None
+        grads = [] if args.fp16 or model is None else [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else loss * 0
+        values = torch.stack([loss.to(norm.device), norm])
+        bad = (~torch.isfinite(values)).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.any():  # the one sync of the step
+            what, index = ("loss", 0) if bad[0] else ("gradient norm", 1)
+            raise trainer.non_finite(what, float(values[index]) if not math.isfinite(values[index]) else math.nan)
+        trainer._session["loss_sum"] += loss  # a tensor: read when the totals are needed
 
 
 class StopOnSignal(TrainerCallback):

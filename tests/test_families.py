@@ -10,7 +10,7 @@ import datasetup as ds
 import families
 import model as model_lib
 import train
-from collate import SFTCollator
+from collate import SFTCollator, packed_loss_matches
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
@@ -49,7 +49,7 @@ def test_template_tokens_begin_with_the_right_bos(family, tmp_path):
 def test_packing_is_kept_apart_or_refused(family):
     lm, tok, _ = build(family)
     exs = examples(tok)
-    same, padded, packed = model_lib.packed_loss_matches(lm, exs, tok.pad_token_id)
+    same, padded, packed = packed_loss_matches(lm, exs, tok.pad_token_id)
     assert same == PACKING_KEEPS_APART[family], (padded, packed)
     notes = []
     chosen = train.choose_packing(lm, exs, "rows", False, tok.pad_token_id, notes.append)
@@ -81,3 +81,22 @@ def test_response_only_logits_give_the_models_own_loss_and_gradients(family):
         sparse.get_output_embeddings().register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
         sparse(**batch)
         assert shapes[0][0] == int((batch["labels"][:, 1:] != -100).sum())  # only the positions with a label
+
+
+def test_configs_that_transform_logits_are_known_without_a_forward():
+    """Soft-capping at 30 changes random-weight logits too little to see, so the config decides first."""
+    from transformers import GPT2Config, Gemma2Config, GraniteConfig
+
+    assert model_lib.transforms_logits(Gemma2Config(final_logit_softcapping=30.0))
+    assert not model_lib.transforms_logits(Gemma2Config(final_logit_softcapping=None))
+    assert model_lib.transforms_logits(GraniteConfig(logits_scaling=8.0))
+    assert not model_lib.transforms_logits(GraniteConfig(logits_scaling=1.0))
+    assert not model_lib.transforms_logits(GPT2Config())
+
+
+@pytest.mark.parametrize("family", [f for f, same in OWN_LOSS_REPRODUCED.items() if not same])
+def test_the_forward_check_alone_catches_transformed_logits(family, monkeypatch):
+    monkeypatch.setattr(model_lib, "LOGIT_TRANSFORMS", {})  # as for a family whose config says nothing
+    lm, tok, _ = build(family)
+    batch = SFTCollator(tok.pad_token_id, "none")(examples(tok))
+    assert not model_lib.enable_response_only_logits(lm, batch)

@@ -99,18 +99,22 @@ def test_a_finished_run_started_again_changes_nothing(workdir):
     assert load_json(out / "metrics.json")["global_step"] == 6
 
 
-@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.pt"])
-def test_a_damaged_checkpoint_is_skipped_with_a_warning(workdir, damaged):
+@pytest.mark.parametrize("damaged,state", [("model.safetensors", "damaged (truncated?)"),
+                                           ("optimizer.pt", "damaged (truncated?)"), ("scheduler.pt", "missing")])
+def test_a_damaged_checkpoint_is_skipped_with_a_warning(workdir, damaged, state):
     out = workdir / f"damaged-{damaged}"
     args = [*FAST, "--max-steps", "6", "--save-steps", "2", "--save-total-limit", "5", "--output-dir", str(out)]
     assert run_train(workdir, *args).returncode == 0
     os.remove(out / "metrics.json")  # as if the run had stopped after checkpoint-4
     shutil.rmtree(out / "checkpoint-6")
     path = out / "checkpoint-4" / damaged
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy or a save cut short
+    if state == "missing":  # the Trainer would quietly start a fresh scheduler without it
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a copy or a save cut short
     warnings = []
     assert rundir.find_checkpoint(str(out), warnings.append) == str(out / "checkpoint-2")
-    assert warnings == [f"warning: skipping {out / 'checkpoint-4'}: {damaged} is damaged (truncated?); "
+    assert warnings == [f"warning: skipping {out / 'checkpoint-4'}: {damaged} is {state}; "
                         "using an older checkpoint"]
     result = run_train(workdir, *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -223,3 +227,32 @@ def test_a_full_disk_is_recognised_however_it_is_worded(tmp_path, monkeypatch):
     assert rundir.disk_full(torch_save, str(tmp_path))  # what a 60 MB tmpfs gave, once full
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**30, 2**39))
     assert not rundir.disk_full(torch_save, str(tmp_path)) and not rundir.disk_full(ValueError("x"), str(tmp_path))
+
+
+def test_no_resume_clears_the_earlier_runs_results_and_model_only(tmp_path):
+    for name in ("model.safetensors", "config.json", "metrics.json", "eval_before.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoint-3").mkdir()
+    rundir.clear_run(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing stale, nothing of the user's
+
+
+def test_a_filesystem_without_locks_warns_instead_of_refusing(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert rundir.lock(str(tmp_path)) is not None
+    assert "can't be locked (No locks available)" in capsys.readouterr().out
+
+
+def test_a_save_dir_from_an_older_version_says_so(tmp_path, tiny_tokenizer):
+    import datacache
+
+    (tmp_path / "dataset_dict.json").write_text("{}")
+    (tmp_path / "sft_meta.json").write_text(json.dumps({"template": "seed", "max_length": 64}))
+    with pytest.raises(rundir.UserError, match="made by an older version of datasetup.py; make it again"):
+        datacache.load_saved(str(tmp_path), tiny_tokenizer, "seed", 64, False)

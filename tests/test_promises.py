@@ -132,6 +132,11 @@ def test_resume_hint_names_the_runs_own_command(tmp_path):
     run = tmp_path / "custom-out"
     (run / "checkpoint-3").mkdir(parents=True)
     (run / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(run / "checkpoint-3" / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        torch.save({}, run / "checkpoint-3" / name)
     with pytest.raises(UserError, match=r"--output-dir .*custom-out`, or pass --finetuned .*checkpoint-3"):
         inference.require_finetuned(str(run))
     (run / "run_config.json").write_text(json.dumps({"command": "python train.py --smoke --output-dir custom-out"}))

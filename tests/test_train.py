@@ -158,6 +158,11 @@ def test_torchrun_two_cpu_processes(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = load_json(out / "metrics.json")
     assert metrics["world_size"] == 2 and metrics["global_step"] == 4
+    single = run_train(workdir, *FAST, "--max-steps", "1", "--output-dir", str(workdir / "ddp-single"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    # The per-token validation loss, whatever the number of processes (no example counted twice).
+    assert metrics["eval_loss_before"] == pytest.approx(load_json(workdir / "ddp-single" / "metrics.json")
+                                                        ["eval_loss_before"], abs=1e-4)
     assert (out / "checkpoint-4" / "trainer_state.json").exists()
 
 
