@@ -59,6 +59,7 @@ class InstructTrainer(Trainer):
         self.prior = {"loss_sum": 0.0, "real_tokens": 0, "runtime_s": 0.0}  # the run before this session
         self._step_loss = None  # this optimizer step's loss so far, a tensor: checked once per step, no sync before
         self._started, self._train_seconds = time.perf_counter(), None
+        self._grad_norm = None  # this step's gradient norm, from the Trainer's clipping
         self.add_callback(_NonFiniteGuard(self))
 
     # ---------------------------------------------------------------- training
@@ -68,6 +69,10 @@ class InstructTrainer(Trainer):
         step_loss = loss.detach().float()
         self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
         return loss
+
+    def _clip_grad_norm(self, model):
+        self._grad_norm = super()._clip_grad_norm(model)  # kept for the NaN guard, which needs no second pass
+        return self._grad_norm
 
     def non_finite(self, what: str, value: float) -> NonFiniteLoss:
         step, lr = self.state.global_step + 1, self._get_learning_rate()
@@ -154,9 +159,12 @@ class _NonFiniteGuard(TrainerCallback):
         trainer = self.trainer
         loss = trainer._step_loss if trainer._step_loss is not None else torch.zeros((), device=args.device)
         trainer._step_loss = None
-        grads = [] if args.fp16 or model is None else [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else loss * 0
-        values = torch.stack([loss.to(norm.device), norm])
+        norm, trainer._grad_norm = trainer._grad_norm, None
+        if args.fp16 or norm is None:  # fp16: inf gradients are the loss scaler's business
+            grads = [] if args.fp16 or model is None else [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else loss * 0
+        norm = torch.as_tensor(norm, dtype=torch.float32, device=loss.device)
+        values = torch.stack([loss, norm])
         bad = (~torch.isfinite(values)).float()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
