@@ -81,6 +81,5 @@ def load_saved(path, tokenizer, template, max_length, train_on_prompt):
     report = {"from_cache": True, "saved_dir": path}
     held_out = os.path.join(path, rundir.HELD_OUT_FILE)
     if os.path.isfile(held_out):
-        with open(held_out, encoding="utf-8") as handle:
-            report["held_out"] = [json.loads(line) for line in handle if line.strip()]
+        report["held_out"] = rundir.read_records(held_out)
     return datasets.load_from_disk(path), report

@@ -8,8 +8,6 @@ Prints what was read, dropped and truncated, token-length percentiles and two fo
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import time
@@ -139,11 +137,10 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
     source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size.
     """
     path = rundir.run_file(run_dir, rundir.RUN_CONFIG_FILE)
-    if not os.path.isfile(path):
+    config = rundir.read_json(path)
+    if config is None:
         raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
                         "(or pass --finetuned DIR)")
-    with open(path) as handle:
-        config = json.load(handle)
     if dataset:
         records, _ = load_records(dataset, config.get("skip_invalid", False))
         return split_records(records, config["val_size"], config["seed"])[1], config
@@ -151,11 +148,10 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
     if not os.path.isfile(held_out):
         raise DataError(f"{held_out} not found: this run kept no held-out records; pass --dataset FILE to "
                         "rebuild its split from the data")
-    with open(held_out, "rb") as handle:
-        text = handle.read()
-    if config.get("held_out_sha256", hashlib.sha256(text).hexdigest()) != hashlib.sha256(text).hexdigest():
+    records = rundir.read_records(held_out)
+    if config.get("held_out_sha256") not in (None, rundir.records_sha256(records)):
         raise DataError(f"{held_out} was changed after training (its hash differs from {path})")
-    return [json.loads(line) for line in text.decode("utf-8").splitlines() if line.strip()], config
+    return records, config
 
 
 # ---------------------------------------------------------------- summary

@@ -65,15 +65,19 @@ def records_sha256(records: list[dict]) -> str:
     return hashlib.sha256(_jsonl(records).encode()).hexdigest()
 
 
-def write_records(path: str, records: list[dict]) -> str:
-    """Write records as JSON lines, atomically; returns the file's sha256."""
-    text = _jsonl(records)
+def write_records(path: str, records: list[dict]) -> None:
+    """Write records as JSON lines, atomically."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
+        handle.write(_jsonl(records))
     os.replace(tmp, path)
-    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a JSON-lines file written by write_records."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def run_file(run_dir: str, name: str) -> str:
@@ -144,8 +148,10 @@ def _missing_file(checkpoint: str) -> str | None:
                 shards = set(json.load(handle)["weight_map"].values())
         except (OSError, ValueError, KeyError):
             return index
-        return next((shard for shard in sorted(shards) if shard not in names), None)
-    if not names & WEIGHT_FILES:
+        missing_shard = next((shard for shard in sorted(shards) if shard not in names), None)
+        if missing_shard:
+            return missing_shard
+    elif not names & WEIGHT_FILES:
         return "model.safetensors"
     return next((name for name in ("optimizer.pt", "scheduler.pt") if name not in names), None)
 

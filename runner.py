@@ -3,9 +3,10 @@
     checkpoint = runner.open_output_dir(args.output_dir, config, IDENTITY, args.resume, training_args, say)
     before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)
     with runner.guarded(args.output_dir, main_process):
-        result = runner.train(trainer, stopper, checkpoint, args.output_dir)
+        runner.train(trainer, stopper, checkpoint, args.output_dir)
         ...  # final evaluation and saving
-    metrics = runner.run_metrics(trainer)
+        metrics = runner.run_metrics(trainer)  # then the main process writes metrics.json, last
+    runner.finish(trainer)
 
 The output dir is locked for the run, a finished run is not run again, an interruption (Ctrl-C,
 SIGTERM) saves a checkpoint, and a full disk or a NaN loss end the run with one line that says

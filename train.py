@@ -106,7 +106,8 @@ def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | No
 
 
 def use_saved_settings(args, explicit: set) -> None:
-    """--dataset DIR from `datasetup.py --save`: its template, max length and prompt loss, unless given as flags."""
+    """--dataset DIR from `datasetup.py --save`: its template, max length, prompt loss and split size, unless
+    given as flags."""
     import datacache
 
     if datacache.is_saved_dir(args.dataset):

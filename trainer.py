@@ -160,9 +160,12 @@ class _NonFiniteGuard(TrainerCallback):
         loss = trainer._step_loss if trainer._step_loss is not None else torch.zeros((), device=args.device)
         trainer._step_loss = None
         norm, trainer._grad_norm = trainer._grad_norm, None
+        grads = [] if args.fp16 or norm is not None or model is None else [
+            p.grad for p in model.parameters() if p.grad is not None]  # no clipping (max_grad_norm 0): one pass
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
         if args.fp16 or norm is None:  # fp16: inf gradients are the loss scaler's business
-            grads = [] if args.fp16 or model is None else [p.grad for p in model.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else loss * 0
+            norm = 0.0
         norm = torch.as_tensor(norm, dtype=torch.float32, device=loss.device)
         values = torch.stack([loss, norm])
         bad = (~torch.isfinite(values)).float()
