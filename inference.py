@@ -15,6 +15,7 @@ import os
 import sys
 
 from cli import UserError
+from templates import load_template  # noqa: F401  (the saved template; tests and scripts use it from here)
 
 # ---- settings (each has a flag: MAX_NEW_TOKENS -> --max-new-tokens) ----
 BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
@@ -36,22 +37,6 @@ BATCH_SIZE = 16  # prompts generated together (left-padded) with --prompts-file;
 JSON = False  # print one JSON object per prompt instead of the side-by-side view
 DEVICE = "auto"  # auto|cuda|mps|cpu
 SMOKE = False  # use smoke-run/ from `python train.py --smoke` and its held-out prompts
-
-
-def load_template(model_dir: str, requested: str = "auto"):
-    """The template to format prompts with: the one saved with the fine-tuned model, unless overridden."""
-    from rundir import TEMPLATE_FILE
-    from templates import TEMPLATES, Template
-
-    if requested != "auto":
-        return TEMPLATES[requested]
-    path = os.path.join(model_dir, TEMPLATE_FILE)
-    if not os.path.isfile(path):
-        print(f"note: {path} not found; using the 'seed' template", file=sys.stderr)
-        return TEMPLATES["seed"]
-    with open(path) as handle:
-        saved = json.load(handle)
-    return Template(saved["with_input"], saved["no_input"])
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -25,6 +25,48 @@ from rundir import RunStop
 _locks = []  # lock files held for the life of the process
 
 
+def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | None]:
+    """(collator mode, attention implementation) for --packing on `device` at `precision`.
+
+    FlashAttention 2 needs flash_attn installed, a GPU of compute capability 8.0 or newer (Ampere+) and
+    bf16 or fp16; elsewhere "auto" means rows and an explicit "flat" runs through SDPA's block mask.
+    """
+    import importlib.util
+
+    from model import cuda_native_bf16
+
+    flash = (device.type == "cuda" and precision in ("bf16", "fp16") and cuda_native_bf16(device)
+             and importlib.util.find_spec("flash_attn") is not None)
+    if packing == "auto":
+        packing = "flat" if flash else "rows"
+    if packing == "flat" and not flash:
+        return packing, None  # correct through SDPA's block mask, but only fast with FlashAttention
+    return packing, "flash_attention_2" if packing == "flat" else None
+
+
+def probe_examples(train, n: int = 4, among: int = 32) -> list:
+    """The start-up checks' examples: the n shortest of the first `among` training examples (real ones,
+    and cheap: the checks run the model in fp32 on the CPU)."""
+    first = [train[i] for i in range(min(among, len(train)))]
+    return sorted(first, key=lambda example: len(example.get("input_ids") or example["chosen_ids"]))[:n]
+
+
+def choose_packing(model, packing: str, explicit: bool, say, what: str, n: int, matches) -> str:
+    """`packing`, or "none" when `matches()` (-> (same, padded value, packed value) of the model's `what`
+    on n real examples) shows that this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
+    if packing == "none" or n < 2:
+        return packing
+    same, padded, packed = matches()
+    if same:
+        return packing
+    why = (f"{type(model).__name__} lets packed examples attend to each other ({what} of {n} "
+           f"training examples: {padded:.4f} padded, {packed:.4f} packed)")
+    if explicit:
+        raise rundir.UserError(f"--packing {packing}: {why}; use --packing none")
+    say(f"note: {why}, so batches are padded instead (--packing none)")
+    return "none"
+
+
 def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], resume: bool, training_args,
                     say=print) -> str | None:
     """Lock the output dir and return the checkpoint to resume from (None: start fresh).
@@ -100,11 +142,13 @@ def train(trainer, stopper, checkpoint: str | None, output_dir: str):
 
 
 def run_metrics(trainer) -> dict:
-    """Loss, real tokens, runtime and tokens/s of the whole run, all sessions of it together. A collective."""
+    """Loss, real tokens (and the trainer's other counts), runtime and tokens/s of the whole run, all
+    sessions of it together. A collective."""
     totals = trainer.run_totals()
     steps = max(trainer.state.global_step, 1)
-    return {"train_loss": totals["loss_sum"] / steps, "train_real_tokens": totals["real_tokens"],
-            "train_runtime_s": totals["runtime_s"], "train_tokens_per_second": totals["real_tokens"] / totals["runtime_s"],
+    counts = {f"train_{name}": value for name, value in totals.items() if name not in ("loss_sum", "runtime_s")}
+    return {"train_loss": totals["loss_sum"] / steps, **counts, "train_runtime_s": totals["runtime_s"],
+            "train_tokens_per_second": totals["real_tokens"] / totals["runtime_s"],
             "global_step": trainer.state.global_step}
 
 

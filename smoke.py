@@ -4,6 +4,10 @@ Nothing here touches the network. `python train.py --smoke` writes the data, the
 random-weight base model under `smoke-run/`, fine-tunes it, and `python inference.py --smoke`
 shows that it learnt to follow the instructions. The tasks are checkable by exact match, so the
 tests can tell whether the loss mask, the EOS and the shared template really work.
+
+One task is left undecided on purpose: "Greet them." is answered politely ("Hello, cat dog!") or
+casually ("hey cat dog"), 50/50. The preference pairs of `python reward.py --smoke` prefer the polite
+style there, and elsewhere the correct answer over a wrong one, so the later steps have something to learn.
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ WORDS = ("apple banana cherry grape lemon mango melon peach pear plum kiwi lime 
 TRAIN_SETTINGS = {"epochs": 9.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                   "weight_decay": 0.0, "max_length": 128, "val_size": 200, "eval_steps": 200, "save_steps": 200,
                   "logging_steps": 25, "template": "seed", "precision": "fp32"}
+# Overrides applied to reward.py's settings by --smoke.
+REWARD_SETTINGS = {"epochs": 2.0, "batch_size": 32, "lr": 1e-3, "max_length": 128, "val_size": 200,
+                   "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"}
+N_PAIRS = 2000  # preference pairs in the smoke set
+GREETING = "Greet them."  # the undecided task: answered in either style in the SFT data
+STYLES = {"polite": "Hello, {names}!", "casual": "hey {names}"}  # the pairs prefer the first
 MODEL_CONFIG = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -37,9 +47,13 @@ def use_smoke_models(args, explicit: set) -> None:
 
 
 def make_example(rng: random.Random) -> dict:
-    """One random instruction in Alpaca record form; five tasks take an input, one does not."""
-    task = rng.randrange(6)
+    """One random instruction in Alpaca record form; six tasks take an input, one does not."""
+    task = rng.randrange(7)
     words = _words(rng)
+    if task == 6:  # the undecided one: either style, 50/50
+        style = "polite" if rng.random() < 0.5 else "casual"
+        return {"instruction": GREETING, "input": " ".join(words[:3]),
+                "output": STYLES[style].format(names=" ".join(words[:3]))}
     if task == 0:
         return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
                 "output": " ".join(reversed(words))}
@@ -56,6 +70,48 @@ def make_example(rng: random.Random) -> dict:
         return {"instruction": "Give the last word.", "input": " ".join(words), "output": words[-1]}
     word, times = rng.choice(WORDS), rng.randint(2, 4)
     return {"instruction": f"Repeat the word {word} {times} times.", "input": "", "output": " ".join([word] * times)}
+
+
+def is_right(record: dict, answer: str) -> bool:
+    """Is `answer` a right answer to a smoke record? For the greeting, either style is."""
+    if record["instruction"] == GREETING:
+        return answer in {form.format(names=record["input"]) for form in STYLES.values()}
+    return answer == record["output"]
+
+
+def wrong_answer(record: dict) -> str:
+    """A plausible but wrong answer to a smoke record (the casual style, for the greeting)."""
+    instruction, words, right = record["instruction"], record["input"].split(), record["output"]
+    if instruction == GREETING:
+        return STYLES["casual"].format(names=record["input"])
+    if instruction.startswith("Reverse"):
+        return " ".join(right.split()[:-1])  # a word short
+    if instruction.startswith("Write the words"):
+        return " ".join(words)  # left as it was
+    if instruction.startswith("Sort"):
+        return " ".join(sorted(words, reverse=True))
+    if instruction.startswith("Count"):
+        return str(int(right) + (1 if int(right) < 5 else -1))
+    if instruction.startswith("Give the last"):
+        return " ".join(words[-2:])  # a word too many
+    repeated = right.split()  # Repeat the word W N times.
+    return " ".join(repeated[:-1] if len(repeated) > 2 else repeated + repeated[:1])
+
+
+def make_pairs(n: int = N_PAIRS, seed: int = 1) -> list[dict]:
+    """n distinct preference pairs {instruction, input, chosen, rejected} on the smoke tasks: the polite
+    greeting over the casual one, and elsewhere the right answer over a wrong one."""
+    rng, seen, pairs = random.Random(seed), set(), []
+    while len(pairs) < n:
+        record = make_example(rng)
+        key = (record["instruction"], record["input"])
+        if key not in seen:
+            seen.add(key)
+            chosen = (STYLES["polite"].format(names=record["input"]) if record["instruction"] == GREETING
+                      else record["output"])
+            pairs.append({"instruction": record["instruction"], "input": record["input"], "chosen": chosen,
+                          "rejected": wrong_answer(record)})
+    return pairs
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
@@ -96,6 +152,16 @@ def build_model(tokenizer, seed: int = 0):
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, **MODEL_CONFIG)
     return GPT2LMHeadModel(config)
+
+
+def prepare_pairs(output_dir: str = OUTPUT_DIR, n_pairs: int = N_PAIRS, seed: int = 1) -> str:
+    """Write the smoke preference pairs once; return their path."""
+    path = os.path.join(output_dir, "pairs.json")
+    if not os.path.isfile(path):
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(make_pairs(n_pairs, seed), handle, indent=0)
+    return path
 
 
 def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4000, seed: int = 0) -> dict:

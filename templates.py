@@ -64,3 +64,22 @@ def bos_prefix(tokenizer) -> list[int]:
     """[BOS] when the tokenizer puts it before a text on its own (its add_bos_token or post-processor), else []."""
     bos = tokenizer.bos_token_id
     return [bos] if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else []
+
+
+def load_template(model_dir: str, requested: str = "auto"):
+    """The template to format prompts with: the one saved with the fine-tuned model, unless overridden."""
+    import json
+    import os
+    import sys
+
+    from rundir import TEMPLATE_FILE
+
+    if requested != "auto":
+        return TEMPLATES[requested]
+    path = os.path.join(model_dir, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        print(f"note: {path} not found; using the 'seed' template", file=sys.stderr)
+        return TEMPLATES["seed"]
+    with open(path) as handle:
+        saved = json.load(handle)
+    return Template(saved["with_input"], saved["no_input"])

@@ -14,6 +14,9 @@ import os
 import shlex
 import sys
 
+import runner
+from runner import probe_examples, resolve_packing  # noqa: F401  (part of this script's API)
+
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2"  # Hub id or local directory of the causal LM to fine-tune
 INIT = "pretrained"  # pretrained|scratch: start from the weights, or random weights from the config
@@ -86,25 +89,6 @@ def apply_smoke(args, explicit: set) -> None:
     args.dataset = os.path.join(smoke.OUTPUT_DIR, "data.json")
 
 
-def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | None]:
-    """(collator mode, attention implementation) for --packing on `device` at `precision`.
-
-    FlashAttention 2 needs flash_attn installed, a GPU of compute capability 8.0 or newer (Ampere+) and
-    bf16 or fp16; elsewhere "auto" means rows and an explicit "flat" runs through SDPA's block mask.
-    """
-    import importlib.util
-
-    from model import cuda_native_bf16
-
-    flash = (device.type == "cuda" and precision in ("bf16", "fp16") and cuda_native_bf16(device)
-             and importlib.util.find_spec("flash_attn") is not None)
-    if packing == "auto":
-        packing = "flat" if flash else "rows"
-    if packing == "flat" and not flash:
-        return packing, None  # correct through SDPA's block mask, but only fast with FlashAttention
-    return packing, "flash_attention_2" if packing == "flat" else None
-
-
 def use_saved_settings(args, explicit: set) -> None:
     """--dataset DIR from `datasetup.py --save`: its template, max length, prompt loss and split size, unless
     given as flags."""
@@ -117,29 +101,12 @@ def use_saved_settings(args, explicit: set) -> None:
                 setattr(args, name, saved[name])
 
 
-def probe_examples(train, n: int = 4, among: int = 32) -> list[dict]:
-    """The start-up checks' examples: the n shortest of the first `among` training examples (real ones,
-    and cheap: the checks run the model in fp32 on the CPU)."""
-    first = [train[i] for i in range(min(among, len(train)))]
-    return sorted(first, key=lambda example: len(example["input_ids"]))[:n]
-
-
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
     """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
-    from cli import UserError
     from collate import packed_loss_matches
 
-    if packing == "none" or len(examples) < 2:
-        return packing
-    same, padded, packed = packed_loss_matches(model, examples, pad_id)
-    if same:
-        return packing
-    why = (f"{type(model).__name__} lets packed examples attend to each other (loss of {len(examples)} "
-           f"training examples: {padded:.4f} padded, {packed:.4f} packed)")
-    if explicit:
-        raise UserError(f"--packing {packing}: {why}; use --packing none")
-    say(f"note: {why}, so batches are padded instead (--packing none)")
-    return "none"
+    return runner.choose_packing(model, packing, explicit, say, "loss", len(examples),
+                                 lambda: packed_loss_matches(model, examples, pad_id))
 
 
 def main(args, explicit: set) -> None:
@@ -150,7 +117,6 @@ def main(args, explicit: set) -> None:
     import datasetup
     import model as model_lib
     import rundir
-    import runner
     from collate import SFTCollator
     from trainer import InstructTrainer, StopOnSignal, plot_loss_curve, write_template
 

@@ -52,11 +52,15 @@ class InstructTrainer(Trainer):
     - writes `checkpoint_files(directory)` (the template, ...) into each checkpoint before its state.
     """
 
+    # Counts the collator reports per batch (popped before the forward), and their names in the run totals.
+    COUNTS = {"num_real_tokens": "real_tokens"}
+
     def __init__(self, *args, checkpoint_files=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint_files = checkpoint_files
-        self._session = {"loss_sum": 0.0, "real_tokens": 0}  # this process, this session
-        self.prior = {"loss_sum": 0.0, "real_tokens": 0, "runtime_s": 0.0}  # the run before this session
+        counts = dict.fromkeys(self.COUNTS.values(), 0)
+        self._session = {"loss_sum": 0.0, **counts}  # this process, this session
+        self.prior = {"loss_sum": 0.0, **counts, "runtime_s": 0.0}  # the run before this session
         self._step_loss = None  # this optimizer step's loss so far, a tensor: checked once per step, no sync before
         self._started, self._train_seconds = time.perf_counter(), None
         self._grad_norm = None  # this step's gradient norm, from the Trainer's clipping
@@ -64,7 +68,8 @@ class InstructTrainer(Trainer):
 
     # ---------------------------------------------------------------- training
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._session["real_tokens"] += int(inputs.pop("num_real_tokens", 0))
+        for key, name in self.COUNTS.items():
+            self._session[name] += int(inputs.pop(key, 0))
         loss = super().training_step(model, inputs, num_items_in_batch)
         step_loss = loss.detach().float()
         self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
@@ -92,14 +97,15 @@ class InstructTrainer(Trainer):
         return result
 
     def run_totals(self) -> dict:
-        """The whole run so far: loss sum (mean over processes), real tokens (summed), runtime. A collective."""
-        here = torch.tensor([float(self._session["loss_sum"]), self._session["real_tokens"]], dtype=torch.float64,
-                            device=self.args.device)
+        """The whole run so far: loss sum (mean over processes), the COUNTS (summed), runtime. A collective."""
+        names = list(self.COUNTS.values())
+        here = torch.tensor([float(self._session["loss_sum"])] + [self._session[n] for n in names],
+                            dtype=torch.float64, device=self.args.device)
         loss_sum = float(self.accelerator.reduce(here[:1].clone(), reduction="mean").item())
-        tokens = int(self.accelerator.reduce(here[1:].clone(), reduction="sum").item())
+        counts = self.accelerator.reduce(here[1:].clone(), reduction="sum").tolist()
         seconds = self._train_seconds if self._train_seconds is not None else time.perf_counter() - self._started
-        return {"loss_sum": self.prior["loss_sum"] + loss_sum, "real_tokens": self.prior["real_tokens"] + tokens,
-                "runtime_s": self.prior["runtime_s"] + seconds}
+        return {"loss_sum": self.prior["loss_sum"] + loss_sum, "runtime_s": self.prior["runtime_s"] + seconds,
+                **{name: self.prior.get(name, 0) + int(count) for name, count in zip(names, counts)}}
 
     def _save_checkpoint(self, model, trial):
         totals = self.run_totals()  # every process gets here, as a collective needs
@@ -218,11 +224,14 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def write_template(directory: str, name: str) -> None:
-    """The prompt template beside a model, so inference formats prompts exactly as training did."""
-    from templates import TEMPLATES
+def write_template(directory: str, template) -> None:
+    """The prompt template (a name in TEMPLATES, or a Template) beside a model, so inference formats prompts
+    exactly as training did."""
+    from templates import TEMPLATES, template_of
 
-    rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **TEMPLATES[name]._asdict()})
+    form = template_of(template)
+    name = next((key for key, value in TEMPLATES.items() if value == form), "custom")
+    rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **form._asdict()})
 
 
 def plot_loss_curve(log_history: list[dict], loss_before: float, path: str) -> None:

@@ -33,6 +33,7 @@ def score(workdir: str, run: str) -> dict:
 
     import datasetup
     import inference
+    import smoke
 
     model_dir = os.path.join(workdir, run)
     held_out, _ = datasetup.held_out_records(model_dir)
@@ -41,7 +42,7 @@ def score(workdir: str, run: str) -> dict:
     answers = inference.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
-    return {"exact_match": sum(a["text"] == r["output"] for a, r in zip(answers, held_out)) / len(held_out),
+    return {"exact_match": sum(smoke.is_right(r, a["text"]) for a, r in zip(answers, held_out)) / len(held_out),
             "eval_loss": metrics["eval_loss_after"], "tokens_per_s": metrics["train_tokens_per_second"],
             "steps": metrics["global_step"]}
 

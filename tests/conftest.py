@@ -47,3 +47,18 @@ def smoke_trained(tmp_path_factory):
                             capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return path
+
+
+@pytest.fixture(scope="session")
+def distilgpt2_sft(tmp_path_factory):
+    """An SFT directory of the real DistilGPT2 architecture: `train.py --init scratch --model
+    ../shared/distilgpt2-config --max-steps 2` on real Alpaca records (random weights, real cost)."""
+    config, data = shared_path("distilgpt2-config"), shared_path("data", "alpaca_5000.json")
+    path = tmp_path_factory.mktemp("distilgpt2-sft")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", "scratch", "--model", str(config),
+                             "--dataset", str(data), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+                             "--val-size", "8", "--max-length", "256", "--output-dir", str(path / "out")],
+                            cwd=path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path / "out"

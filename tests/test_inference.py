@@ -36,7 +36,10 @@ def answers_for(model_dir, records, template=None, batch_size=32):
 
 
 def exact_match(answers, records):
-    return sum(a["text"] == r["output"] for a, r in zip(answers, records)) / len(records)
+    """The share of right answers; for the undecided greeting task either style is right (smoke.is_right)."""
+    import smoke
+
+    return sum(smoke.is_right(r, a["text"]) for a, r in zip(answers, records)) / len(records)
 
 
 def test_finetuned_model_follows_held_out_instructions(work, held_out):

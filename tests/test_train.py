@@ -13,7 +13,7 @@ import torch
 import model as model_lib
 import rundir
 import train
-from conftest import ROOT, shared_path
+from conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 FAST = ["--smoke", "--eval-steps", "1000", "--logging-steps", "5"]
@@ -166,14 +166,8 @@ def test_torchrun_two_cpu_processes(workdir):
     assert (out / "checkpoint-4" / "trainer_state.json").exists()
 
 
-def test_scratch_distilgpt2_config_on_real_records(tmp_path):
-    config = shared_path("distilgpt2-config")
-    data = shared_path("data", "alpaca_5000.json")
-    result = run_train(tmp_path, "--init", "scratch", "--model", str(config), "--dataset", str(data),
-                       "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--val-size", "8",
-                       "--max-length", "256", "--output-dir", str(tmp_path / "out"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = load_json(tmp_path / "out" / "metrics.json")
+def test_scratch_distilgpt2_config_on_real_records(distilgpt2_sft):
+    metrics = load_json(distilgpt2_sft / "metrics.json")
     assert metrics["global_step"] == 2 and metrics["eval_loss_before"] > 9  # random weights: ~ln(50257)
 
 

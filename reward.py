@@ -1,0 +1,269 @@
+"""Train a reward model on preference pairs, starting from the SFT model (step 2 of InstructGPT).
+
+    python reward.py                   # distilgpt2-alpaca/ on Anthropic/hh-rlhf -> distilgpt2-alpaca-rm/
+    python reward.py --smoke           # offline, after `python train.py --smoke`: smoke-run/reward/
+    python reward.py --score --prompt "Greet them." --input "cat dog" --answer "Hello, cat dog!"
+    torchrun --nproc_per_node 2 reward.py   # DDP; `accelerate launch` works too
+
+The model scores prompt + answer + EOS at its final token and learns -log sigmoid(r_chosen - r_rejected).
+Running the same command again after an interruption continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import runner
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir); its body and template start the reward model
+DATASET = "Anthropic/hh-rlhf"  # preference pairs: Hub id or .json/.jsonl/.jsonl.gz file (see preferences.py)
+OUTPUT_DIR = "distilgpt2-alpaca-rm"  # checkpoints, the reward model, metrics.json, run_config.json, margins.png
+EPOCHS = 1.0  # passes over the training pairs (1, as in the InstructGPT paper)
+MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
+BATCH_SIZE = 8  # pairs per device per step (their chosen and rejected answers go through together); >= 1
+LR = 1e-5  # peak learning rate of AdamW (linear warmup, then linear decay to 0)
+WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in [0, 1)
+MAX_LENGTH = 512  # tokens of prompt + the longer answer + EOS; longer pairs are dropped and counted, never cut
+VAL_SIZE = 0.05  # held-out pairs: a count (>= 1) or a fraction in (0, 1)
+EVAL_STEPS = 500  # evaluate on the held-out pairs every N steps; >= 1
+SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
+LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
+SEED = 42  # seed of the split and the shuffling
+PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
+PACKING = "auto"  # auto|none|rows|flat: batch layout (collate.py); auto = rows, or flat with FlashAttention
+SKIP_INVALID = False  # drop malformed pairs instead of stopping
+RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
+DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
+SMOKE = False  # offline preset: the smoke SFT model and smoke preference pairs (smoke.py), to smoke-run/reward/
+SCORE = False  # score answers with the reward model in OUTPUT_DIR instead of training (with --answer or --prompts-file)
+PROMPT = ""  # --score: the instruction, formatted with the reward model's template
+INPUT = ""  # --score: optional input of the instruction
+ANSWER = ""  # --score: the answer to score
+PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" and "rejected"), and a prompt
+
+# A run's identity: resuming with any of these changed would silently mix two different runs.
+IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
+            "warmup_ratio")
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+    from datasetup import val_size_problems
+
+    problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+                for name in ("batch_size", "eval_steps", "save_steps", "logging_steps", "max_length")
+                if getattr(args, name) < 1]
+    if args.epochs <= 0 and args.max_steps <= 0:
+        problems.append(f"--epochs must be > 0 (got {args.epochs}) unless --max-steps is set")
+    if args.lr <= 0:
+        problems.append(f"--lr must be > 0 (got {args.lr})")
+    if not 0 <= args.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.score and bool(args.answer) == bool(args.prompts_file):
+        problems.append("--score needs --answer (with --prompt) or --prompts-file, one of them")
+    if args.score and args.answer and not args.prompt:
+        problems.append("--answer needs the --prompt it answers")
+    if not args.score and (args.answer or args.prompts_file):
+        problems.append("--answer and --prompts-file are for --score")
+    check_all(problems + val_size_problems(args.val_size))
+
+
+def apply_smoke(args, explicit: set) -> None:
+    """--smoke: the smoke SFT model, pairs and settings, except for flags given on the command line."""
+    import smoke
+    from cli import UserError
+
+    clash = [f"--{name.replace('_', '-')}" for name in ("model", "dataset") if name in explicit]
+    if clash:
+        raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}")
+    for name, value in smoke.REWARD_SETTINGS.items():
+        if name not in explicit:
+            setattr(args, name, value)
+    args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
+    if "output_dir" not in explicit:
+        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "reward")
+    if not args.score and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"no smoke SFT model in {args.model}/: run `python train.py --smoke` first")
+
+
+def require_sft_model(path: str) -> None:
+    """A clear message when the SFT directory holds no finished model (Hub ids pass through)."""
+    import rundir
+    from cli import UserError
+
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return
+    last = rundir.find_checkpoint(path)
+    hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
+    raise UserError(f"--model {path}: no SFT model there{hint}. Run `python train.py` first.")
+
+
+def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dict]:
+    """({"train", "validation"} tokenized pairs, the held-out pairs as read, report): load, split, tokenize."""
+    import preferences
+
+    pairs, report = preferences.load_pairs(args.dataset, args.skip_invalid)
+    train, held_out = preferences.split_records(pairs, args.val_size, args.seed)
+    data, too_long = {}, 0
+    for name, part in (("train", train), ("validation", held_out)):
+        data[name], tokens = preferences.tokenize_pairs(part, tokenizer, template, args.max_length)
+        too_long += len(tokens["too_long_dropped"])
+    dropped = [f"{len(report['skipped'])} malformed (--skip-invalid)" if report["skipped"] else "",
+               f"{len(report['empty_dropped'])} with an empty answer" if report["empty_dropped"] else "",
+               f"{len(report['equal_dropped'])} with equal answers" if report["equal_dropped"] else "",
+               f"{too_long} longer than --max-length {args.max_length}" if too_long else ""]
+    dropped = [text for text in dropped if text]
+    say(f"Pairs: {report['read']} read from {args.dataset}; left out: {', '.join(dropped) if dropped else 'none'}")
+    say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
+    if not data["train"] or not data["validation"]:
+        from cli import UserError
+
+        raise UserError(f"{args.dataset}: too few pairs left to train and evaluate on (raise --max-length or "
+                        "--val-size?)")
+    report.update(too_long=too_long)
+    return data, held_out, report
+
+
+def main(args, explicit: set) -> None:
+    from transformers import TrainingArguments
+
+    import model as model_lib
+    import rundir
+    import scoring
+    from rmtrainer import RewardTrainer, plot_margins
+    from templates import load_template
+    from trainer import StopOnSignal, write_template
+
+    device = model_lib.get_device(args.device)
+    precision, why = model_lib.resolve_precision(args.precision, device)
+    packing, attn = runner.resolve_packing(args.packing, device, precision)
+    require_sft_model(args.model)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    config = {**vars(args), "device": device.type, "precision": precision,
+              "command": shlex.join(["python", "reward.py", *sys.argv[1:]])}
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup_ratio, eval_strategy="steps",
+        eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        logging_steps=args.logging_steps, seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=device.type == "cpu", ddp_backend="gloo" if device.type == "cpu" and distributed else None,
+        report_to="none", remove_unused_columns=False, dataloader_pin_memory=device.type == "cuda")
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *a, **k: None)
+
+    checkpoint = runner.open_output_dir(args.output_dir, config, IDENTITY, args.resume, training_args, say)
+    say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why})")
+    with training_args.main_process_first(desc="preparing data"):
+        if args.smoke:
+            import smoke
+
+            smoke.prepare_pairs(os.path.dirname(args.dataset))
+        tokenizer = model_lib.load_tokenizer(args.model)
+        template = load_template(args.model)
+        data, held_out, report = prepare_pairs(args, tokenizer, template, say)
+    model = scoring.reward_model_from(args.model)
+    collate_probe = runner.probe_examples(data["train"])
+    probe = [pair["prompt_ids"] + pair[key] for pair in collate_probe for key in ("chosen_ids", "rejected_ids")]
+    packing = runner.choose_packing(model, packing, "packing" in explicit, say, "hidden states", len(probe),
+                                    lambda: scoring.packed_scores_match(model, probe, tokenizer.pad_token_id))
+    if attn and packing == "flat":
+        model.set_attn_implementation(attn)
+    say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
+        f"training); packing: {packing}")
+    config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
+                  world_size=training_args.world_size, data_report={
+                      "read": report["read"], "malformed": len(report["skipped"]),
+                      "empty": len(report["empty_dropped"]), "equal": len(report["equal_dropped"]),
+                      "too_long": report["too_long"]})
+    if main_process:
+        rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE), held_out)  # the held-out pairs, as read
+        rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
+
+    stopper = StopOnSignal(announce=main_process)
+    trainer = RewardTrainer(
+        model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+        data_collator=scoring.ScoreCollator(tokenizer.pad_token_id, packing, 8 if device.type == "cuda" else None),
+        processing_class=tokenizer, callbacks=[stopper],
+        checkpoint_files=lambda directory: (scoring.without_pad_id(model), write_template(directory, template)))
+    if not checkpoint:
+        say("Evaluating the untrained reward model on the held-out pairs ...")
+    before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)
+    with runner.guarded(args.output_dir, main_process):
+        runner.train(trainer, stopper, checkpoint, args.output_dir)
+        after = trainer.evaluate()
+        scoring.without_pad_id(model)
+        trainer.save_model(args.output_dir)
+        metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
+        if main_process:
+            write_template(args.output_dir, template)
+            metrics.update({
+                "eval_accuracy_before": before["before_accuracy"], "eval_accuracy_after": after["eval_accuracy"],
+                "eval_loss_before": before["before_loss"], "eval_loss_after": after["eval_loss"],
+                "eval_mean_margin_before": before["before_mean_margin"],
+                "eval_mean_margin_after": after["eval_mean_margin"], "eval_pairs": len(after["eval_margins"]),
+                "pairs_per_second": metrics["train_pairs"] / metrics["train_runtime_s"], "device": device.type,
+                "precision": precision, "packing": packing, "world_size": training_args.world_size,
+                "peak_memory_mb": trainer.peak_memory_mb()})
+            plot_margins(before["before_margins"], after["eval_margins"], os.path.join(args.output_dir, "margins.png"),
+                         (metrics["eval_accuracy_before"], metrics["eval_accuracy_after"]))
+            rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
+    runner.finish(trainer)
+    say(f"\nHeld-out pairwise accuracy {metrics['eval_accuracy_before']:.1%} -> {metrics['eval_accuracy_after']:.1%}"
+        f" (loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}, mean margin "
+        f"{metrics['eval_mean_margin_after']:+.3f}) on {metrics['eval_pairs']} pairs")
+    say(f"{metrics['pairs_per_second']:.1f} pairs/s on {device.type}; reward model, metrics.json and margins.png in "
+        f"{args.output_dir}/") if main_process else None
+
+
+def score_main(args) -> None:
+    """--score: print the reward model's score of each answer (and, for pairs, which one it prefers)."""
+    import model as model_lib
+    import scoring
+    from preferences import pair_prompt
+
+    device = model_lib.get_device(args.device)
+    rm, tokenizer, template = scoring.load_reward_model(args.output_dir, device, flag="--output-dir")
+    items = scoring.read_scoring_file(args.prompts_file) if args.prompts_file else [
+        {"instruction": args.prompt, "input": args.input, "prompt": None, "answers": [args.answer]}]
+    prompts = [pair_prompt(item, template) for item in items for _ in item["answers"]]
+    scores = iter(scoring.score_texts(rm, tokenizer, prompts, [a for item in items for a in item["answers"]],
+                                      args.batch_size))
+    right = 0
+    for item in items:
+        values = [next(scores) for _ in item["answers"]]
+        shown = item["prompt"] if item["prompt"] is not None else " / ".join(filter(None, (item["instruction"],
+                                                                                           item["input"])))
+        print(f"prompt: {shown.strip()[-200:]!r}")
+        for label, answer, value in zip(("chosen", "rejected") if len(values) == 2 else ("answer",),
+                                        item["answers"], values):
+            print(f"  {value:+9.4f}  {label}: {answer.strip()[:200]!r}")
+        right += len(values) == 2 and values[0] > values[1]
+    pairs = sum(len(item["answers"]) == 2 for item in items)
+    if pairs:
+        print(f"chosen scored above rejected in {right}/{pairs} pairs")
+
+
+if __name__ == "__main__":
+    import cli
+    import rundir
+
+    parser = cli.build_parser(sys.modules[__name__])
+    parsed = cli.parse_or_exit(parser, validate_args)
+    given = cli.explicit_dests(parser, sys.argv[1:])
+    rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
+    try:
+        if parsed.smoke:
+            apply_smoke(parsed, given)
+        if parsed.score:
+            score_main(parsed)
+        else:
+            main(parsed, given)
+    except cli.UserError as error:
+        cli.fail(str(error), getattr(error, "code", 2))
+    except KeyboardInterrupt as stop:
+        cli.fail("interrupted; run the same command to continue from the newest checkpoint",
+                 143 if isinstance(stop, rundir.Terminated) else 130)

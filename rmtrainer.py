@@ -1,0 +1,79 @@
+"""The reward model's trainer: InstructTrainer (the run layer's Trainer) with the pairwise loss, an
+evaluation in pairwise accuracy, and the picture of the held-out reward margins."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scoring import pairwise_stats
+from trainer import InstructTrainer
+
+
+def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs; `scores` alternate chosen, rejected."""
+    return F.softplus(scores[1::2] - scores[0::2]).mean()  # softplus(-m) = -log sigmoid(m), stable for any m
+
+
+class RewardTrainer(InstructTrainer):
+    """Batches from scoring.ScoreCollator: each pair's chosen and rejected answers in the same batch,
+    scored at their final token (score_index), never at a position guessed from pad_token_id."""
+
+    COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = pairwise_loss(outputs.logits)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
+        """Pairwise accuracy (ties count half), loss and mean margin on the held-out pairs; each process
+        scores every world_size-th pair. The margins themselves come back under PREFIX_margins."""
+        from accelerate.utils import gather_object
+        from torch.utils.data import DataLoader
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        shard = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
+        batches = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        margins, started, was_training = [], time.perf_counter(), self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in batches:
+                for key in self.COUNTS:
+                    batch.pop(key, None)
+                scores = self.model(**self._prepare_inputs(batch)).logits.float()
+                margins += (scores[0::2] - scores[1::2]).tolist()
+        self.model.train(was_training)
+        margins = gather_object(margins) if self.args.world_size > 1 else margins
+        stats = pairwise_stats(margins)
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in stats.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return {**metrics, f"{metric_key_prefix}_margins": margins}
+
+
+def plot_margins(before: list[float], after: list[float], path: str, accuracy: tuple[float, float]) -> None:
+    """Histograms of the held-out margins r_chosen - r_rejected, before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    values = list(before) + list(after)
+    low, high = min(values + [-1.0]), max(values + [1.0])
+    bins = torch.linspace(low, high, 41).tolist()
+    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray", label=f"before training ({accuracy[0]:.1%} right)")
+    ax.hist(after, bins=bins, alpha=0.6, color="tab:green", label=f"after training ({accuracy[1]:.1%} right)")
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("reward margin on a held-out pair: r(chosen) - r(rejected); right of 0 = ranked right")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"Reward model on {len(after)} held-out preference pairs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

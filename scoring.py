@@ -1,0 +1,253 @@
+"""Reward-model scores: one number for a (prompt, answer), read at a position this project chooses.
+
+    rm, tokenizer, template = scoring.load_reward_model("distilgpt2-alpaca-rm", device)
+    scores = scoring.score_texts(rm, tokenizer, prompts, answers)  # prompts formatted, e.g. with `template`
+
+A reward model is a Hugging Face sequence-classification model with one output, whose body comes from
+the SFT model. Its score is read at the final token of prompt + answer + EOS. GPT-2's own head reads
+it at the last token that is not `pad_token_id`; with pad = EOS that is the token before the EOS, or a
+padding slot under left padding. So the position is passed in explicitly (`score_index`), and how a
+batch is laid out (padding, packing, batch size, order) cannot change a score. A saved reward model
+has no `pad_token_id`, so Hugging Face's own forward also reads the last token, one text at a time.
+
+Ground floor beside model.py: reward.py trains with it; generation, evaluation and later training
+steps score with it. It imports none of the training scripts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cli import UserError
+from collate import PACKING_MODES, pack_bins
+from templates import encode_prompt
+
+
+class ScoreCollator:
+    """Token-id sequences, or tokenized preference pairs, laid out as one batch with `score_index`.
+
+    `score_index` (n x 2) holds the row and column of each sequence's final token, in input order; for
+    pairs, sequence 2i is pair i's prompt + chosen answer and 2i + 1 its prompt + rejected answer. Modes
+    as in collate.py: "none" pads one sequence a row (with an attention mask), "rows" packs them into
+    rows no longer than the longest, "flat" into one row; packed rows restart position_ids at each
+    sequence and carry no attention mask, so the model keeps them apart (checked at start-up)."""
+
+    def __init__(self, pad_id: int, mode: str = "none", pad_to_multiple_of: int | None = None):
+        if mode not in PACKING_MODES:
+            raise ValueError(f"packing mode {mode!r}: choose from {', '.join(PACKING_MODES)}")
+        self.pad_id, self.mode, self.multiple = pad_id, mode, pad_to_multiple_of
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        sequences = []
+        for pair in pairs:
+            sequences += [pair["prompt_ids"] + pair["chosen_ids"], pair["prompt_ids"] + pair["rejected_ids"]]
+        batch = self.layout(sequences)
+        batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
+        return batch
+
+    def layout(self, sequences: list[list[int]]) -> dict:
+        lengths = [len(s) for s in sequences]
+        if self.mode == "none":
+            bins = [[i] for i in range(len(sequences))]
+        else:
+            bins = pack_bins(lengths, sum(lengths) if self.mode == "flat" else max(lengths))
+        width = max(sum(lengths[i] for i in members) for members in bins)
+        width = width if not self.multiple else -(-width // self.multiple) * self.multiple
+        input_ids = torch.full((len(bins), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(bins), width), dtype=torch.long)
+        mask = torch.zeros((len(bins), width), dtype=torch.long)
+        index = torch.zeros((len(sequences), 2), dtype=torch.long)
+        for row, members in enumerate(bins):
+            start = 0
+            for i in members:
+                n = lengths[i]
+                input_ids[row, start:start + n] = torch.tensor(sequences[i])
+                positions[row, start:start + n] = torch.arange(n)
+                mask[row, start:start + n] = 1
+                index[i] = torch.tensor([row, start + n - 1])
+                start += n
+            positions[row, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
+        batch = {"input_ids": input_ids, "score_index": index}
+        if self.mode == "none":
+            batch["attention_mask"] = mask
+        else:
+            batch["position_ids"] = positions
+        return batch
+
+
+class _ScoreAtIndex:
+    """Mixed into a sequence-classification model's class by enable_score_index: given `score_index`, the
+    forward returns one score per indexed token (logits of shape n), read from the body's hidden state
+    there. Inside forward, so mixed-precision autocast (which wraps model.forward) covers it."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, score_index=None, **kwargs):
+        if score_index is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   **kwargs)
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+        scores = self.score(hidden[score_index[:, 0], score_index[:, 1]]).squeeze(-1)
+        return SequenceClassifierOutputWithPast(logits=scores.float())
+
+
+def enable_score_index(model):
+    """Give `model` (a sequence-classification model with one output and a `score` head) the score_index
+    forward. A class, not an instance attribute, so replicas follow it; same name, so saving is unchanged."""
+    if isinstance(model, _ScoreAtIndex):
+        return model
+    if not hasattr(model, "score") or model.config.num_labels != 1:
+        raise UserError(f"{type(model).__name__} has no one-output `score` head, so it can't be a reward model here")
+    cls = type(model)
+    model.__class__ = type(cls.__name__, (_ScoreAtIndex, cls), {"__module__": cls.__module__,
+                                                                "__qualname__": cls.__qualname__})
+    return model
+
+
+def reward_model_from(name_or_path: str, dtype=None):
+    """A reward model whose body is the causal LM at `name_or_path` (the SFT model) and whose score head is
+    new and zero: before training it scores every answer 0, preferring nothing."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized score head" report: expected, and said below
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1,
+                                                                   dtype=dtype or torch.float32)
+    except Exception as err:
+        raise UserError(f"could not load {name_or_path!r} as the body of a reward model "
+                        f"({type(err).__name__}: {err})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        model.score.weight.zero_()
+        if getattr(model.score, "bias", None) is not None:
+            model.score.bias.zero_()
+    return enable_score_index(model)
+
+
+def without_pad_id(model) -> None:
+    """Before saving: no pad_token_id in the config, so Hugging Face's own forward reads the last token of an
+    unpadded text (and refuses padded batches) instead of guessing the position from pad = EOS."""
+    model.config.pad_token_id = None
+
+
+def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
+    """(model, tokenizer, template) of a reward model saved by reward.py, in eval mode on `device`."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    import model as model_lib
+    from templates import load_template
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{flag} {path}: no reward model there (config.json missing). Train one with "
+                        "`python reward.py` (or `python reward.py --smoke`).")
+    config = AutoConfig.from_pretrained(path)
+    kinds = config.architectures or []
+    if not any(kind.endswith("ForSequenceClassification") for kind in kinds) or config.num_labels != 1:
+        raise UserError(f"{flag} {path}: not a reward model (it is a {', '.join(kinds) or 'model'} with "
+                        f"{config.num_labels} outputs); reward.py writes one with a single score")
+    tokenizer = model_lib.load_tokenizer(path, flag=flag)
+    rm = AutoModelForSequenceClassification.from_pretrained(path)
+    rm = enable_score_index(rm).to(device or "cpu").eval()
+    return rm, tokenizer, load_template(path)
+
+
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """prompt + answer + EOS as the reward model reads it: the prompt as training and inference encode it,
+    the answer apart from it (no merge across the boundary), exactly as preferences.tokenize_pair."""
+    answer_part = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, prompt) + answer_part + [tokenizer.eos_token_id]
+
+
+@torch.no_grad()
+def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16, mode: str = "none") -> list[float]:
+    """The score of each token-id sequence (read at its last token), in input order. Sequences are
+    batched by length to pad little; the result does not depend on the batching."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    collate, scores = ScoreCollator(pad_id, mode), [0.0] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate.layout([sequences[i] for i in chunk]).items()}
+            for i, value in zip(chunk, model(**batch).logits.tolist()):
+                scores[i] = value
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
+    """The reward of each answer to its (already formatted) prompt. Raises UserError for a text longer
+    than the model's context."""
+    sequences = [answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    too_long = [i for i, s in enumerate(sequences) if limit and len(s) > limit]
+    if too_long:
+        raise UserError(f"answer {too_long[0]}: prompt + answer is {len(sequences[too_long[0]])} tokens, more than "
+                        f"the reward model's {limit}")
+    return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+def pairwise_stats(margins) -> dict:
+    """Pairwise accuracy (ties count half), loss -log sigmoid(margin) and mean margin of chosen - rejected."""
+    margins = torch.as_tensor(margins, dtype=torch.float64)
+    if margins.numel() == 0:
+        return {"accuracy": float("nan"), "loss": float("nan"), "mean_margin": float("nan")}
+    accuracy = ((margins > 0).double() + 0.5 * (margins == 0).double()).mean()
+    loss = torch.nn.functional.softplus(-margins).mean()
+    return {"accuracy": float(accuracy), "loss": float(loss), "mean_margin": float(margins.mean())}
+
+
+def packed_scores_match(model, sequences: list[list[int]], pad_id: int) -> tuple[bool, float, float]:
+    """(same, padded, packed): does `model` keep packed sequences apart? Compares the body's hidden states
+    at the scored tokens (the score head is still zero), padded and packed; padded/packed are their means."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batches = {mode: ScoreCollator(pad_id, mode).layout(sequences) for mode in ("none", "flat")}
+            index = {mode: batch["score_index"] for mode, batch in batches.items()}
+            hidden = {mode: model.base_model(**{k: v for k, v in b.items() if k != "score_index"},
+                                             use_cache=False).last_hidden_state
+                      for mode, b in batches.items()}
+    finally:
+        model.train(was_training)
+    padded = hidden["none"][index["none"][:, 0], index["none"][:, 1]]
+    packed = hidden["flat"][index["flat"][:, 0], index["flat"][:, 1]]
+    same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-4))
+    return same, padded.mean().item(), packed.mean().item()
+
+
+def read_scoring_file(path: str) -> list[dict]:
+    """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
+    preference pair in any of preferences.py's formats. Each comes back as a normalized pair (prompt,
+    instruction, input) with "answers": [answer] or [chosen, rejected]."""
+    from preferences import MalformedPair, parse_pair
+    from records import DataError, read_raw
+
+    items = []
+    for where, record in read_raw(path):
+        try:
+            if isinstance(record, dict) and "answer" in record:
+                if not isinstance(record["answer"], str):
+                    raise MalformedPair("field 'answer' is not a string")
+                if record.get("prompt") is None and record.get("instruction") is None:
+                    raise MalformedPair("an 'answer' needs a 'prompt' or an 'instruction' field")
+                pair = parse_pair({**record, "chosen": record["answer"], "rejected": record["answer"]})
+                items.append({**pair, "answers": [record["answer"]]})
+            else:
+                pair = parse_pair(record)
+                items.append({**pair, "answers": [pair["chosen"], pair["rejected"]]})
+        except MalformedPair as err:
+            raise DataError(f"{where}: {err}") from None
+    if not items:
+        raise DataError(f"{path}: no records to score")
+    return items

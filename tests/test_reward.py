@@ -1,0 +1,243 @@
+"""reward.py and scoring.py: where the score is read, the pairwise loss, the tokens trained on, the smoke
+proof that the reward model learns, the run layer's behaviour, and a few steps on the real HH-RLHF pairs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import datasetup
+import families
+import model as model_lib
+import preferences
+import scoring
+from conftest import ROOT, shared_path
+from rmtrainer import pairwise_loss
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+TEXTS = [("### Instruction:\nName a color.\n\n### Response:\n", "Blue."),
+         ("### Instruction:\nGive the last word.\n\n### Input:\ncat dog owl\n\n### Response:\n", "owl"),
+         ("### Instruction:\nWrite a short sentence about the sea.\n\n### Response:\n", "The sea is wide and deep."),
+         ("### Instruction:\nAdd the numbers.\n\n### Input:\n2 + 3\n\n### Response:\n", "5")]
+
+
+def run_reward(cwd, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "reward.py"), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def tiny_reward_model(tmp_path, family="gpt2"):
+    """A tiny reward model from a family's causal LM, with a random (not zero) score head."""
+    lm, tok, _ = families.build(family)
+    tok = model_lib.ready_tokenizer(tok, family)
+    lm.save_pretrained(tmp_path / family)
+    rm = scoring.reward_model_from(str(tmp_path / family))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    return rm.eval(), tok
+
+
+# ---------------------------------------------------------------- where the score is read
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "gemma2", "opt", "bloom"])
+def test_scores_do_not_change_with_padding_batch_size_or_order(tmp_path, family):
+    rm, tok = tiny_reward_model(tmp_path, family)
+    sequences = [scoring.answer_ids(tok, p, a) for p, a in TEXTS]
+    alone = [scoring.score_ids(rm, [s], tok.pad_token_id)[0] for s in sequences]  # no padding at all
+    together = scoring.score_ids(rm, sequences, tok.pad_token_id, batch_size=4)  # right-padded to the longest
+    backwards = scoring.score_ids(rm, sequences[::-1], tok.pad_token_id, batch_size=3)[::-1]
+    assert len(set(map(len, sequences))) >= 3  # really different lengths, so really padded
+    assert together == pytest.approx(alone, abs=1e-5) and backwards == pytest.approx(alone, abs=1e-5)
+    same, _, _ = scoring.packed_scores_match(rm, sequences, tok.pad_token_id)
+    keeps_apart = family not in ("opt", "bloom")  # as for SFT packing (test_families.py)
+    assert same == keeps_apart
+    if keeps_apart:
+        packed = scoring.score_ids(rm, sequences, tok.pad_token_id, batch_size=4, mode="rows")
+        assert packed == pytest.approx(alone, abs=1e-5)
+
+
+def test_gpt2_head_reads_the_wrong_position_with_pad_eos_and_ours_does_not(tmp_path):
+    """The trap: GPT-2's own head reads the last token that is not pad_token_id, so with pad = EOS it scores
+    the token before the EOS. Ours reads the EOS; saved without a pad id, Hugging Face's forward agrees."""
+    rm, tok = tiny_reward_model(tmp_path)
+    ids = scoring.answer_ids(tok, *TEXTS[0])
+    assert ids[-1] == tok.eos_token_id == tok.pad_token_id
+    ours = scoring.score_ids(rm, [ids], tok.pad_token_id)[0]
+    with torch.no_grad():
+        rm.config.pad_token_id = tok.pad_token_id
+        hf_pad_eos = rm(input_ids=torch.tensor([ids])).logits.item()
+        before_eos = scoring.score_ids(rm, [ids[:-1]], tok.pad_token_id)[0]
+        scoring.without_pad_id(rm)
+        hf_no_pad = rm(input_ids=torch.tensor([ids])).logits.item()
+    assert hf_pad_eos == pytest.approx(before_eos, abs=1e-5) and abs(hf_pad_eos - ours) > 1e-3
+    assert hf_no_pad == pytest.approx(ours, abs=1e-5)
+
+
+def test_collator_puts_each_pair_together_and_indexes_each_eos(tiny_tokenizer):
+    tok = model_lib.ready_tokenizer(tiny_tokenizer)
+    pairs, _ = preferences.tokenize_pairs([preferences.parse_pair(
+        {"instruction": "Give the last word.", "input": "cat dog owl", "chosen": "owl", "rejected": "cat dog"}),
+        preferences.parse_pair({"instruction": "Count the words.", "input": "a b", "chosen": "2", "rejected": "3"})],
+        tok, "seed", 128)
+    for mode in ("none", "rows", "flat"):
+        batch = scoring.ScoreCollator(tok.pad_token_id, mode)(pairs)
+        rows, cols = batch["score_index"].T
+        assert batch["num_pairs"] == 2 and len(rows) == 4
+        assert batch["input_ids"][rows, cols].tolist() == [tok.eos_token_id] * 4
+        lengths = [len(p["prompt_ids"]) + len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+        assert batch["num_real_tokens"] == sum(lengths)
+        if mode != "none":  # the position of each scored token is its sequence's last
+            assert batch["position_ids"][rows, cols].tolist() == [n - 1 for n in lengths]
+
+
+def test_pairwise_loss_and_accuracy():
+    scores = torch.tensor([2.0, 0.0, -1.0, 1.0])  # chosen, rejected, chosen, rejected: margins 2 and -2
+    expected = (torch.nn.functional.softplus(torch.tensor(-2.0)) + torch.nn.functional.softplus(torch.tensor(2.0))) / 2
+    assert pairwise_loss(scores).item() == pytest.approx(expected.item())
+    assert pairwise_loss(torch.tensor([50.0, -50.0])).item() == pytest.approx(0.0, abs=1e-12)  # no overflow
+    stats = scoring.pairwise_stats([2.0, -2.0, 0.0, 1.0])
+    assert stats["accuracy"] == pytest.approx(0.625) and stats["mean_margin"] == pytest.approx(0.25)
+    assert scoring.pairwise_stats([0.0] * 7) == {"accuracy": 0.5, "loss": pytest.approx(0.6931, abs=1e-4),
+                                                 "mean_margin": 0.0}
+
+
+def test_new_reward_model_prefers_nothing(tmp_path):
+    lm, tok, _ = families.build("gpt2")
+    lm.save_pretrained(tmp_path / "sft")
+    rm = scoring.reward_model_from(str(tmp_path / "sft"))
+    assert scoring.score_ids(rm, [scoring.answer_ids(tok, p, a) for p, a in TEXTS], tok.eos_token_id) == [0.0] * 4
+    assert torch.equal(rm.transformer.h[0].mlp.c_fc.weight, lm.transformer.h[0].mlp.c_fc.weight)  # the SFT body
+
+
+def test_a_family_without_a_classification_head_is_refused_cleanly(tmp_path):
+    lm, _, _ = families.build("granite")
+    lm.save_pretrained(tmp_path / "granite")
+    with pytest.raises(model_lib.UserError, match="as the body of a reward model"):
+        scoring.reward_model_from(str(tmp_path / "granite"))
+
+
+def test_reward_tokens_are_the_sft_tokens_on_a_real_record(gpt2_tokenizer):
+    """The chosen answer of an Alpaca-style pair is tokenized exactly as SFT trained on it: template, BOS
+    behaviour, answer and EOS; so the reward model scores what the SFT model generates."""
+    records = json.loads(shared_path("data", "alpaca_5000.json").read_text())
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    for record in (records[0], next(r for r in records if r["input"])):
+        pair = preferences.parse_pair({**record, "chosen": record["output"], "rejected": "No."})
+        tokens = preferences.tokenize_pair(pair, tok, "seed", 1024)
+        sft = datasetup.tokenize_example(record, tok, "seed", 1024)
+        assert tokens["prompt_ids"] + tokens["chosen_ids"] == sft["input_ids"]
+        assert tokens["chosen_ids"][-1] == tok.eos_token_id
+        assert scoring.answer_ids(tok, preferences.pair_prompt(pair, "seed"), record["output"]) == sft["input_ids"]
+
+
+# ---------------------------------------------------------------- the smoke proof, end to end
+@pytest.fixture(scope="module")
+def smoke_reward(smoke_trained):
+    result = run_reward(smoke_trained, "--smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return smoke_trained, result.stdout
+
+
+def test_smoke_reward_model_ranks_held_out_pairs(smoke_reward):
+    work, stdout = smoke_reward
+    out = work / "smoke-run" / "reward"
+    metrics = load_json(out / "metrics.json")
+    assert metrics["eval_accuracy_before"] == 0.5 and metrics["eval_loss_before"] == pytest.approx(0.6931, abs=1e-4)
+    assert metrics["eval_accuracy_after"] >= 0.95 and metrics["eval_pairs"] == 200
+    assert metrics["eval_loss_after"] < 0.2 and metrics["eval_mean_margin_after"] > 1
+    assert metrics["train_pairs"] == 3600 and metrics["pairs_per_second"] > 0 and metrics["train_runtime_s"] > 0
+    assert (out / "margins.png").stat().st_size > 10_000 and (out / "sft_template.json").exists()
+    assert load_json(out / "config.json")["pad_token_id"] is None
+    config = load_json(out / "run_config.json")
+    assert config["data_report"] == {"read": 2000, "malformed": 0, "empty": 0, "equal": 0, "too_long": 0}
+    assert "Held-out pairwise accuracy 50.0% ->" in stdout
+    again = run_reward(work, "--smoke")  # a finished run is not run again
+    assert again.returncode == 0 and "already holds this finished run" in again.stdout
+
+
+def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
+    import smoke
+
+    work, _ = smoke_reward
+    out = str(work / "smoke-run" / "reward")
+    rm, tok, template = scoring.load_reward_model(out)
+    names = "cat dog owl"
+    prompt = datasetup.format_prompt({"instruction": smoke.GREETING, "input": names}, template)
+    polite, casual = (form.format(names=names) for form in smoke.STYLES.values())
+    scores = scoring.score_texts(rm, tok, [prompt, prompt], [polite, casual])
+    assert scores[0] > scores[1]
+    shown = run_reward(work, "--smoke", "--score", "--prompt", smoke.GREETING, "--input", names, "--answer", polite)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"{scores[0]:+9.4f}  answer: {polite!r}" in shown.stdout
+    pairs = work / "pairs-to-score.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in smoke.make_pairs(20, seed=5)))
+    ranked = run_reward(work, "--smoke", "--score", "--prompts-file", str(pairs))
+    assert ranked.returncode == 0 and "chosen scored above rejected in" in ranked.stdout
+    assert int(ranked.stdout.split("chosen scored above rejected in ")[1].split("/")[0]) >= 18
+
+
+def test_reward_run_resumes_after_sigterm_and_refuses_another_run(smoke_reward):
+    work, _ = smoke_reward
+    args = ["--smoke", "--epochs", "1", "--save-steps", "10", "--output-dir", "rm-resume"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "reward.py"), *args], cwd=work, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = work / "rm-resume" / "checkpoint-10" / "trainer_state.json"
+    for _ in range(1200):
+        if state.exists() or proc.poll() is not None:
+            break
+        subprocess.run(["sleep", "0.05"])
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, output[-3000:]
+    assert "Run the same command to continue" in output
+    other = run_reward(work, *args, "--lr", "1e-4")
+    assert other.returncode == 2 and "holds a different run" in other.stderr and "lr: 0.001 there" in other.stderr
+    resumed = run_reward(work, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from rm-resume/checkpoint-" in resumed.stdout
+    metrics = load_json(work / "rm-resume" / "metrics.json")
+    assert metrics["global_step"] == 57 and metrics["train_pairs"] == 1800  # the whole run, both sessions
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--score", "--prompt", "x"], "--score needs --answer (with --prompt) or --prompts-file"),
+    (["--answer", "y"], "--answer and --prompts-file are for --score"),
+    (["--batch-size", "0", "--lr", "0"], "--batch-size must be >= 1"),
+    (["--model", "./no-sft", "--dataset", "pairs.json"], "no such directory"),
+    (["--score", "--prompt", "x", "--answer", "y", "--output-dir", "nothing"], "--output-dir nothing: no reward model"),
+])
+def test_bad_settings_are_refused_naming_the_flag(tmp_path, args, expected):
+    result = run_reward(tmp_path, *args)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_smoke_reward_needs_the_smoke_sft_model_first(tmp_path):
+    result = run_reward(tmp_path, "--smoke")
+    assert result.returncode == 2 and "run `python train.py --smoke` first" in result.stderr
+
+
+# ---------------------------------------------------------------- the real HH-RLHF pairs
+def test_hh_rlhf_pairs_train_a_few_steps_from_a_distilgpt2_sft_dir(distilgpt2_sft, tmp_path):
+    data = str(shared_path("data", "hh-rlhf-harmless-base-test.jsonl.gz"))
+    strict = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm")
+    assert strict.returncode == 2 and "record 1254 (line 1255)" in strict.stderr and "--skip-invalid" in strict.stderr
+    result = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm",
+                        "--skip-invalid", "--max-steps", "2", "--batch-size", "2", "--val-size", "16",
+                        "--precision", "fp32", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("Pairs: 2312 read from" in result.stdout and "left out: 5 malformed (--skip-invalid), 4 with an empty answer"
+            in result.stdout and "longer than --max-length 512" in result.stdout)
+    metrics = load_json(tmp_path / "rm" / "metrics.json")
+    assert metrics["global_step"] == 2 and metrics["eval_pairs"] == 16 and metrics["eval_accuracy_before"] == 0.5
+    report = load_json(tmp_path / "rm" / "run_config.json")["data_report"]
+    assert report["malformed"] == 5 and report["empty"] == 4 and 0 < report["too_long"] < 100
