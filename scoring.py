@@ -109,7 +109,7 @@ def enable_score_index(model):
 
 def reward_model_from(name_or_path: str, dtype=None):
     """A reward model whose body is the causal LM at `name_or_path` (the SFT model) and whose score head is
-    new and zero: before training it scores every answer 0, preferring nothing."""
+    new and zero: before training it scores every answer 0, preferring nothing. Dropout is off."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -123,6 +123,9 @@ def reward_model_from(name_or_path: str, dtype=None):
                         f"({type(err).__name__}: {err})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    for module in model.modules():  # no dropout, as in TRL: it would make the two scores of a pair noisy
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     with torch.no_grad():
         model.score.weight.zero_()
         if getattr(model.score, "bias", None) is not None:

@@ -241,3 +241,25 @@ def test_hh_rlhf_pairs_train_a_few_steps_from_a_distilgpt2_sft_dir(distilgpt2_sf
     assert metrics["global_step"] == 2 and metrics["eval_pairs"] == 16 and metrics["eval_accuracy_before"] == 0.5
     report = load_json(tmp_path / "rm" / "run_config.json")["data_report"]
     assert report["malformed"] == 5 and report["empty"] == 4 and 0 < report["too_long"] < 100
+
+
+def test_torchrun_two_cpu_processes_score_every_held_out_pair_once(smoke_reward):
+    work, _ = smoke_reward
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "reward.py"), "--smoke", "--max-steps", "3", "--output-dir", "rm-ddp"],
+                            cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = load_json(work / "rm-ddp" / "metrics.json")
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+    assert metrics["eval_pairs"] == 200 and metrics["train_pairs"] == 3 * 32 * 2  # both processes counted
+
+
+def test_help_lists_every_setting():
+    import cli
+    import reward
+
+    result = run_reward(ROOT, "--help")
+    assert result.returncode == 0
+    for name, _, help_text in cli.constant_specs(reward):
+        assert cli.flag_name(name) in result.stdout, name
+    assert len(cli.constant_specs(reward)) == 25
