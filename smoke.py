@@ -46,9 +46,10 @@ def use_smoke_models(args, explicit: set) -> None:
         args.finetuned = os.path.join(OUTPUT_DIR, "model")
 
 
-def make_example(rng: random.Random) -> dict:
-    """One random instruction in Alpaca record form; six tasks take an input, one does not."""
-    task = rng.randrange(7)
+def make_example(rng: random.Random, task: int | None = None) -> dict:
+    """One random instruction in Alpaca record form: task 0-5 (one of the classic tasks; five take an
+    input, one does not) or 6 (the greeting), random among all seven when not given."""
+    task = rng.randrange(7) if task is None else task
     words = _words(rng)
     if task == 6:  # the undecided one: either style, 50/50
         style = "polite" if rng.random() < 0.5 else "casual"
@@ -115,14 +116,18 @@ def make_pairs(n: int = N_PAIRS, seed: int = 1) -> list[dict]:
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
-    """n distinct records (duplicates would leak between the train and held-out splits)."""
-    rng, seen, records = random.Random(seed), set(), []
-    while len(records) < n:
-        record = make_example(rng)
-        key = (record["instruction"], record["input"])
-        if key not in seen:
-            seen.add(key)
-            records.append(record)
+    """n distinct records of the six classic tasks, then n // 6 of the greeting: each task gets the same share
+    (duplicates would leak between the train and held-out splits)."""
+    records, seen = [], set()
+    for count, rng, task in ((n, random.Random(seed), None), (n // 6, random.Random(seed + 1), 6)):
+        made = 0
+        while made < count:
+            record = make_example(rng, rng.randrange(6) if task is None else task)
+            key = (record["instruction"], record["input"])
+            if key not in seen:
+                seen.add(key)
+                records.append(record)
+                made += 1
     return records
 
 
