@@ -123,7 +123,10 @@ def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dic
 
         raise UserError(f"{args.dataset}: too few pairs left to train and evaluate on (raise --max-length or "
                         "--val-size?)")
+    from datasets import Dataset
+
     report.update(too_long=too_long)
+    data = {name: Dataset.from_list(part) for name, part in data.items()}  # Arrow: compact, unlike lists of ints
     return data, held_out, report
 
 
