@@ -44,6 +44,8 @@ INPUT = ""  # --score: optional input of the instruction
 ANSWER = ""  # --score: the answer to score
 PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" and "rejected"), and a prompt
 
+# Skipped records named in the output (all of them go to run_config.json).
+SHOWN = 5
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
             "warmup_ratio")
@@ -66,8 +68,10 @@ def validate_args(args) -> None:
         problems.append("--score needs --answer (with --prompt) or --prompts-file, one of them")
     if args.score and args.answer and not args.prompt:
         problems.append("--answer needs the --prompt it answers")
-    if not args.score and (args.answer or args.prompts_file):
-        problems.append("--answer and --prompts-file are for --score")
+    given = [flag for flag, value in (("--prompt", args.prompt), ("--input", args.input), ("--answer", args.answer),
+                                      ("--prompts-file", args.prompts_file)) if value]
+    if not args.score and given:
+        problems.append(f"{', '.join(given)}: only used with --score")
     check_all(problems + val_size_problems(args.val_size))
 
 
@@ -89,16 +93,25 @@ def apply_smoke(args, explicit: set) -> None:
         raise UserError(f"no smoke SFT model in {args.model}/: run `python train.py --smoke` first")
 
 
-def require_sft_model(path: str) -> None:
-    """A clear message when the SFT directory holds no finished model (Hub ids pass through)."""
+def check_dirs(model: str, output_dir: str) -> None:
+    """A clear message when the SFT directory holds no finished model (Hub ids other than the default pass
+    through), and never an output dir that is the SFT model's own."""
     import rundir
     from cli import UserError
 
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+    if os.path.realpath(model) == os.path.realpath(output_dir):
+        raise UserError(f"--output-dir {output_dir} is the SFT model's directory (--model); the reward model "
+                        "needs a directory of its own")
+    if not os.path.isdir(model):
+        if model == MODEL:  # the default SFT output dir, not a Hub id: train.py has not run yet
+            raise UserError(f"--model {model}: no SFT model there. Run `python train.py` first (or "
+                            "`python train.py --smoke`, then `python reward.py --smoke`).")
         return
-    last = rundir.find_checkpoint(path)
+    if os.path.isfile(os.path.join(model, "config.json")):
+        return
+    last = rundir.find_checkpoint(model)
     hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
-    raise UserError(f"--model {path}: no SFT model there{hint}. Run `python train.py` first.")
+    raise UserError(f"--model {model}: no SFT model there{hint}. Run `python train.py` first.")
 
 
 def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dict]:
@@ -117,6 +130,8 @@ def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dic
                f"{too_long} longer than --max-length {args.max_length}" if too_long else ""]
     dropped = [text for text in dropped if text]
     say(f"Pairs: {report['read']} read from {args.dataset}; left out: {', '.join(dropped) if dropped else 'none'}")
+    for problem in report["skipped"][:SHOWN]:
+        say(f"  skipped {problem}")
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
     if not data["train"] or not data["validation"]:
         from cli import UserError
@@ -131,9 +146,10 @@ def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dic
 
 
 def main(args, explicit: set) -> None:
-    from transformers import TrainingArguments
+    from transformers import AutoConfig, TrainingArguments
 
     import model as model_lib
+    from cli import UserError
     import rundir
     import scoring
     from rmtrainer import RewardTrainer, plot_margins
@@ -143,7 +159,7 @@ def main(args, explicit: set) -> None:
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
     packing, attn = runner.resolve_packing(args.packing, device, precision)
-    require_sft_model(args.model)
+    check_dirs(args.model, args.output_dir)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     config = {**vars(args), "device": device.type, "precision": precision,
               "command": shlex.join(["python", "reward.py", *sys.argv[1:]])}
@@ -154,7 +170,8 @@ def main(args, explicit: set) -> None:
         eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
         logging_steps=args.logging_steps, seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16",
         use_cpu=device.type == "cpu", ddp_backend="gloo" if device.type == "cpu" and distributed else None,
-        report_to="none", remove_unused_columns=False, dataloader_pin_memory=device.type == "cuda")
+        report_to="none", remove_unused_columns=False, dataloader_pin_memory=device.type == "cuda",
+        ddp_find_unused_parameters=False)  # every weight is used: no extra graph pass under DDP
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -166,6 +183,9 @@ def main(args, explicit: set) -> None:
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = model_lib.load_tokenizer(args.model)
+        limit = scoring.context_limit(AutoConfig.from_pretrained(args.model))
+        if limit and args.max_length > limit:  # long pairs would crash inside the model
+            raise UserError(f"--max-length {args.max_length} is more than the {limit} positions of {args.model}")
         template = load_template(args.model)
         data, held_out, report = prepare_pairs(args, tokenizer, template, say)
     model = scoring.reward_model_from(args.model)
@@ -181,7 +201,7 @@ def main(args, explicit: set) -> None:
                   world_size=training_args.world_size, data_report={
                       "read": report["read"], "malformed": len(report["skipped"]),
                       "empty": len(report["empty_dropped"]), "equal": len(report["equal_dropped"]),
-                      "too_long": report["too_long"]})
+                      "too_long": report["too_long"], "skipped": report["skipped"]})
     if main_process:
         rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE), held_out)  # the held-out pairs, as read
         rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
@@ -215,11 +235,13 @@ def main(args, explicit: set) -> None:
                          (metrics["eval_accuracy_before"], metrics["eval_accuracy_after"]))
             rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
     runner.finish(trainer)
+    if not main_process:
+        return
     say(f"\nHeld-out pairwise accuracy {metrics['eval_accuracy_before']:.1%} -> {metrics['eval_accuracy_after']:.1%}"
         f" (loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}, mean margin "
         f"{metrics['eval_mean_margin_after']:+.3f}) on {metrics['eval_pairs']} pairs")
     say(f"{metrics['pairs_per_second']:.1f} pairs/s on {device.type}; reward model, metrics.json and margins.png in "
-        f"{args.output_dir}/") if main_process else None
+        f"{args.output_dir}/")
 
 
 def score_main(args) -> None:

@@ -66,7 +66,10 @@ def plot_margins(before: list[float], after: list[float], path: str, accuracy: t
     values = list(before) + list(after)
     low, high = min(values + [-1.0]), max(values + [1.0])
     bins = torch.linspace(low, high, 41).tolist()
-    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray", label=f"before training ({accuracy[0]:.1%} right)")
+    tied = all(margin == 0 for margin in before)  # the new zero head: every pair tied, 50% with ties counted half
+    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray",
+            label="before training (every margin 0: new zero head)" if tied else
+            f"before training ({accuracy[0]:.1%} right)")
     ax.hist(after, bins=bins, alpha=0.6, color="tab:green", label=f"after training ({accuracy[1]:.1%} right)")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("reward margin on a held-out pair: r(chosen) - r(rejected); right of 0 = ranked right")

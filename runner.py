@@ -67,6 +67,15 @@ def choose_packing(model, packing: str, explicit: bool, say, what: str, n: int, 
     return "none"
 
 
+def refuse_other_script(output_dir: str, command: str) -> None:
+    """A dir that holds another script's run (an SFT model, say) is never resumed into or cleared."""
+    saved = (rundir.read_run_config(output_dir) or {}).get("command", "")
+    script, theirs = command.split()[1:2], saved.split()[1:2]
+    if saved and theirs != script:
+        raise rundir.UserError(f"{output_dir}/ holds a run of {theirs[0]}, which this {script[0]} run would "
+                               "overwrite; use another --output-dir")
+
+
 def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], resume: bool, training_args,
                     say=print) -> str | None:
     """Lock the output dir and return the checkpoint to resume from (None: start fresh).
@@ -78,6 +87,7 @@ def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], re
     if main_process:
         _locks.append(rundir.lock(output_dir))
     with training_args.main_process_first(desc="checking the output dir"):
+        refuse_other_script(output_dir, config["command"])
         if not resume:
             if main_process and rundir.clear_run(output_dir):
                 say(f"--no-resume: deleted the checkpoints and results of the earlier run in {output_dir}/")

@@ -147,13 +147,19 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
     from templates import load_template
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{flag} {path}: no reward model there (config.json missing). Train one with "
-                        "`python reward.py` (or `python reward.py --smoke`).")
+        import rundir
+
+        last = rundir.find_checkpoint(path)
+        hint = f" Its training did not finish: resume it, or score with {last}." if last else (
+            " Train one with `python reward.py` (or `python reward.py --smoke`).")
+        raise UserError(f"{flag} {path}: no reward model there (config.json missing).{hint}")
     config = AutoConfig.from_pretrained(path)
     kinds = config.architectures or []
     if not any(kind.endswith("ForSequenceClassification") for kind in kinds) or config.num_labels != 1:
-        raise UserError(f"{flag} {path}: not a reward model (it is a {', '.join(kinds) or 'model'} with "
-                        f"{config.num_labels} outputs); reward.py writes one with a single score")
+        what = (f"a causal language model ({', '.join(kinds)}), such as the SFT model" if any(
+            kind.endswith(("LMHeadModel", "ForCausalLM")) for kind in kinds) else f"a {', '.join(kinds) or 'model'} "
+            f"with {config.num_labels} outputs")
+        raise UserError(f"{flag} {path}: not a reward model (it is {what}); reward.py writes one with a single score")
     tokenizer = model_lib.load_tokenizer(path, flag=flag)
     rm = AutoModelForSequenceClassification.from_pretrained(path)
     rm = enable_score_index(rm).to(device or "cpu").eval()
@@ -191,12 +197,17 @@ def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_
     """The reward of each answer to its (already formatted) prompt. Raises UserError for a text longer
     than the model's context."""
     sequences = [answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    limit = context_limit(model.config)
     too_long = [i for i, s in enumerate(sequences) if limit and len(s) > limit]
     if too_long:
         raise UserError(f"answer {too_long[0]}: prompt + answer is {len(sequences[too_long[0]])} tokens, more than "
                         f"the reward model's {limit}")
     return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+
+
+def context_limit(config) -> int | None:
+    """The most tokens a model of this config reads at once (None where the config does not say)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def pairwise_stats(margins) -> dict:

@@ -210,7 +210,9 @@ def test_reward_run_resumes_after_sigterm_and_refuses_another_run(smoke_reward):
 
 @pytest.mark.parametrize("args,expected", [
     (["--score", "--prompt", "x"], "--score needs --answer (with --prompt) or --prompts-file"),
-    (["--answer", "y"], "--answer and --prompts-file are for --score"),
+    (["--prompt", "x", "--answer", "y"], "--prompt, --answer: only used with --score"),
+    ([], "--model distilgpt2-alpaca: no SFT model there. Run `python train.py` first"),
+    (["--model", ".", "--output-dir", "."], "is the SFT model's directory"),
     (["--batch-size", "0", "--lr", "0"], "--batch-size must be >= 1"),
     (["--model", "./no-sft", "--dataset", "pairs.json"], "no such directory"),
     (["--score", "--prompt", "x", "--answer", "y", "--output-dir", "nothing"], "--output-dir nothing: no reward model"),
@@ -219,6 +221,21 @@ def test_bad_settings_are_refused_naming_the_flag(tmp_path, args, expected):
     result = run_reward(tmp_path, *args)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_run_overwrites_another_scripts_output_or_outgrows_the_model(smoke_reward):
+    work, _ = smoke_reward
+    sft = work / "smoke-run" / "model"
+    same = run_reward(work, "--smoke", "--output-dir", str(sft), "--no-resume")
+    assert same.returncode == 2 and "is the SFT model's directory" in same.stderr
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke", "--output-dir", "smoke-run/reward",
+                            "--no-resume"], cwd=work, env=ENV, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 2 and "holds a run of reward.py" in train.stderr
+    assert (sft / "config.json").exists() and (work / "smoke-run" / "reward" / "metrics.json").exists()
+    long = run_reward(work, "--smoke", "--max-length", "1000", "--output-dir", "rm-long")
+    assert long.returncode == 2 and "--max-length 1000 is more than the 256 positions" in long.stderr
+    not_rm = run_reward(work, "--score", "--prompt", "x", "--answer", "y", "--output-dir", str(sft))
+    assert not_rm.returncode == 2 and "causal language model (GPT2LMHeadModel), such as the SFT model" in not_rm.stderr
 
 
 def test_smoke_reward_needs_the_smoke_sft_model_first(tmp_path):
