@@ -25,6 +25,7 @@ NUM_GENERATIONS = 100  # held-out prompts to generate answers for; >= 1
 NUM_SAMPLES = 5  # prompts shown with both answers and the reference in report.md; >= 0
 MAX_NEW_TOKENS = 128  # most tokens generated per answer; >= 1
 BATCH_SIZE = 16  # prompts (or perplexity examples) per batch; >= 1
+REWARD_MODEL = ""  # a reward.py output dir: adds each model's mean reward and the win rate, with the RM as judge
 DEVICE = "auto"  # auto|cuda|mps|cpu
 SMOKE = False  # evaluate smoke-run/ from `python train.py --smoke`
 
@@ -36,6 +37,8 @@ METRICS = {
     "rouge_l_f1": ("ROUGE-L F1", "higher"),
 }
 
+
+REWARD = {"mean_reward": ("mean reward (reward model)", "higher")}  # with --reward-model
 
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
 COLORS = {"base": "tab:gray", "finetuned": "tab:green"}
@@ -90,7 +93,28 @@ def generation_metrics(answers: list[dict], token_ids: list[list[int]], referenc
     }
 
 
+def win_rate(finetuned: list[float], base: list[float]) -> float:
+    """Share of prompts whose fine-tuned answer scores higher than the base answer; ties count half."""
+    return sum(1.0 if f > b else 0.5 if f == b else 0.0 for f, b in zip(finetuned, base)) / len(finetuned)
+
+
+def metrics_of(report: dict) -> dict:
+    """The metrics this report has: METRICS, and the mean reward when a reward model judged it."""
+    return {**METRICS, **(REWARD if "mean_reward" in report["finetuned"] else {})}
+
+
 # ---------------------------------------------------------------- model-side measurements
+def rewards(reward_model: str, device, records: list[dict], answers: dict, batch_size: int) -> dict:
+    """Each role's reward-model scores of its answers, the prompts formatted with the RM's template."""
+    import scoring
+    from templates import format_prompt
+
+    rm, tokenizer, template = scoring.load_reward_model(reward_model, device)
+    prompts = [format_prompt(r, template) for r in records]
+    return {role: scoring.score_texts(rm, tokenizer, prompts, [a["text"] for a in texts], batch_size)
+            for role, texts in answers.items()}
+
+
 def response_loss(lm, tokenizer, records: list[dict], template, max_length: int, batch_size: int) -> float:
     """Mean cross-entropy per response token (prompt tokens masked), over all the records."""
     import torch
@@ -137,8 +161,9 @@ def evaluate_model(role, path, device, records, config, args, template) -> tuple
 # ---------------------------------------------------------------- report
 def compare(base: dict, finetuned: dict) -> dict:
     """For each metric: did fine-tuning make it better?"""
+    metrics = {**METRICS, **(REWARD if "mean_reward" in finetuned else {})}
     return {key: (finetuned[key] < base[key]) if way == "lower" else (finetuned[key] > base[key])
-            for key, (_, way) in METRICS.items()}
+            for key, (_, way) in metrics.items()}
 
 
 def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
@@ -151,11 +176,16 @@ def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
              f"for {fine['generations']} prompts, at most {report['max_new_tokens']} new tokens.", "",
              "| metric | better | " + " | ".join(LABELS[r] for r in roles) + (" | fine-tuned better? |" if better else " |"),
              "| --- | --- |" + " ---: |" * len(roles) + (" --- |" if better else "")]
-    for key, (label, way) in METRICS.items():
+    for key, (label, way) in metrics_of(report).items():
         verdict = f" {'yes' if better[key] else 'no'} |" if better else ""
         lines.append(f"| {label} | {way} | " + " | ".join(f"{report[r][key]:.4g}" for r in roles) + f" |{verdict}")
     lines.append("| mean answer length (tokens) | - | " + " | ".join(f"{report[r]['mean_length']:.1f}" for r in roles)
                  + f" | reference: {report['reference_mean_length']:.1f} |")
+    if "win_rate" in report:
+        lines += ["", f"**Win rate of the fine-tuned model over the base: {report['win_rate']:.1%}** of "
+                  f"{fine['generations']} prompts (ties count half), judged by the reward model "
+                  f"`{report['reward_model']}`. This is AlpacaFarm's simulated preference with our reward model "
+                  "as the judge: it is only as good as that reward model, not a human verdict."]
     lines += ["", "![report](report.png)", "", "## Samples", ""]
     for i, s in enumerate(samples, 1):
         lines += [f"### {i}. {s['instruction']}", ""]
@@ -175,8 +205,9 @@ def plot_report(path: str, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     roles = [role for role in ("base", "finetuned") if role in report]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(2.1 * len(METRICS), 3.4))
-    for ax, (key, (label, way)) in zip(axes, METRICS.items()):
+    metrics = metrics_of(report)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.1 * len(metrics), 3.4))
+    for ax, (key, (label, way)) in zip(axes, metrics.items()):
         values = [report[role][key] for role in roles]
         bars = ax.bar([LABELS[role] for role in roles], values, color=[COLORS[role] for role in roles])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
@@ -226,12 +257,18 @@ def main(args, explicit: set) -> dict:
     for role, path in roles.items():
         results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template)
     gen_records = records[: args.num_generations]
+    if args.reward_model:
+        scores = rewards(args.reward_model, device, gen_records, answers, args.batch_size)
+        for role, values in scores.items():
+            results[role]["mean_reward"] = sum(values) / len(values)
     report = {**{f"{role}_model": path for role, path in roles.items()},
               "dataset": args.dataset or config["dataset"], "seed": config["seed"], "val_size": config["val_size"],
               "max_new_tokens": args.max_new_tokens,
               "reference_mean_length": results["finetuned"]["reference_mean_length"], **results}
     if "base" in results:
         report["finetuned_better"] = compare(results["base"], results["finetuned"])
+    if args.reward_model and "base" in results:
+        report.update(reward_model=args.reward_model, win_rate=win_rate(scores["finetuned"], scores["base"]))
     samples = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
                 **{role: answers[role][i]["text"] for role in roles}}
                for i, r in enumerate(gen_records[: args.num_samples])]

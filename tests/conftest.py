@@ -62,3 +62,13 @@ def distilgpt2_sft(tmp_path_factory):
                             cwd=path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return path / "out"
+
+
+@pytest.fixture(scope="session")
+def smoke_reward(smoke_trained):
+    """(directory, stdout): `python reward.py --smoke` has run in the smoke_trained directory (about 20 s)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "reward.py"), "--smoke"], cwd=smoke_trained, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return smoke_trained, result.stdout

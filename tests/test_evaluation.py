@@ -63,6 +63,25 @@ def test_smoke_report_shows_fine_tuning_wins_everywhere(smoke_trained):
     assert "Generating (finetuned)" in result.stderr  # the progress bar
 
 
+def test_win_rate_counts_ties_half():
+    assert ev.win_rate([2.0, 1.0, 0.0, -1.0], [1.0, 1.0, 3.0, -2.0]) == pytest.approx(0.625)
+
+
+def test_reward_model_judges_the_smoke_models(smoke_reward):
+    work, _ = smoke_reward
+    result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--smoke", "--num-generations", "40",
+                             "--max-new-tokens", "24", "--limit", "20", "--reward-model", "smoke-run/reward",
+                             "--output-dir", "eval-rm"], cwd=work, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((work / "eval-rm" / "report.json").read_text())
+    assert report["reward_model"] == "smoke-run/reward" and report["win_rate"] > 0.6  # 80% when measured
+    assert report["finetuned"]["mean_reward"] > report["base"]["mean_reward"]
+    assert report["finetuned_better"]["mean_reward"]
+    markdown = (work / "eval-rm" / "report.md").read_text()
+    assert "| mean reward (reward model) | higher |" in markdown and "AlpacaFarm's simulated preference" in markdown
+
+
 def test_missing_run_is_a_clean_error(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--finetuned", str(tmp_path)],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -140,13 +140,6 @@ def test_reward_tokens_are_the_sft_tokens_on_a_real_record(gpt2_tokenizer):
 
 
 # ---------------------------------------------------------------- the smoke proof, end to end
-@pytest.fixture(scope="module")
-def smoke_reward(smoke_trained):
-    result = run_reward(smoke_trained, "--smoke")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return smoke_trained, result.stdout
-
-
 def test_smoke_reward_model_ranks_held_out_pairs(smoke_reward):
     work, stdout = smoke_reward
     out = work / "smoke-run" / "reward"
