@@ -116,10 +116,10 @@ def make_pairs(n: int = N_PAIRS, seed: int = 1) -> list[dict]:
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
-    """n distinct records of the six classic tasks, then n // 6 of the greeting: each task gets the same share
-    (duplicates would leak between the train and held-out splits)."""
+    """n distinct records: the six classic tasks, then n // 7 of the greeting, so each task gets about the same
+    share (duplicates would leak between the train and held-out splits)."""
     records, seen = [], set()
-    for count, rng, task in ((n, random.Random(seed), None), (n // 6, random.Random(seed + 1), 6)):
+    for count, rng, task in ((n - n // 7, random.Random(seed), None), (n // 7, random.Random(seed + 1), 6)):
         made = 0
         while made < count:
             record = make_example(rng, rng.randrange(6) if task is None else task)
@@ -169,7 +169,7 @@ def prepare_pairs(output_dir: str = OUTPUT_DIR, n_pairs: int = N_PAIRS, seed: in
     return path
 
 
-def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4000, seed: int = 0) -> dict:
+def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4666, seed: int = 0) -> dict:
     """Write the smoke data set, tokenizer and base model once; return their paths."""
     from datasetup import TEMPLATES
 

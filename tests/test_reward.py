@@ -151,7 +151,8 @@ def test_smoke_reward_model_ranks_held_out_pairs(smoke_reward):
     assert (out / "margins.png").stat().st_size > 10_000 and (out / "sft_template.json").exists()
     assert load_json(out / "config.json")["pad_token_id"] is None
     config = load_json(out / "run_config.json")
-    assert config["data_report"] == {"read": 2000, "malformed": 0, "empty": 0, "equal": 0, "too_long": 0}
+    assert config["data_report"] == {"read": 2000, "malformed": 0, "empty": 0, "equal": 0, "too_long": 0,
+                                     "skipped": []}
     assert "Held-out pairwise accuracy 50.0% ->" in stdout
     again = run_reward(work, "--smoke")  # a finished run is not run again
     assert again.returncode == 0 and "already holds this finished run" in again.stdout
@@ -178,27 +179,37 @@ def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
     assert int(ranked.stdout.split("chosen scored above rejected in ")[1].split("/")[0]) >= 18
 
 
-def test_reward_run_resumes_after_sigterm_and_refuses_another_run(smoke_reward):
-    work, _ = smoke_reward
-    args = ["--smoke", "--epochs", "1", "--save-steps", "10", "--output-dir", "rm-resume"]
+def start_reward_until(work, args, checkpoint):
+    """reward.py started in the background, once checkpoint-N of its output dir is complete."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "reward.py"), *args], cwd=work, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    state = work / "rm-resume" / "checkpoint-10" / "trainer_state.json"
-    for _ in range(1200):
+    state = work / "rm-resume" / f"checkpoint-{checkpoint}" / "trainer_state.json"
+    for _ in range(2400):
         if state.exists() or proc.poll() is not None:
             break
         subprocess.run(["sleep", "0.05"])
+    assert proc.poll() is None, f"the run ended before {state} appeared: {proc.stdout.read()[-3000:]}"
+    return proc
+
+
+def test_reward_run_resumes_after_sigterm_and_kill_9_and_refuses_another_run(smoke_reward):
+    work, _ = smoke_reward
+    args = ["--smoke", "--epochs", "1", "--save-steps", "10", "--output-dir", "rm-resume"]
+    proc = start_reward_until(work, args, 10)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, output[-3000:]
     assert "Run the same command to continue" in output
     other = run_reward(work, *args, "--lr", "1e-4")
     assert other.returncode == 2 and "holds a different run" in other.stderr and "lr: 0.001 there" in other.stderr
+    proc = start_reward_until(work, args, 30)
+    proc.kill()  # kill -9: no handler runs, the lock goes with the process
+    proc.communicate(timeout=60)
     resumed = run_reward(work, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from rm-resume/checkpoint-" in resumed.stdout
     metrics = load_json(work / "rm-resume" / "metrics.json")
-    assert metrics["global_step"] == 57 and metrics["train_pairs"] == 1800  # the whole run, both sessions
+    assert metrics["global_step"] == 57 and metrics["train_pairs"] == 1800  # the whole run, all three sessions
 
 
 @pytest.mark.parametrize("args,expected", [
