@@ -28,6 +28,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 PAIR_FIELDS = ("instruction", "input", "prompt", "chosen", "rejected")
 # How many problems a "no usable pairs" error quotes.
 SHOWN = 3
+# Pairs tokenized per chunk; sets of 4 chunks or more show a progress bar.
+CHUNK = 5000
 
 
 class MalformedPair(ValueError):
@@ -170,9 +172,15 @@ def tokenize_pair(pair: dict, tokenizer, template: str | Template, max_length: i
 def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_length: int) -> tuple[list, dict]:
     """(tokenized pairs, report): tokenize_pair over a list, batched. Pairs that do not fit are dropped and
     reported: "too_long_dropped" lists their positions in `pairs`, "fit_share" the share that fits."""
+    from tqdm.auto import tqdm
+
     texts = ([pair_prompt(pair, template) for pair in pairs] + [pair["chosen"] for pair in pairs]
              + [pair["rejected"] for pair in pairs])
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids = []
+    with tqdm(total=len(pairs), desc="Tokenizing pairs", unit="pair", disable=len(pairs) < 4 * CHUNK) as bar:
+        for start in range(0, len(texts), 3 * CHUNK):  # in chunks, for the progress bar on large sets
+            ids += tokenizer(texts[start:start + 3 * CHUNK], add_special_tokens=False)["input_ids"]
+            bar.update(min(CHUNK, len(pairs) - bar.n))
     n, bos = len(pairs), bos_prefix(tokenizer)  # bos + a prompt's ids = encode_prompt's, in one batch
     tokenized, too_long = [], []
     for position in range(n):
