@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -21,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import Counting, _peak_mb, _timing_callback  # noqa: E402  (the SFT rows' measuring tools)
+from throughput import (  # noqa: E402  (the SFT rows' measuring and running tools)
+    Counting, _peak_mb, _timing_callback, plan, run_workers, write_results)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
@@ -132,24 +132,11 @@ def summarize(results: list[dict], precisions: list[str], auto: str) -> str:
 
 
 def main(args) -> None:
-    import model as model_lib
-
     n = 16 if args.quick else args.pairs
-    rows = ALL_ROWS if args.rows == "all" else tuple(args.rows.split(","))
-    auto, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
-    precisions = (["fp32", "bf16"] if auto == "bf16" else ["fp32"]) if args.precisions == "auto" \
-        else args.precisions.split(",")
-    results = []
-    for precision in precisions:
-        for row in rows:
-            print(f"running {row} at {precision} on {n} pairs ...", flush=True)
-            out = subprocess.run([sys.executable, __file__, "--worker", f"{row}:{precision}", "--pairs", str(n),
-                                  f"--model={args.model}", f"--dataset={args.dataset}", f"--batch-size={args.batch_size}",
-                                  f"--max-length={args.max_length}"], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{row} at {precision} failed:\n{out.stderr[-3000:]}")
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  {results[-1]['pairs_per_s']:.2f} pairs/s, peak {results[-1]['peak_mb']:.0f} MB", flush=True)
+    rows, precisions, auto = plan(args.rows, ALL_ROWS, args.precisions)
+    results = run_workers(__file__, rows, precisions, [
+        "--pairs", str(n), f"--model={args.model}", f"--dataset={args.dataset}", f"--batch-size={args.batch_size}",
+        f"--max-length={args.max_length}"], f"{n} pairs", lambda r: f"{r['pairs_per_s']:.2f} pairs/s")
     header = (f"Pairs: first {n} usable of {os.path.basename(args.dataset)} that fit {args.max_length} tokens; model: "
               f"DistilGPT2 architecture (random weights, one-output score head); batch size {args.batch_size} pairs; "
               f"CPU threads: {os.cpu_count()}; one epoch per row, figures exclude the first step. `--precision auto` "
@@ -157,14 +144,8 @@ def main(args) -> None:
     table = summarize(results, precisions, auto)
     print("\n" + header + "\n" + table)
     if not args.quick and args.rows == "all" and args.precisions == "auto":
-        base = os.path.join(ROOT, "benchmarks", "results", "reward-throughput-cpu")
-        os.makedirs(os.path.dirname(base), exist_ok=True)
-        with open(base + ".json", "w") as handle:
-            json.dump({"pairs": n, "batch_size": args.batch_size, "auto_precision": auto, "results": results}, handle,
-                      indent=2)
-        with open(base + ".md", "w") as handle:
-            handle.write(header + "\n" + table + "\n")
-        print(f"\nwritten: {base}.json and .md")
+        write_results("reward-throughput-cpu", {"pairs": n, "batch_size": args.batch_size, "auto_precision": auto,
+                                                "results": results}, header, table)
 
 
 if __name__ == "__main__":

@@ -223,45 +223,63 @@ def summarize(results: list[dict], precisions: list[str], auto: str) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> None:
+def plan(requested_rows: str, all_rows: tuple, requested_precisions: str) -> tuple[tuple, list[str], str]:
+    """(rows, precisions, what --precision auto picks): "all" and "auto" resolved; TRL rows dropped without trl."""
     import model as model_lib
 
-    n = 16 if args.quick else args.records
-    rows = ALL_ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    rows = all_rows if requested_rows == "all" else tuple(requested_rows.split(","))
     try:
         import trl  # noqa: F401
     except ImportError:
-        rows = tuple(r for r in rows if r not in ("trl", "trl_tuned"))
+        rows = tuple(r for r in rows if not r.startswith("trl"))
         print("trl is not installed (pip install -r requirements-dev.txt): skipping its rows")
     auto, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
-    precisions = (["fp32", "bf16"] if auto == "bf16" else ["fp32"]) if args.precisions == "auto" \
-        else args.precisions.split(",")
+    precisions = (["fp32", "bf16"] if auto == "bf16" else ["fp32"]) if requested_precisions == "auto" \
+        else requested_precisions.split(",")
+    return rows, precisions, auto
+
+
+def run_workers(script: str, rows, precisions, worker_args: list[str], what: str, show) -> list[dict]:
+    """Each row at each precision in its own process (`script --worker ROW:PRECISION *worker_args`), so its
+    peak memory is its own; `show(result)` is the line printed after each."""
     results = []
     for precision in precisions:
         for row in rows:
-            print(f"running {row} at {precision} on {n} records ...", flush=True)
-            settings = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_SETTINGS]
-            out = subprocess.run([sys.executable, __file__, "--worker", f"{row}:{precision}", "--records", str(n),
-                                  *settings], capture_output=True, text=True)
+            print(f"running {row} at {precision} on {what} ...", flush=True)
+            out = subprocess.run([sys.executable, script, "--worker", f"{row}:{precision}", *worker_args],
+                                 capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{row} at {precision} failed:\n{out.stderr[-3000:]}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  {results[-1]['tokens_per_s']:.0f} real tokens/s, peak {results[-1]['peak_mb']:.0f} MB",
-                  flush=True)
+            print(f"  {show(results[-1])}, peak {results[-1]['peak_mb']:.0f} MB", flush=True)
+    return results
+
+
+def write_results(name: str, meta: dict, header: str, table: str) -> None:
+    """benchmarks/results/NAME.json (meta + every figure) and NAME.md (the header and table)."""
+    base = os.path.join(ROOT, "benchmarks", "results", name)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    with open(base + ".json", "w") as handle:
+        json.dump(meta, handle, indent=2)
+    with open(base + ".md", "w") as handle:
+        handle.write(header + "\n" + table + "\n")
+    print(f"\nwritten: {base}.json and .md")
+
+
+def main(args) -> None:
+    n = 16 if args.quick else args.records
+    rows, precisions, auto = plan(args.rows, ALL_ROWS, args.precisions)
+    settings = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_SETTINGS]
+    results = run_workers(__file__, rows, precisions, ["--records", str(n), *settings], f"{n} records",
+                          lambda r: f"{r['tokens_per_s']:.0f} real tokens/s")
     table = summarize(results, precisions, auto)
     header = (f"Records: first {n} of {os.path.basename(DATASET)}; model: DistilGPT2 architecture (random weights); "
               f"batch size {BATCH_SIZE}; template {TEMPLATE}; CPU threads: {os.cpu_count()}; one epoch per row, "
               "figures exclude the first step.\n")
     print("\n" + header + "\n" + table)
     if not args.quick and args.rows == "all" and args.precisions == "auto":
-        os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-        base = os.path.join(ROOT, "benchmarks", "results", "throughput-cpu")
-        with open(base + ".json", "w") as handle:
-            json.dump({"records": n, "batch_size": BATCH_SIZE, "auto_precision": auto, "results": results}, handle,
-                      indent=2)
-        with open(base + ".md", "w") as handle:
-            handle.write(header + "\n" + table + "\n")
-        print(f"\nwritten: {base}.json and .md")
+        write_results("throughput-cpu", {"records": n, "batch_size": BATCH_SIZE, "auto_precision": auto,
+                                         "results": results}, header, table)
 
 
 if __name__ == "__main__":
