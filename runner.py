@@ -25,6 +25,27 @@ from rundir import RunStop
 _locks = []  # lock files held for the life of the process
 
 
+def run_script(module, validate, main) -> None:
+    """A training script's entry point: flags from its constants, `validate(args)`, then main(args, explicitly
+    given settings). A user mistake or a stopped run ends in one line with its exit status; an interruption
+    before training (during it, a checkpoint is saved first) with 130, or 143 for SIGTERM."""
+    import sys
+
+    import cli
+
+    parser = cli.build_parser(module)
+    args = cli.parse_or_exit(parser, validate)
+    given = cli.explicit_dests(parser, sys.argv[1:])
+    rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
+    try:
+        main(args, given)
+    except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
+        cli.fail(str(error), getattr(error, "code", 2))
+    except KeyboardInterrupt as stop:
+        cli.fail("interrupted; run the same command to continue from the newest checkpoint",
+                 143 if isinstance(stop, rundir.Terminated) else 130)
+
+
 def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | None]:
     """(collator mode, attention implementation) for --packing on `device` at `precision`.
 

@@ -220,20 +220,12 @@ def main(args, explicit: set) -> None:
         f"loss_curve.png in {args.output_dir}/")
 
 
-if __name__ == "__main__":
-    import cli
-    import rundir
+def run(args, explicit: set) -> None:
+    """The command line: --smoke's preset, then the run."""
+    if args.smoke:
+        apply_smoke(args, explicit)
+    main(args, explicit)
 
-    parser = cli.build_parser(sys.modules[__name__])
-    parsed = cli.parse_or_exit(parser, validate_args)
-    given = cli.explicit_dests(parser, sys.argv[1:])
-    rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
-    try:
-        if parsed.smoke:
-            apply_smoke(parsed, given)
-        main(parsed, given)
-    except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
-        cli.fail(str(error), getattr(error, "code", 2))
-    except KeyboardInterrupt as stop:  # before training started (during it, a checkpoint is saved first)
-        cli.fail("interrupted; run the same command to continue from the newest checkpoint",
-                 143 if isinstance(stop, rundir.Terminated) else 130)
+
+if __name__ == "__main__":
+    runner.run_script(sys.modules[__name__], validate_args, run)
