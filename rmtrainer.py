@@ -32,27 +32,15 @@ class RewardTrainer(InstructTrainer):
         """Pairwise accuracy (ties count half), loss and mean margin on the held-out pairs; each process
         scores every world_size-th pair. The margins themselves come back under PREFIX_margins."""
         from accelerate.utils import gather_object
-        from torch.utils.data import DataLoader
 
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        shard = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
-        batches = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        margins, started, was_training = [], time.perf_counter(), self.model.training
-        self.model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            for batch in batches:
-                for key in self.COUNTS:
-                    batch.pop(key, None)
-                scores = self.model(**self._prepare_inputs(batch)).logits.float()
-                margins += (scores[0::2] - scores[1::2]).tolist()
-        self.model.train(was_training)
+        margins, started = [], time.perf_counter()
+        for batch in self.evaluation_batches(eval_dataset):
+            scores = self.model(**batch).logits.float()
+            margins += (scores[0::2] - scores[1::2]).tolist()
         margins = gather_object(margins) if self.args.world_size > 1 else margins
-        stats = pairwise_stats(margins)
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in stats.items()}
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return {**metrics, f"{metric_key_prefix}_margins": margins}
+        return {**self.report_evaluation(metrics), f"{metric_key_prefix}_margins": margins}
 
 
 def plot_margins(before: list[float], after: list[float], path: str, accuracy: tuple[float, float]) -> None:

@@ -122,24 +122,37 @@ class InstructTrainer(Trainer):
         """The mean loss over every response token of the validation split, at any batch size and number of
         processes: each process takes every world_size-th example (none twice, unlike a padded sampler),
         and the summed losses and token counts are added up once at the end."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        started = time.perf_counter()
+        for batch in self.evaluation_batches(eval_dataset):
+            n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
+            sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        return self.report_evaluation({f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
+                                       f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)})
+
+    def evaluation_batches(self, dataset=None):
+        """This process's share of `dataset` (default: the eval set), every world_size-th example so none is
+        counted twice, as batches ready for the model. While they are consumed the model is in eval mode,
+        under no_grad and the run's autocast; consume them all (the training mode comes back at the end)."""
         from torch.utils.data import DataLoader
 
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        dataset = dataset if dataset is not None else self.eval_dataset
         shard = dataset.select(range(self.args.process_index, len(dataset), self.args.world_size))
-        batches = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-        started, was_training = time.perf_counter(), self.model.training
+        was_training = self.model.training
         self.model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            for batch in batches:
-                batch.pop("num_real_tokens", None)
-                batch = self._prepare_inputs(batch)
-                n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
-                sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
-        self.model.train(was_training)
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        metrics = {f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
-                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                for batch in DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
+                                        collate_fn=self.data_collator):
+                    for key in self.COUNTS:
+                        batch.pop(key, None)
+                    yield self._prepare_inputs(batch)
+        finally:
+            self.model.train(was_training)
+
+    def report_evaluation(self, metrics: dict) -> dict:
+        """Log evaluation metrics and tell the callbacks, as Trainer.evaluate does; returns them."""
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
