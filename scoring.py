@@ -123,14 +123,19 @@ def reward_model_from(name_or_path: str, dtype=None):
                         f"({type(err).__name__}: {err})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    for module in model.modules():  # no dropout, as in TRL: it would make the two scores of a pair noisy
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    disable_dropout(model)
     with torch.no_grad():
         model.score.weight.zero_()
         if getattr(model.score, "bias", None) is not None:
             model.score.bias.zero_()
     return enable_score_index(model)
+
+
+def disable_dropout(model) -> None:
+    """No dropout in a reward model, as in TRL: it would make the two scores of a pair noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def without_pad_id(model) -> None:

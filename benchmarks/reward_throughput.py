@@ -58,9 +58,7 @@ def _reward_model():
 
     torch.manual_seed(0)  # the same random weights in every row; dropout off in every row (TRL's default too)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(MODEL, num_labels=1))
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
+    scoring.disable_dropout(model)
     return scoring.enable_score_index(model)
 
 
