@@ -102,33 +102,31 @@ def wrong_answer(record: dict) -> str:
 def make_pairs(n: int = N_PAIRS, seed: int = 1) -> list[dict]:
     """n distinct preference pairs {instruction, input, chosen, rejected} on the smoke tasks: the polite
     greeting over the casual one, and elsewhere the right answer over a wrong one."""
-    rng, seen, pairs = random.Random(seed), set(), []
-    while len(pairs) < n:
-        record = make_example(rng)
+    rng = random.Random(seed)
+    return [{"instruction": record["instruction"], "input": record["input"],
+             "chosen": (STYLES["polite"].format(names=record["input"]) if record["instruction"] == GREETING
+                        else record["output"]), "rejected": wrong_answer(record)}
+            for record in _distinct(n, lambda: make_example(rng), set())]
+
+
+def _distinct(count: int, draw, seen: set) -> list[dict]:
+    """`count` records from draw() whose (instruction, input) is not yet in `seen` (which they join)."""
+    records = []
+    while len(records) < count:
+        record = draw()
         key = (record["instruction"], record["input"])
         if key not in seen:
             seen.add(key)
-            chosen = (STYLES["polite"].format(names=record["input"]) if record["instruction"] == GREETING
-                      else record["output"])
-            pairs.append({"instruction": record["instruction"], "input": record["input"], "chosen": chosen,
-                          "rejected": wrong_answer(record)})
-    return pairs
+            records.append(record)
+    return records
 
 
 def make_records(n: int, seed: int = 0) -> list[dict]:
     """n distinct records: the six classic tasks, then n // 7 of the greeting, so each task gets about the same
     share (duplicates would leak between the train and held-out splits)."""
-    records, seen = [], set()
-    for count, rng, task in ((n - n // 7, random.Random(seed), None), (n // 7, random.Random(seed + 1), 6)):
-        made = 0
-        while made < count:
-            record = make_example(rng, rng.randrange(6) if task is None else task)
-            key = (record["instruction"], record["input"])
-            if key not in seen:
-                seen.add(key)
-                records.append(record)
-                made += 1
-    return records
+    classic, greetings, seen = random.Random(seed), random.Random(seed + 1), set()
+    return (_distinct(n - n // 7, lambda: make_example(classic, classic.randrange(6)), seen)
+            + _distinct(n // 7, lambda: make_example(greetings, 6), seen))
 
 
 def build_tokenizer(texts, vocab_size: int = 1000):
