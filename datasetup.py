@@ -131,7 +131,8 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
 
 
 def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]:
-    """(validation records, run config) of a train.py run (or of a checkpoint-N in it).
+    """(validation records, run config) of a train.py run (or of a checkpoint-N in it; of an align.py run, its
+    SFT model's).
 
     These are the exact records the run held out, saved by it as held_out.jsonl, whatever the data
     source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size.
@@ -141,6 +142,8 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
     if config is None:
         raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
                         "(or pass --finetuned DIR)")
+    if config.get("sft_model") and not dataset:  # an align.py run: evaluated on its SFT model's held-out records
+        return held_out_records(config["sft_model"])
     if dataset:
         records, _ = load_records(dataset, config.get("skip_invalid", False))
         return split_records(records, config["val_size"], config["seed"])[1], config

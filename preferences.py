@@ -28,6 +28,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 PAIR_FIELDS = ("instruction", "input", "prompt", "chosen", "rejected")
 # How many problems a "no usable pairs" error quotes.
 SHOWN = 3
+# Skipped records named in a training script's output (all of them go to its run_config.json).
+SHOWN_SKIPPED = 5
 # Pairs tokenized per chunk; sets of 4 chunks or more show a progress bar.
 CHUNK = 5000
 
@@ -193,3 +195,81 @@ def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_l
     report = {"pairs": len(pairs), "tokenized": len(tokenized), "too_long_dropped": too_long,
               "max_length": max_length, "fit_share": len(tokenized) / len(pairs) if pairs else 0.0}
     return tokenized, report
+
+
+# ---------------------------------------------------------------- training sets
+def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, max_length: int,
+                  say=print) -> tuple[dict, list[dict], dict]:
+    """({"train", "validation"} tokenized pairs as Arrow Datasets, the held-out pairs as read, report): load,
+    split, tokenize, and say what was left out. The report is what run_config.json keeps."""
+    pairs, report = load_pairs(source, skip_invalid)
+    train, held_out = split_records(pairs, val_size, seed)
+    data, too_long = {}, 0
+    for name, part in (("train", train), ("validation", held_out)):
+        data[name], tokens = tokenize_pairs(part, tokenizer, template, max_length)
+        too_long += len(tokens["too_long_dropped"])
+    _say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
+    say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
+    return _as_datasets(data, source, "pairs"), held_out, _run_report(report, too_long)
+
+
+def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
+    """Prompts for online RL, each {"instruction", "input", "prompt"} as in a normalized pair: the prompts of
+    preference pairs (any of the three formats), or of instruction records such as train.py reads."""
+    from records import load_records
+
+    first = next((record for _, record in read_raw(source) if isinstance(record, dict)), {})
+    if "chosen" in first or "rejected" in first:
+        pairs, report = load_pairs(source, skip_invalid)
+        return [{key: pair[key] for key in ("instruction", "input", "prompt")} for pair in pairs], report
+    records, report = load_records(source, skip_invalid)
+    return [{"instruction": r["instruction"], "input": r["input"], "prompt": None} for r in records], report
+
+
+def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, judge_template,
+                    max_length: int, say=print) -> tuple[dict, list[dict], dict]:
+    """({"train", "validation"} Datasets of {"prompt", "judge_prompt"}: each prompt formatted with the policy's
+    and with the judging reward model's template), the held-out prompts as read, report. Prompts longer than
+    max_length tokens are left out and counted."""
+    prompts, report = load_prompts(source, skip_invalid)
+    train, held_out = split_records(prompts, val_size, seed)
+    data, too_long = {}, 0
+    for name, part in (("train", train), ("validation", held_out)):
+        texts = [pair_prompt(p, template) for p in part]
+        lengths = [len(bos_prefix(tokenizer)) + len(ids) for ids in
+                   tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        data[name] = [{"prompt": text, "judge_prompt": pair_prompt(p, judge_template)}
+                      for p, text, n in zip(part, texts, lengths) if n <= max_length]
+        too_long += len(part) - len(data[name])
+    _say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "records", say)
+    say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out prompts")
+    return _as_datasets(data, source, "prompts"), held_out, _run_report(report, too_long)
+
+
+def _say_left_out(source: str, report: dict, too_long: int, why: str, what: str, say) -> None:
+    dropped = [f"{len(report['skipped'])} malformed (--skip-invalid)" if report["skipped"] else "",
+               f"{len(report['empty_dropped'])} with an empty {'answer' if what == 'pairs' else 'field'}"
+               if report["empty_dropped"] else "",
+               f"{len(report.get('equal_dropped', []))} with equal answers" if report.get("equal_dropped") else "",
+               f"{too_long} {why}" if too_long else ""]
+    dropped = [text for text in dropped if text]
+    say(f"{what.capitalize()}: {report['read']} read from {source}; left out: {', '.join(dropped) or 'none'}")
+    for problem in report["skipped"][:SHOWN_SKIPPED]:
+        say(f"  skipped {problem}")
+
+
+def _as_datasets(data: dict, source: str, what: str) -> dict:
+    """Arrow Datasets (compact, unlike lists of ints); a UserError when a split came out empty."""
+    if not data["train"] or not data["validation"]:
+        from cli import UserError
+
+        raise UserError(f"{source}: too few {what} left to train and evaluate on (raise --max-length or "
+                        "--val-size?)")
+    from datasets import Dataset
+
+    return {name: Dataset.from_list(part) for name, part in data.items()}
+
+
+def _run_report(report: dict, too_long: int) -> dict:
+    return {"read": report["read"], "malformed": len(report["skipped"]), "empty": len(report["empty_dropped"]),
+            "equal": len(report.get("equal_dropped", [])), "too_long": too_long, "skipped": report["skipped"]}

@@ -44,8 +44,6 @@ INPUT = ""  # --score: optional input of the instruction
 ANSWER = ""  # --score: the answer to score
 PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" and "rejected"), and a prompt
 
-# Skipped records named in the output (all of them go to run_config.json).
-SHOWN = 5
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
             "warmup_ratio")
@@ -114,44 +112,14 @@ def check_dirs(model: str, output_dir: str) -> None:
     raise UserError(f"--model {model}: no SFT model there{hint}. Run `python train.py` first.")
 
 
-def prepare_pairs(args, tokenizer, template, say) -> tuple[dict, list[dict], dict]:
-    """({"train", "validation"} tokenized pairs, the held-out pairs as read, report): load, split, tokenize."""
-    import preferences
-
-    pairs, report = preferences.load_pairs(args.dataset, args.skip_invalid)
-    train, held_out = preferences.split_records(pairs, args.val_size, args.seed)
-    data, too_long = {}, 0
-    for name, part in (("train", train), ("validation", held_out)):
-        data[name], tokens = preferences.tokenize_pairs(part, tokenizer, template, args.max_length)
-        too_long += len(tokens["too_long_dropped"])
-    dropped = [f"{len(report['skipped'])} malformed (--skip-invalid)" if report["skipped"] else "",
-               f"{len(report['empty_dropped'])} with an empty answer" if report["empty_dropped"] else "",
-               f"{len(report['equal_dropped'])} with equal answers" if report["equal_dropped"] else "",
-               f"{too_long} longer than --max-length {args.max_length}" if too_long else ""]
-    dropped = [text for text in dropped if text]
-    say(f"Pairs: {report['read']} read from {args.dataset}; left out: {', '.join(dropped) if dropped else 'none'}")
-    for problem in report["skipped"][:SHOWN]:
-        say(f"  skipped {problem}")
-    say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
-    if not data["train"] or not data["validation"]:
-        from cli import UserError
-
-        raise UserError(f"{args.dataset}: too few pairs left to train and evaluate on (raise --max-length or "
-                        "--val-size?)")
-    from datasets import Dataset
-
-    report.update(too_long=too_long)
-    data = {name: Dataset.from_list(part) for name, part in data.items()}  # Arrow: compact, unlike lists of ints
-    return data, held_out, report
-
-
 def main(args, explicit: set) -> None:
     from transformers import AutoConfig, TrainingArguments
 
     import model as model_lib
-    from cli import UserError
+    import preferences
     import rundir
     import scoring
+    from cli import UserError
     from rmtrainer import RewardTrainer, plot_margins
     from templates import load_template
     from trainer import StopOnSignal, write_template
@@ -187,7 +155,8 @@ def main(args, explicit: set) -> None:
         if limit and args.max_length > limit:  # long pairs would crash inside the model
             raise UserError(f"--max-length {args.max_length} is more than the {limit} positions of {args.model}")
         template = load_template(args.model)
-        data, held_out, report = prepare_pairs(args, tokenizer, template, say)
+        data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
+                                                           tokenizer, template, args.max_length, say)
     model = scoring.reward_model_from(args.model)
     collate_probe = runner.probe_examples(data["train"])
     probe = [pair["prompt_ids"] + pair[key] for pair in collate_probe for key in ("chosen_ids", "rejected_ids")]
@@ -198,10 +167,7 @@ def main(args, explicit: set) -> None:
     say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
         f"training); packing: {packing}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
-                  world_size=training_args.world_size, data_report={
-                      "read": report["read"], "malformed": len(report["skipped"]),
-                      "empty": len(report["empty_dropped"]), "equal": len(report["equal_dropped"]),
-                      "too_long": report["too_long"], "skipped": report["skipped"]})
+                  world_size=training_args.world_size, data_report=report)
     if main_process:
         rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE), held_out)  # the held-out pairs, as read
         rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)

@@ -1,4 +1,4 @@
-"""The reward model's trainer: InstructTrainer (the run layer's Trainer) with the pairwise loss, an
+"""The reward model's trainer: the Hugging Face Trainer with the run layer (trainer.RunLayer), the pairwise loss, an
 evaluation in pairwise accuracy, and the picture of the held-out reward margins."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from transformers import Trainer
+
 from scoring import pairwise_stats
-from trainer import InstructTrainer
+from trainer import RunLayer
 
 
 def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
@@ -17,7 +19,7 @@ def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
     return F.softplus(scores[1::2] - scores[0::2]).mean()  # softplus(-m) = -log sigmoid(m), stable for any m
 
 
-class RewardTrainer(InstructTrainer):
+class RewardTrainer(RunLayer, Trainer):
     """Batches from scoring.ScoreCollator: each pair's chosen and rejected answers in the same batch,
     scored at their final token (score_index), never at a position guessed from pad_token_id."""
 

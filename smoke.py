@@ -27,6 +27,13 @@ TRAIN_SETTINGS = {"epochs": 9.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, 
 # Overrides applied to reward.py's settings by --smoke.
 REWARD_SETTINGS = {"epochs": 2.0, "batch_size": 32, "lr": 1e-3, "max_length": 128, "val_size": 200,
                    "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"}
+# Overrides applied to align.py's settings by --smoke, per method.
+ALIGN_SETTINGS = {
+    "dpo": {"lr": 5e-6, "beta": 0.1, "max_steps": 200, "batch_size": 32, "max_length": 128, "val_size": 200,
+            "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"},
+    "rloo": {"lr": 3e-5, "beta": 0.05, "max_steps": 100, "batch_size": 8, "num_generations": 4, "max_new_tokens": 24,
+             "temperature": 1.0, "max_length": 128, "val_size": 200, "eval_steps": 1000, "save_steps": 50,
+             "logging_steps": 10, "precision": "fp32"}}
 N_PAIRS = 2000  # preference pairs in the smoke set
 GREETING = "Greet them."  # the undecided task: answered in either style in the SFT data
 STYLES = {"polite": "Hello, {names}!", "casual": "hey {names}"}  # the pairs prefer the first

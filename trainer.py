@@ -40,15 +40,14 @@ class NonFiniteLoss(RuntimeError):
     """The training loss or gradient became NaN or inf; raised before the optimizer step, so no NaN weights."""
 
 
-class InstructTrainer(Trainer):
-    """The Trainer of every training script here. On top of the Hugging Face Trainer it
+class RunLayer:
+    """Mixed into every trainer here (first among the bases, before a Hugging Face or TRL Trainer). It
 
-    - counts the real (non-pad) tokens it trains on (the collator reports them per batch);
-    - keeps the run's totals (loss sum, real tokens, runtime) in every checkpoint, so a resumed run
+    - counts the real (non-pad) tokens it trains on, and the trainer's other COUNTS (batch_counts);
+    - keeps the run's totals (loss sum, the counts, runtime) in every checkpoint, so a resumed run
       reports the whole run, not its last session;
     - stops at the first non-finite loss or gradient, before the optimizer step can spread it;
-    - reports the evaluation loss as the mean over all response tokens, as evaluation.py does, not a
-      mean of batch means (which would change with --batch-size);
+    - gives evaluations this process's share of a held-out set (evaluation_batches) and reports them;
     - writes `checkpoint_files(directory)` (the template, ...) into each checkpoint before its state.
     """
 
@@ -67,9 +66,13 @@ class InstructTrainer(Trainer):
         self.add_callback(_NonFiniteGuard(self))
 
     # ---------------------------------------------------------------- training
+    def batch_counts(self, inputs) -> dict:
+        """This batch's COUNTS by their run-total names, popped from the batch (the collator reports them)."""
+        return {name: int(inputs.pop(key, 0)) for key, name in self.COUNTS.items()}
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        for key, name in self.COUNTS.items():
-            self._session[name] += int(inputs.pop(key, 0))
+        for name, count in self.batch_counts(inputs).items():
+            self._session[name] += count
         loss = super().training_step(model, inputs, num_items_in_batch)
         step_loss = loss.detach().float()
         self._step_loss = step_loss if self._step_loss is None else self._step_loss + step_loss
@@ -118,19 +121,6 @@ class InstructTrainer(Trainer):
         super()._save_checkpoint(model, trial)  # trainer_state.json last: a checkpoint is complete with it
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
-        """The mean loss over every response token of the validation split, at any batch size and number of
-        processes: each process takes every world_size-th example (none twice, unlike a padded sampler),
-        and the summed losses and token counts are added up once at the end."""
-        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-        started = time.perf_counter()
-        for batch in self.evaluation_batches(eval_dataset):
-            n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
-            sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        return self.report_evaluation({f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
-                                       f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)})
-
     def evaluation_batches(self, dataset=None):
         """This process's share of `dataset` (default: the eval set), every world_size-th example so none is
         counted twice, as batches ready for the model. While they are consumed the model is in eval mode,
@@ -164,6 +154,24 @@ class InstructTrainer(Trainer):
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+class InstructTrainer(RunLayer, Trainer):
+    """The SFT Trainer: the run layer, and the evaluation loss as the mean over all response tokens, as
+    evaluation.py reports it, not a mean of batch means (which would change with --batch-size)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
+        """The mean loss over every response token of the validation split, at any batch size and number of
+        processes: each process takes every world_size-th example (none twice, unlike a padded sampler),
+        and the summed losses and token counts are added up once at the end."""
+        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        started = time.perf_counter()
+        for batch in self.evaluation_batches(eval_dataset):
+            n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
+            sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        return self.report_evaluation({f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
+                                       f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)})
 
 
 class _NonFiniteGuard(TrainerCallback):

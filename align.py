@@ -1,0 +1,264 @@
+"""Tune the SFT model toward preferences with DPO or RLOO, through TRL (step 3 of InstructGPT).
+
+    python align.py                    # DPO: distilgpt2-alpaca/ on Anthropic/hh-rlhf -> distilgpt2-alpaca-aligned/
+    python align.py --method rloo --reward-model distilgpt2-alpaca-rm   # online RL against reward.py's model
+    python align.py --smoke            # offline, after train.py --smoke and reward.py --smoke: smoke-run/aligned-dpo/
+    torchrun --nproc_per_node 2 align.py   # DDP; `accelerate launch` works too
+
+DPO learns from the preference pairs alone; its reference is the frozen SFT model, and --beta sets how far
+the policy may move from it. RLOO samples --num-generations answers per prompt, scores them with the
+reward model, and keeps near the SFT model with a KL penalty (--beta). The output dir is a normal model
+dir: `python inference.py --base distilgpt2-alpaca --finetuned distilgpt2-alpaca-aligned` compares them.
+Running the same command again after an interruption continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import runner
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir): the policy starts from it, and it is the reference
+METHOD = "dpo"  # dpo|rloo: DPO on preference pairs, or RLOO (online RL) against --reward-model
+DATASET = "Anthropic/hh-rlhf"  # dpo: preference pairs; rloo: their prompts, or any records train.py reads
+REWARD_MODEL = ""  # rloo: the reward model (reward.py's output dir) that scores the sampled answers
+OUTPUT_DIR = "distilgpt2-alpaca-aligned"  # checkpoints, the aligned model, metrics.json, run_config.json, a plot
+BETA = -1.0  # how far the policy may move from the SFT model (DPO beta, RLOO KL coefficient); -1 = 0.1 dpo, 0.05 rloo
+LR = -1.0  # peak learning rate of AdamW (linear decay); -1 = the method's default: 5e-6 dpo, 1e-5 rloo
+EPOCHS = 1.0  # passes over the training pairs or prompts
+MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
+BATCH_SIZE = 8  # pairs (dpo) or prompts (rloo) per device per step; >= 1
+WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in [0, 1)
+NUM_GENERATIONS = 4  # rloo: answers sampled per prompt (the leave-one-out baseline needs >= 2)
+MAX_NEW_TOKENS = 128  # rloo: most tokens per sampled answer; >= 1
+TEMPERATURE = 1.0  # rloo: sampling temperature of the answers; > 0
+MAX_LENGTH = 512  # dpo: tokens of prompt + the longer answer + EOS; rloo: of the prompt alone; longer ones are dropped
+VAL_SIZE = 0.05  # held-out pairs (dpo) or prompts (rloo): a count (>= 1) or a fraction in (0, 1)
+EVAL_STEPS = 500  # evaluate on the held-out set every N steps; >= 1
+SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
+LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
+SEED = 42  # seed of the split, the shuffling and the sampling
+PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
+SKIP_INVALID = False  # drop malformed records instead of stopping
+RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
+DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
+SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model for rloo), to smoke-run/aligned-METHOD/
+
+# The method defaults behind BETA and LR = -1 (low enough to keep what SFT taught; see the README).
+DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}}
+# A run's identity: resuming with any of these changed would silently mix two different runs.
+IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
+            "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "max_length", "val_size", "seed")
+
+
+def validate_args(args) -> None:
+    from cli import check_all
+    from datasetup import val_size_problems
+
+    problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
+                for name in ("batch_size", "max_new_tokens", "max_length", "eval_steps", "save_steps",
+                             "logging_steps") if getattr(args, name) < 1]
+    if args.epochs <= 0 and args.max_steps <= 0:
+        problems.append(f"--epochs must be > 0 (got {args.epochs}) unless --max-steps is set")
+    if args.lr <= 0 and args.lr != -1:
+        problems.append(f"--lr must be > 0, or -1 for the method's default (got {args.lr})")
+    if args.beta < 0 and args.beta != -1:
+        problems.append(f"--beta must be >= 0, or -1 for the method's default (got {args.beta})")
+    if args.method == "dpo" and args.beta == 0:
+        problems.append("--beta 0: DPO needs beta > 0")
+    if not 0 <= args.warmup_ratio < 1:
+        problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if args.temperature <= 0:
+        problems.append(f"--temperature must be > 0 (got {args.temperature})")
+    if args.method == "rloo" and args.num_generations < 2:
+        problems.append(f"--num-generations must be >= 2 for rloo's leave-one-out baseline (got {args.num_generations})")
+    if args.method == "rloo" and not args.reward_model and not args.smoke:
+        problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
+    if args.method == "dpo" and args.reward_model:
+        problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
+    check_all(problems + val_size_problems(args.val_size))
+
+
+def apply_defaults(args, explicit: set) -> None:
+    """--smoke's preset (except for flags given on the command line), then the method's beta and lr."""
+    import smoke
+    from cli import UserError
+
+    if args.smoke:
+        clash = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "reward_model") if name in explicit]
+        if clash:
+            raise UserError(f"--smoke brings its own models and data, so it can't be combined with {', '.join(clash)}")
+        for name, value in smoke.ALIGN_SETTINGS[args.method].items():
+            if name not in explicit:
+                setattr(args, name, value)
+        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
+        args.reward_model = os.path.join(smoke.OUTPUT_DIR, "reward") if args.method == "rloo" else ""
+        if "output_dir" not in explicit:
+            args.output_dir = os.path.join(smoke.OUTPUT_DIR, f"aligned-{args.method}")
+        for path, step in ((args.model, "train.py --smoke"), (args.reward_model, "reward.py --smoke")):
+            if path and not os.path.isfile(os.path.join(path, "config.json")):
+                raise UserError(f"no smoke model in {path}/: run `python {step}` first")
+    for name, value in DEFAULTS[args.method].items():
+        if getattr(args, name) == -1:
+            setattr(args, name, value)
+
+
+def check_dirs(args) -> None:
+    """The SFT (and reward) model dirs hold finished models, and the output dir is neither of them."""
+    import rundir
+    from cli import UserError
+
+    for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
+        if path and os.path.realpath(path) == os.path.realpath(args.output_dir):
+            raise UserError(f"--output-dir {args.output_dir} is the {flag} directory; the aligned model needs its own")
+    if not os.path.isdir(args.model):
+        if args.model == MODEL:  # the default SFT output dir, not a Hub id: train.py has not run yet
+            raise UserError(f"--model {args.model}: no SFT model there. Run `python train.py` first (or the smoke "
+                            "steps: `python train.py --smoke`, `python reward.py --smoke`, `python align.py --smoke`).")
+        return
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        last = rundir.find_checkpoint(args.model)
+        hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
+        raise UserError(f"--model {args.model}: no SFT model there{hint}. Run `python train.py` first.")
+
+
+def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict], dict]:
+    """({"train", "validation"} Datasets, the held-out records as read, report): DPO's pairs tokenized as SFT
+    tokenized them, or RLOO's prompts formatted with the SFT template (and the reward model's)."""
+    import preferences
+    from cli import UserError
+    from scoring import context_limit
+    from transformers import AutoConfig
+
+    limit = context_limit(AutoConfig.from_pretrained(args.model))
+    need = args.max_length + (args.max_new_tokens if args.method == "rloo" else 0)
+    if limit and need > limit:  # long sequences would crash inside the model
+        what = "--max-length + --max-new-tokens" if args.method == "rloo" else "--max-length"
+        raise UserError(f"{what} ({need}) is more than the {limit} positions of {args.model}")
+    if args.method == "dpo":
+        return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
+                                         template, args.max_length, say)
+    return preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
+                                       template, judge.template, args.max_length, say)
+
+
+def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
+    """metrics.json's held-out results before and after aligning, and the method's throughput."""
+    seconds, steps = metrics["train_runtime_s"], max(1, metrics["global_step"])
+    if args.method == "dpo":
+        return {**{f"eval_{name}_{when}": result[f"{prefix}_{name}"] for name in ("accuracy", "loss", "mean_margin")
+                   for when, result, prefix in (("before", before, "before"), ("after", after, "eval"))},
+                "eval_pairs": len(after["eval_margins"]), "pairs_per_second": metrics["train_pairs"] / seconds}
+    return {"eval_mean_reward_before": before["before_mean_reward"], "eval_mean_reward_after": after["eval_mean_reward"],
+            "eval_kl_before": before["before_kl"], "eval_kl_after": after["eval_kl"],
+            "eval_prompts": len(after["eval_rewards"]), "completions_per_second": metrics["train_completions"] / seconds,
+            "seconds_per_step": seconds / steps,
+            "generation_share": trainer.generation_seconds / max(1e-9, trainer.last_session_seconds())}
+
+
+def plot(args, before: dict, after: dict, path: str) -> None:
+    from aligntrainer import plot_before_after
+
+    if args.method == "dpo":
+        plot_before_after(before["before_margins"], after["eval_margins"], path,
+                          f"DPO on {len(after['eval_margins'])} held-out preference pairs",
+                          "implicit reward margin beta*(log-ratio chosen - log-ratio rejected); right of 0 = preferred",
+                          ("SFT model (the reference: every margin 0)",
+                           f"aligned ({after['eval_accuracy']:.1%} of pairs ranked right)"))
+    else:
+        plot_before_after(before["before_rewards"], after["eval_rewards"], path,
+                          f"RLOO: reward of greedy answers to {len(after['eval_rewards'])} held-out prompts",
+                          "reward model score", (f"SFT model (mean {before['before_mean_reward']:+.3f})",
+                                                 f"aligned (mean {after['eval_mean_reward']:+.3f})"))
+
+
+def report_lines(args, metrics: dict) -> list[str]:
+    if args.method == "dpo":
+        head = (f"\nHeld-out preference accuracy {metrics['eval_accuracy_before']:.1%} -> "
+                f"{metrics['eval_accuracy_after']:.1%} (DPO loss {metrics['eval_loss_before']:.4f} -> "
+                f"{metrics['eval_loss_after']:.4f}, mean margin {metrics['eval_mean_margin_after']:+.3f}) on "
+                f"{metrics['eval_pairs']} pairs")
+        speed = f"{metrics['pairs_per_second']:.1f} pairs/s"
+    else:
+        head = (f"\nHeld-out mean reward {metrics['eval_mean_reward_before']:+.3f} -> "
+                f"{metrics['eval_mean_reward_after']:+.3f} on {metrics['eval_prompts']} prompts; KL to the SFT model "
+                f"{metrics['eval_kl_after']:.3f}")
+        speed = (f"{metrics['seconds_per_step']:.2f} s/step ({metrics['generation_share']:.0%} of it generating), "
+                 f"{metrics['completions_per_second']:.1f} answers/s")
+    return [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
+                  f"{args.output_dir}/"]
+
+
+def main(args, explicit: set) -> None:
+    import aligntrainer
+    import model as model_lib
+    import rundir
+    from templates import load_template
+    from trainer import StopOnSignal, write_template
+
+    device = model_lib.get_device(args.device)
+    precision, why = model_lib.resolve_precision(args.precision, device)
+    check_dirs(args)
+    config = {**vars(args), "device": device.type, "precision": precision, "sft_model": args.model,
+              "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
+    training_args = aligntrainer.trl_config(args, device, precision)
+    main_process = training_args.process_index == 0
+    say = print if main_process else (lambda *a, **k: None)
+
+    checkpoint = runner.open_output_dir(args.output_dir, config, IDENTITY, args.resume, training_args, say)
+    say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why}); method: {args.method} "
+        f"(beta {args.beta}, lr {args.lr:g})")
+    judge = None
+    with training_args.main_process_first(desc="preparing data"):
+        if args.smoke:
+            import smoke
+
+            smoke.prepare_pairs(os.path.dirname(args.dataset))
+        tokenizer = model_lib.load_tokenizer(args.model)
+        template = load_template(args.model)
+        if args.method == "rloo":
+            judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations)
+        data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
+    policy = model_lib.load_model(args.model, "pretrained", tokenizer)
+    config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
+                  data_report=report)
+    if main_process:
+        rundir.write_records(os.path.join(args.output_dir, rundir.HELD_OUT_FILE), held_out)  # held out, as read
+        rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
+
+    stopper = StopOnSignal(announce=main_process)
+    trainer = aligntrainer.build_trainer(args, policy, tokenizer, training_args, data, judge, [stopper],
+                                   lambda directory: write_template(directory, template))
+    if not checkpoint:
+        say("Evaluating the SFT model on the held-out set ...")
+    before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)
+    with runner.guarded(args.output_dir, main_process):
+        runner.train(trainer, stopper, checkpoint, args.output_dir)
+        after = trainer.evaluate()
+        model_lib.set_generation_ids(trainer.model, tokenizer)
+        trainer.save_model(args.output_dir)
+        metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
+        if main_process:
+            write_template(args.output_dir, template)
+            metrics.update(summary(args, trainer, before, after, metrics), device=device.type,
+                           precision=precision, world_size=training_args.world_size,
+                           peak_memory_mb=trainer.peak_memory_mb())
+            plot(args, before, after, os.path.join(args.output_dir, "before_after.png"))
+            rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
+    runner.finish(trainer)
+    if main_process:
+        for line in report_lines(args, metrics):
+            say(line)
+
+
+def run(args, explicit: set) -> None:
+    """The command line: --smoke's preset and the method's defaults, then the run."""
+    apply_defaults(args, explicit)
+    main(args, explicit)
+
+
+if __name__ == "__main__":
+    runner.run_script(sys.modules[__name__], validate_args, run)

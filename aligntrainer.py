@@ -1,0 +1,241 @@
+"""The aligning trainers of align.py: TRL's DPOTrainer and RLOOTrainer with the run layer mixed in
+(trainer.RunLayer: run totals, the NaN guard, template in each checkpoint), fed exactly the tokens the SFT
+model saw, and evaluated the way metrics.json reports them.
+
+- DPO trains on pairs tokenized by preferences.tokenize_pairs (the SFT template's prompt, each answer +
+  EOS), not TRL's own text tokenization. Its reference log-probs are computed once, before training, by
+  the frozen SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
+- RLOO encodes prompts as inference.py does (templates.encode_prompt), and scores its samples with
+  a reward model through scoring.py, which reads the score at the answer's final token.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+from trl import DPOTrainer, RLOOTrainer
+
+from scoring import load_reward_model, pairwise_stats, score_texts
+from templates import encode_prompt
+from trainer import RunLayer
+
+# TRL 1.16 still uses transformers' old names for activation checkpointing (off here either way).
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class AlignDPOTrainer(RunLayer, DPOTrainer):
+    """TRL's DPO loss (sigmoid, beta) on our tokens. Held-out evaluation: each pair's implicit-reward margin
+    beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), summarized by scoring.pairwise_stats:
+    accuracy with ties counted half (exactly 50% before training, where the policy is the reference), the
+    DPO loss -log sigmoid(margin), and the mean margin."""
+
+    COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
+
+    def batch_counts(self, inputs) -> dict:
+        return {"real_tokens": int(inputs["attention_mask"].sum()), "pairs": len(inputs["input_ids"]) // 2}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
+        from accelerate.utils import gather_object
+
+        margins, started = [], time.perf_counter()
+        for batch in self.evaluation_batches(eval_dataset):
+            # The policy's log-probs, computed the same way as the precomputed reference's (so 0 margins at start).
+            chosen, rejected = self.compute_ref_log_probs(self.model, batch)
+            ratios = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
+            margins += (self.beta * ratios.double()).tolist()
+        margins = gather_object(margins) if self.args.world_size > 1 else margins
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
+        return {**self.report_evaluation(metrics), f"{metric_key_prefix}_margins": margins}
+
+
+class AlignRLOOTrainer(RunLayer, RLOOTrainer):
+    """TRL's RLOO on prompts encoded as inference.py encodes them. `judge(records, answers) -> rewards` scores
+    answers (texts) to prompt records. Held-out evaluation on the eval set's prompts: the mean
+    reward of greedy answers, as inference.py would give them, and the KL to the reference,
+    E[log pi(y|x) - log ref(y|x)] over answers sampled at the training temperature."""
+
+    COUNTS = {"num_real_tokens": "real_tokens", "num_completions": "completions"}
+
+    def __init__(self, *args, judge=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.judge = judge
+        self.generation_seconds = 0.0  # this session's time spent sampling answers in training
+
+    def last_session_seconds(self) -> float:
+        return self._train_seconds if self._train_seconds is not None else time.perf_counter() - self._started
+
+    def batch_counts(self, inputs) -> dict:
+        return {}  # prompts only: counted once their answers are generated (_prepare_inputs)
+
+    def _tokenize_prompts(self, prompts: list):
+        return [encode_prompt(self._tokenizer, prompt) for prompt in prompts], None, {}
+
+    def _generate(self, prompts: list):
+        started = time.perf_counter()
+        try:
+            return super()._generate(prompts)
+        finally:
+            if self.model.training:
+                self.generation_seconds += time.perf_counter() - started
+
+    def _prepare_inputs(self, generation_batch):
+        inputs = super()._prepare_inputs(generation_batch)
+        if self.model.training:
+            self._session["real_tokens"] += int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+            self._session["completions"] += len(inputs["completion_ids"])
+        return inputs
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
+        from accelerate.utils import gather_object
+
+        started = time.perf_counter()
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        mine = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            greedy = self.answers(mine, do_sample=False)
+            sampled = self.answers(mine, do_sample=True)
+            kl = self.log_ratios(mine, sampled)
+        finally:
+            self.model.train(was_training)
+        rewards = list(self.judge(mine, [self._tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]))
+        if self.args.world_size > 1:
+            rewards, kl = gather_object(rewards), gather_object(kl)
+        metrics = {f"{metric_key_prefix}_mean_reward": sum(rewards) / max(1, len(rewards)),
+                   f"{metric_key_prefix}_kl": sum(kl) / max(1, len(kl)),
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
+        return {**self.report_evaluation(metrics), f"{metric_key_prefix}_rewards": rewards}
+
+    @torch.no_grad()
+    def answers(self, records: list[dict], do_sample: bool) -> list[list[int]]:
+        """Each record's answer ids (cut after the first stop token, which is kept), greedy or sampled."""
+        tokenizer, model = self._tokenizer, self.accelerator.unwrap_model(self.model)
+        batch_size, out = self.args.per_device_eval_batch_size, []
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.args.seed)  # the same samples at every evaluation of the same policy
+        try:
+            for start in range(0, len(records), batch_size):
+                encoded = [encode_prompt(tokenizer, r["prompt"]) for r in records[start:start + batch_size]]
+                width, pad = max(map(len, encoded)), tokenizer.pad_token_id
+                ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=model.device)
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=model.device)
+                with self.accelerator.autocast():
+                    rows = model.generate(input_ids=ids, attention_mask=mask, do_sample=do_sample,
+                                          temperature=self.temperature if do_sample else None, top_p=None, top_k=None,
+                                          max_new_tokens=self.max_completion_length, eos_token_id=self.eos_token_ids,
+                                          pad_token_id=pad)[:, width:].tolist()
+                for row in rows:
+                    end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), None)
+                    out.append(row if end is None else row[:end + 1])
+        finally:
+            torch.random.set_rng_state(generator_state)
+        return out
+
+    @torch.no_grad()
+    def log_ratios(self, records: list[dict], answers: list[list[int]]) -> list[float]:
+        """log pi(answer | prompt) - log ref(answer | prompt) of each answer (0 without a reference model)."""
+        if self.ref_model is None:
+            return [0.0] * len(answers)
+        values = []
+        for start in range(0, len(records), self.args.per_device_eval_batch_size):
+            chunk = range(start, min(len(records), start + self.args.per_device_eval_batch_size))
+            sequences = [encode_prompt(self._tokenizer, records[i]["prompt"]) + answers[i] for i in chunk]
+            width = max(map(len, sequences))
+            ids = torch.tensor([s + [self._tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+            answer = torch.zeros_like(mask)
+            for row, i in enumerate(chunk):
+                answer[row, len(sequences[row]) - len(answers[i]):len(sequences[row])] = 1
+            ids, mask, answer = (t.to(self.args.device) for t in (ids, mask, answer))
+            sums = []
+            for model in (self.model, self.ref_model):
+                with self.accelerator.autocast():
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+                token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                sums.append((token_logps * answer[:, 1:]).sum(-1))
+            values += (sums[0] - sums[1]).tolist()
+        return values
+
+
+class Judge:
+    """A reward model (reward.py's output dir) as RLOO's reward function and as the evaluation's judge. Each
+    answer is scored after its prompt formatted with the reward model's own template ("judge_prompt")."""
+
+    __name__ = "reward_model"  # TRL names a reward function in its logs
+
+    def __init__(self, path: str, device, batch_size: int = 16):
+        self.model, self.tokenizer, self.template = load_reward_model(path, device)
+        self.batch_size = batch_size
+
+    def __call__(self, prompts=None, completions=(), judge_prompt=(), **kwargs) -> list[float]:
+        return score_texts(self.model, self.tokenizer, list(judge_prompt), [c.strip() for c in completions],
+                           self.batch_size)
+
+    def score(self, records: list[dict], answers: list[str]) -> list[float]:
+        return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
+
+
+def trl_config(args, device, precision: str):
+    """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without gradient checkpointing (a
+    small model has the memory, and recomputing the forward costs time); DPO computes the reference
+    log-probs once, before training, instead of keeping a second model."""
+    from trl import DPOConfig, RLOOConfig
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    common = dict(
+        output_dir=args.output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.lr,
+        lr_scheduler_type="linear", warmup_steps=args.warmup_ratio, eval_strategy="steps", eval_steps=args.eval_steps,
+        save_strategy="steps", save_steps=args.save_steps, save_total_limit=2, logging_steps=args.logging_steps,
+        seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
+        ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none",
+        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False, gradient_checkpointing=False,
+        beta=args.beta)
+    if args.method == "dpo":
+        return DPOConfig(**common, per_device_train_batch_size=args.batch_size,
+                         per_device_eval_batch_size=args.batch_size, max_length=None, precompute_ref_log_probs=True)
+    completions = args.batch_size * args.num_generations  # TRL counts a batch in sampled answers
+    return RLOOConfig(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
+                      num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
+                      temperature=args.temperature)
+
+
+def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files):
+    """The method's trainer on the prepared data."""
+    common = dict(model=policy, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
+                  processing_class=tokenizer, callbacks=callbacks, checkpoint_files=checkpoint_files)
+    if args.method == "dpo":
+        return AlignDPOTrainer(**common)
+    return AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
+
+
+def plot_before_after(before: list[float], after: list[float], path: str, title: str, xlabel: str,
+                      labels: tuple[str, str]) -> None:
+    """Histograms of a held-out quantity before and after aligning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = list(before) + list(after)
+    low, high = min(values + [-1.0]), max(values + [1.0])
+    bins = torch.linspace(low, high, 41).tolist()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray", label=labels[0])
+    ax.hist(after, bins=bins, alpha=0.6, color="tab:green", label=labels[1])
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
