@@ -1,0 +1,213 @@
+"""The alignment rows of the throughput benchmark: align.py's DPO defaults against TRL DPOTrainer's defaults,
+on DistilGPT2's real architecture and real HH-RLHF preference pairs, and the cost of an RLOO step.
+
+    python benchmarks/align_throughput.py            # 96 pairs, DPO rows at every precision, then RLOO (~10 min)
+    python benchmarks/align_throughput.py --quick    # 16 pairs, 2 RLOO steps: a quick check that every row runs
+
+Every DPO row trains one epoch from the same random initial weights (saved once, so TRL can load its
+reference copy from them) on the same pairs, batch size and learning rate. Its time runs from building the
+trainer to the end of training, so it includes align.py's one reference pass before training and TRL's
+loading of its reference model. Each row runs in its own process, so its peak memory is its own. The RLOO
+row reports seconds per step and the share of them spent generating. Results go to
+benchmarks/results/align-throughput-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import _peak_mb, plan, run_workers, write_results  # noqa: E402  (the shared running tools)
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
+DATASET = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")  # HH-RLHF pairs
+PAIRS = 96  # pairs trained on by the DPO rows (the first N usable ones); >= 16
+BATCH_SIZE = 8  # pairs (DPO) or prompts (RLOO) per step in every row (align.py's default; TRL DPO's too)
+MAX_LENGTH = 512  # align.py's default; pairs longer than this are left out of every row
+RLOO_STEPS = 4  # RLOO steps timed (the first is left out as warm-up)
+ROWS = "all"  # comma-separated subset of: default,trl,rloo
+PRECISIONS = "auto"  # comma-separated subset of fp32,bf16; auto = every precision this machine offers
+QUICK = False  # 16 pairs and 2 RLOO steps: check that every row runs
+WORKER = ""  # internal: run one row (ROW:PRECISION) in this process and print its JSON
+
+ALL_ROWS = ("default", "trl", "rloo")
+LABELS = {"default": "align.py --method dpo defaults (reference pass once, no checkpointing)",
+          "trl": "TRL DPOTrainer defaults (reference model, gradient checkpointing)",
+          "rloo": "align.py --method rloo defaults (4 answers a prompt, up to 128 new tokens)"}
+
+
+def _setup(workdir: str, n: int):
+    """(policy dir with the random initial weights, tokenizer, the first n usable pairs that fit, their tokens)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import model as model_lib
+    import preferences
+
+    tokenizer = model_lib.load_tokenizer(MODEL)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL))
+    policy.save_pretrained(os.path.join(workdir, "policy"))
+    tokenizer.save_pretrained(os.path.join(workdir, "policy"))
+    pairs, _ = preferences.load_pairs(DATASET, skip_invalid=True)
+    tokens, report = preferences.tokenize_pairs(pairs, tokenizer, "seed", MAX_LENGTH)
+    fits = [p for i, p in enumerate(pairs) if i not in set(report["too_long_dropped"])]
+    return os.path.join(workdir, "policy"), tokenizer, fits[:n], tokens[:n]
+
+
+def _args(workdir: str, method: str, **settings):
+    from types import SimpleNamespace
+
+    import align
+
+    defaults = {name.lower(): getattr(align, name) for name in ("EPOCHS", "MAX_STEPS", "WARMUP_RATIO", "SEED",
+                                                                "NUM_GENERATIONS", "MAX_NEW_TOKENS", "TEMPERATURE")}
+    return SimpleNamespace(**{**defaults, "output_dir": os.path.join(workdir, "out"), "method": method,
+                              "batch_size": BATCH_SIZE, "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": 1,
+                              **align.DEFAULTS[method], **settings})
+
+
+def run_dpo_row(row: str, precision: str, n: int) -> dict:
+    import torch
+    from datasets import Dataset
+
+    import aligntrainer
+    import model as model_lib
+
+    workdir = tempfile.mkdtemp()
+    path, tokenizer, pairs, tokens = _setup(workdir, n)
+    started = time.perf_counter()
+    policy = model_lib.load_model(path, "pretrained", tokenizer)
+    if row == "trl":
+        from trl import DPOConfig, DPOTrainer
+
+        import preferences
+
+        data = Dataset.from_list([{"prompt": preferences.pair_prompt(p, "seed"), "chosen": p["chosen"],
+                                   "rejected": p["rejected"]} for p in pairs])
+        config = DPOConfig(output_dir=os.path.join(workdir, "out"), per_device_train_batch_size=BATCH_SIZE,
+                           num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",
+                           use_cpu=True, bf16=precision == "bf16", seed=42, disable_tqdm=True,
+                           learning_rate=5e-6, max_length=MAX_LENGTH)
+        trainer = DPOTrainer(model=policy, args=config, train_dataset=data, processing_class=tokenizer)
+    else:
+        args = _args(workdir, "dpo", epochs=1.0)
+        config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
+        config.disable_tqdm, config.eval_strategy = True, "no"
+        data = {"train": Dataset.from_list(tokens), "validation": None}
+        trainer = aligntrainer.build_trainer(args, policy, tokenizer, config, data, None, [], None)
+    trainer.train()
+    seconds = time.perf_counter() - started
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"row": row, "precision": precision, "pairs": len(tokens), "steps": trainer.state.global_step,
+            "pairs_per_s": len(tokens) / seconds, "seconds": seconds, "mean_loss": sum(losses) / len(losses),
+            "peak_mb": _peak_mb()}
+
+
+def run_rloo_row(precision: str, steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+
+    import aligntrainer
+    import model as model_lib
+    import preferences
+    import scoring
+    from trainer import write_template
+
+    workdir = tempfile.mkdtemp()
+    path, tokenizer, pairs, _ = _setup(workdir, BATCH_SIZE * (steps + 1))
+    rm = scoring.reward_model_from(path)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        rm.score.weight.normal_(std=0.02)  # a random judge: its scores vary, as a trained one's do
+    rm.save_pretrained(os.path.join(workdir, "rm"))
+    tokenizer.save_pretrained(os.path.join(workdir, "rm"))
+    write_template(os.path.join(workdir, "rm"), "seed")
+    args = _args(workdir, "rloo", max_steps=steps)
+    config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
+    config.disable_tqdm, config.eval_strategy = True, "no"
+    judge = aligntrainer.Judge(os.path.join(workdir, "rm"), torch.device("cpu"), BATCH_SIZE * args.num_generations)
+    prompts = [preferences.pair_prompt(p, "seed") for p in pairs]
+    data = {"train": Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts]), "validation": None}
+    policy = model_lib.load_model(path, "pretrained", tokenizer)
+    trainer = aligntrainer.build_trainer(args, policy, tokenizer, config, data, judge, [], None)
+    ends, generating = [], []
+
+    class Timer(__import__("transformers").TrainerCallback):
+        def on_step_end(self, *a, **k):
+            ends.append(time.perf_counter())
+            generating.append(trainer.generation_seconds)
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    seconds = ends[-1] - ends[0]
+    return {"row": "rloo", "precision": precision, "steps": len(ends), "seconds_per_step": seconds / (len(ends) - 1),
+            "generation_share": (generating[-1] - generating[0]) / seconds,
+            "completions_per_s": BATCH_SIZE * args.num_generations * (len(ends) - 1) / seconds,
+            "real_tokens_per_s": (trainer._session["real_tokens"]) / (trainer.last_session_seconds()),
+            "peak_mb": _peak_mb()}
+
+
+def summarize(results: list[dict], auto: str) -> str:
+    lines = ["| DPO | precision | pairs/s | peak RSS (MB) | mean loss |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += [f"| {LABELS[r['row']]} | {r['precision']} | {r['pairs_per_s']:.2f} | {r['peak_mb']:.0f} | "
+              f"{r['mean_loss']:.4f} |" for r in results if r["row"] != "rloo"]
+    by = {(r["row"], r["precision"]): r for r in results}
+    lines.append("")
+    ours, trl = by.get(("default", auto)), by.get(("trl", "bf16")) or by.get(("trl", auto))
+    if ours and trl:  # the target: each side's defaults (align.py: --precision auto; TRL: bf16)
+        speed, memory = ours["pairs_per_s"] / trl["pairs_per_s"], ours["peak_mb"] / trl["peak_mb"]
+        lines.append(f"- defaults: align.py ({auto}) vs TRL DPOTrainer ({trl['precision']}) (target: >= 1x as fast, "
+                     f"<= 100% memory): {speed:.2f}x pairs/s, {memory:.0%} peak memory "
+                     f"{'PASS' if speed >= 1 and memory <= 1 else 'FAIL'}")
+    for r in results:
+        if r["row"] == "rloo":
+            lines.append(f"- {LABELS['rloo']}, {r['precision']}: {r['seconds_per_step']:.1f} s per step of "
+                         f"{BATCH_SIZE} prompts, {r['generation_share']:.0%} of it generating; "
+                         f"{r['completions_per_s']:.1f} answers/s, peak {r['peak_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    n, steps = (16, 2) if args.quick else (args.pairs, args.rloo_steps)
+    rows, precisions, auto = plan(args.rows, ALL_ROWS, args.precisions)
+    common = [f"--model={args.model}", f"--dataset={args.dataset}", f"--batch-size={args.batch_size}",
+              f"--max-length={args.max_length}", "--pairs", str(n), "--rloo-steps", str(steps)]
+    results = run_workers(__file__, [r for r in rows if r != "rloo"], precisions, common, f"{n} pairs",
+                          lambda r: f"{r['pairs_per_s']:.2f} pairs/s")
+    if "rloo" in rows:
+        results += run_workers(__file__, ["rloo"], [auto], common, f"{steps} steps",
+                               lambda r: f"{r['seconds_per_step']:.1f} s/step")
+    header = (f"Pairs: first {n} usable of {os.path.basename(args.dataset)} that fit {args.max_length} tokens; model: "
+              f"DistilGPT2 architecture (random weights); batch size {args.batch_size}; CPU threads: {os.cpu_count()}; "
+              f"DPO: one epoch per row, timed from building the trainer (reference pass or reference model included); "
+              f"RLOO: {steps} steps, the first left out. `--precision auto` picks {auto} here; TRL's default is bf16.\n")
+    table = summarize(results, auto)
+    print("\n" + header + "\n" + table)
+    if not args.quick and args.rows == "all" and args.precisions == "auto":
+        write_results("align-throughput-cpu", {"pairs": n, "batch_size": args.batch_size, "auto_precision": auto,
+                                               "results": results}, header, table)
+
+
+if __name__ == "__main__":
+    import cli
+
+    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
+    globals().update(MODEL=parsed.model, DATASET=parsed.dataset, BATCH_SIZE=parsed.batch_size,
+                     MAX_LENGTH=parsed.max_length)
+    if parsed.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        row_name, prec = parsed.worker.split(":")
+        result = run_rloo_row(prec, parsed.rloo_steps) if row_name == "rloo" else run_dpo_row(row_name, prec,
+                                                                                               parsed.pairs)
+        print(json.dumps(result))
+    else:
+        main(parsed)
