@@ -42,6 +42,7 @@ SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split, the shuffling and the sampling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
+PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (pairlogps.py); auto = rows, or flat with FlashAttention
 SKIP_INVALID = False  # drop malformed records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
@@ -195,12 +196,14 @@ def report_lines(args, metrics: dict) -> list[str]:
 def main(args, explicit: set) -> None:
     import aligntrainer
     import model as model_lib
+    import pairlogps
     import rundir
     from templates import load_template
     from trainer import StopOnSignal, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
+    packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args)
     config = {**vars(args), "device": device.type, "precision": precision, "sft_model": args.model,
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
@@ -223,6 +226,14 @@ def main(args, explicit: set) -> None:
             judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
     policy = model_lib.load_model(args.model, "pretrained", tokenizer)
+    if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
+        probe = runner.probe_examples(data["train"])
+        packing = runner.choose_packing(pairlogps.enable_sequence_logps(policy), packing, "packing" in explicit,
+                                        say, "answer log-probs", len(probe),
+                                        lambda: pairlogps.packed_logps_match(policy, probe, tokenizer.pad_token_id))
+        if attn and packing == "flat":
+            policy.set_attn_implementation(attn)
+        config["packing"] = packing
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)
     if main_process:
@@ -231,7 +242,7 @@ def main(args, explicit: set) -> None:
 
     stopper = StopOnSignal(announce=main_process)
     trainer = aligntrainer.build_trainer(args, policy, tokenizer, training_args, data, judge, [stopper],
-                                   lambda directory: write_template(directory, template))
+                                         lambda directory: write_template(directory, template), packing)
     if not checkpoint:
         say("Evaluating the SFT model on the held-out set ...")
     before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)

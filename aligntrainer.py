@@ -18,6 +18,7 @@ import warnings
 import torch
 from trl import DPOTrainer, RLOOTrainer
 
+from pairlogps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
 from scoring import load_reward_model, pairwise_stats, score_texts
 from templates import encode_prompt
 from trainer import RunLayer
@@ -27,7 +28,9 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is de
 
 
 class AlignDPOTrainer(RunLayer, DPOTrainer):
-    """TRL's DPO loss (sigmoid, beta) on our tokens. Held-out evaluation: each pair's implicit-reward margin
+    """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by pairlogps.PairCollator (packed, no
+    padding) and scored at the answer tokens only, with TRL's sigmoid loss. The reference log-probs are
+    TRL's precomputed ones, from the same forward. Held-out evaluation: each pair's implicit-reward margin
     beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), summarized by scoring.pairwise_stats:
     accuracy with ties counted half (exactly 50% before training, where the policy is the reference), the
     DPO loss -log sigmoid(margin), and the mean margin."""
@@ -37,8 +40,21 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
 
-    def batch_counts(self, inputs) -> dict:
-        return {"real_tokens": int(inputs["attention_mask"].sum()), "pairs": len(inputs["input_ids"]) // 2}
+    def compute_ref_log_probs(self, model, inputs):
+        """(chosen, rejected) answer log-probs of `model` on a batch, without gradients."""
+        with torch.no_grad(), self.accelerator.autocast():
+            logps = model(**model_inputs(inputs)).logits
+        return logps[0::2], logps[1::2]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        logps = model(**model_inputs(inputs)).logits
+        loss, margins = sigmoid_dpo_loss(logps[0::2], logps[1::2], inputs["ref_chosen_logps"],
+                                         inputs["ref_rejected_logps"], self.beta)
+        margins = self.accelerator.gather(margins.detach())
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["rewards/margins"].append(margins.mean().item())
+        self._metrics[mode]["rewards/accuracies"].append((margins > 0).float().mean().item())
+        return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         from accelerate.utils import gather_object
@@ -207,12 +223,15 @@ def trl_config(args, device, precision: str):
                       temperature=args.temperature)
 
 
-def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files):
-    """The method's trainer on the prepared data."""
+def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
+                  packing: str = "rows"):
+    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a collate.py mode)."""
     common = dict(model=policy, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                   processing_class=tokenizer, callbacks=callbacks, checkpoint_files=checkpoint_files)
     if args.method == "dpo":
-        return AlignDPOTrainer(**common)
+        multiple = 8 if training_args.device.type == "cuda" else None
+        return AlignDPOTrainer(**{**common, "model": enable_sequence_logps(policy)},
+                               data_collator=PairCollator(tokenizer.pad_token_id, packing, multiple))
     return AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
 
 

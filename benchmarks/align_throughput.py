@@ -1,7 +1,7 @@
 """The alignment rows of the throughput benchmark: align.py's DPO defaults against TRL DPOTrainer's defaults,
 on DistilGPT2's real architecture and real HH-RLHF preference pairs, and the cost of an RLOO step.
 
-    python benchmarks/align_throughput.py            # 96 pairs, DPO rows at every precision, then RLOO (~10 min)
+    python benchmarks/align_throughput.py            # 48 pairs, DPO rows at every precision, then RLOO (~20 min)
     python benchmarks/align_throughput.py --quick    # 16 pairs, 2 RLOO steps: a quick check that every row runs
 
 Every DPO row trains one epoch from the same random initial weights (saved once, so TRL can load its
@@ -29,17 +29,18 @@ from throughput import _peak_mb, plan, run_workers, write_results  # noqa: E402 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
 DATASET = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf-harmless-base-test.jsonl.gz")  # HH-RLHF pairs
-PAIRS = 96  # pairs trained on by the DPO rows (the first N usable ones); >= 16
+PAIRS = 48  # pairs trained on by the DPO rows (the first N usable ones); >= 16
 BATCH_SIZE = 8  # pairs (DPO) or prompts (RLOO) per step in every row (align.py's default; TRL DPO's too)
 MAX_LENGTH = 512  # align.py's default; pairs longer than this are left out of every row
-RLOO_STEPS = 4  # RLOO steps timed (the first is left out as warm-up)
-ROWS = "all"  # comma-separated subset of: default,trl,rloo
+RLOO_STEPS = 3  # RLOO steps run (the first is left out as warm-up); >= 2
+ROWS = "default,trl,rloo"  # comma-separated subset of: default,checkpointed,trl,rloo
 PRECISIONS = "auto"  # comma-separated subset of fp32,bf16; auto = every precision this machine offers
 QUICK = False  # 16 pairs and 2 RLOO steps: check that every row runs
 WORKER = ""  # internal: run one row (ROW:PRECISION) in this process and print its JSON
 
-ALL_ROWS = ("default", "trl", "rloo")
-LABELS = {"default": "align.py --method dpo defaults (reference pass once, no checkpointing)",
+ALL_ROWS = ("default", "checkpointed", "trl", "rloo")
+LABELS = {"default": "align.py --method dpo defaults (packed pairs, reference pass once, no checkpointing)",
+          "checkpointed": "align.py --method dpo with gradient checkpointing",
           "trl": "TRL DPOTrainer defaults (reference model, gradient checkpointing)",
           "rloo": "align.py --method rloo defaults (4 answers a prompt, up to 128 new tokens)"}
 
@@ -102,6 +103,7 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
         args = _args(workdir, "dpo", epochs=1.0)
         config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
         config.disable_tqdm, config.eval_strategy = True, "no"
+        config.gradient_checkpointing = row == "checkpointed"
         data = {"train": Dataset.from_list(tokens), "validation": None}
         trainer = aligntrainer.build_trainer(args, policy, tokenizer, config, data, None, [], None)
     trainer.train()
@@ -179,6 +181,7 @@ def summarize(results: list[dict], auto: str) -> str:
 def main(args) -> None:
     n, steps = (16, 2) if args.quick else (args.pairs, args.rloo_steps)
     rows, precisions, auto = plan(args.rows, ALL_ROWS, args.precisions)
+    rows = tuple(r for r in rows if r in ALL_ROWS)
     common = [f"--model={args.model}", f"--dataset={args.dataset}", f"--batch-size={args.batch_size}",
               f"--max-length={args.max_length}", "--pairs", str(n), "--rloo-steps", str(steps)]
     results = run_workers(__file__, [r for r in rows if r != "rloo"], precisions, common, f"{n} pairs",
@@ -192,7 +195,7 @@ def main(args) -> None:
               f"RLOO: {steps} steps, the first left out. `--precision auto` picks {auto} here; TRL's default is bf16.\n")
     table = summarize(results, auto)
     print("\n" + header + "\n" + table)
-    if not args.quick and args.rows == "all" and args.precisions == "auto":
+    if not args.quick:
         write_results("align-throughput-cpu", {"pairs": n, "batch_size": args.batch_size, "auto_precision": auto,
                                                "results": results}, header, table)
 

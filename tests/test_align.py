@@ -68,31 +68,60 @@ def real_pairs(count=4):
 
 
 # ---------------------------------------------------------------- the tokens trained on, and the loss
+def sequences_of(batch):
+    """Each sequence of a PairCollator batch: (its token ids, its completion mask), read back from the layout."""
+    out = []
+    for i, (row, end) in enumerate(batch["score_index"].tolist()):
+        start = end
+        while start > 0 and batch["sequence"][row, start - 1] == i:
+            start -= 1
+        out.append((batch["input_ids"][row, start:end + 1].tolist(),
+                    batch["completion"][row, start:end + 1].int().tolist()))
+    return out
+
+
 def test_dpo_trains_on_the_sft_tokens_of_a_real_record(tmp_path, gpt2_tokenizer):
-    """TRL's DPOTrainer gets our tokenization (template, answer, EOS), not its own: each chosen row of a batch
-    it trains on is SFT's example, and its completion mask is SFT's loss mask (the response and the EOS)."""
+    """The batches TRL's DPOTrainer trains on hold our tokenization (template, answer, EOS), not its own: each
+    chosen sequence is SFT's example, and its completion mask is SFT's loss mask (the response and EOS)."""
     tok = model_lib.ready_tokenizer(gpt2_tokenizer)
     records, pairs = real_pairs()
     trainer = dpo_trainer(tmp_path, tok, pairs)
     batch = next(iter(trainer.get_train_dataloader()))
-    rows = batch["input_ids"].tolist()
-    order = [next(i for i, p in enumerate(pairs) if p["instruction"] == r["instruction"]) for r in records]
-    for record, i in zip(records, order):
+    chosen = sequences_of(batch)[0::2]
+    assert batch["num_pairs"] == len(pairs) and "attention_mask" not in batch  # packed rows, no padding mask
+    for record in records:
         sft = datasetup.tokenize_example(record, tok, "seed", 1024)
-        for row in range(len(pairs)):  # the loader shuffles: find this record's chosen row
-            n = int(batch["attention_mask"][row].sum())
-            if rows[row][:n] == sft["input_ids"]:
-                mask = batch["completion_mask"][row][:n].tolist()
-                assert mask == [int(label != -100) for label in sft["labels"]]
-                assert rows[row][n - 1] == tok.eos_token_id
-                break
-        else:
-            raise AssertionError(f"no row of the DPO batch holds SFT's tokens of pair {i}")
+        assert (sft["input_ids"], [int(label != -100) for label in sft["labels"]]) in chosen, record["instruction"]
+        assert sft["input_ids"][-1] == tok.eos_token_id
 
 
-def test_held_out_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
-    """Our held-out evaluation (margins -> -log sigmoid) gives TRL's own DPO loss on identical inputs, and
-    exactly ln 2 with 50% accuracy before training (the policy is the reference)."""
+def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
+    """Packing changes the layout, not the numbers: each answer's log-prob is the same padded, in packed rows,
+    in one flat row, and alone."""
+    import pairlogps
+
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    _, pairs = real_pairs()
+    tokens, _ = preferences.tokenize_pairs(pairs, tok, "seed", 1024)
+    model = pairlogps.enable_sequence_logps(tiny_policy(tmp_path, tok)).eval()
+    with torch.no_grad():
+        logps = {mode: model(**pairlogps.model_inputs(pairlogps.PairCollator(tok.pad_token_id, mode)(tokens))).logits
+                 for mode in ("none", "rows", "flat")}
+        alone = torch.cat([model(**pairlogps.model_inputs(pairlogps.PairCollator(tok.pad_token_id, "rows")([p]))).logits
+                           for p in tokens])
+    for mode in ("rows", "flat"):
+        torch.testing.assert_close(logps[mode], logps["none"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(alone, logps["none"], rtol=1e-5, atol=1e-4)
+    assert pairlogps.packed_logps_match(model, tokens, tok.pad_token_id)[0]
+
+
+def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
+    """Our DPO loss, on packed pairs, equals TRL's own (its padded batches, its fused output layer) on identical
+    pairs and reference log-probs; the held-out evaluation reports the same loss, and exactly ln 2 with 50%
+    accuracy before training (the policy is the reference)."""
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
     tok = model_lib.ready_tokenizer(gpt2_tokenizer)
     _, pairs = real_pairs()
     trainer = dpo_trainer(tmp_path, tok, pairs)
@@ -102,10 +131,13 @@ def test_held_out_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tok
         for parameter in trainer.model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     ours = trainer.evaluate()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_eval_dataloader())))
+    examples = [trainer.eval_dataset[i] for i in range(len(pairs))]  # with the precomputed reference log-probs
     with torch.no_grad():
-        theirs = float(trainer.compute_loss(trainer.model, batch))
-    assert ours["eval_loss"] == pytest.approx(theirs, rel=1e-5) and ours["eval_loss"] != pytest.approx(math.log(2))
+        packed = float(trainer.compute_loss(trainer.model, trainer.data_collator(examples)))
+        theirs = float(DPOTrainer._compute_loss(trainer, trainer.model, DataCollatorForPreference(tok.pad_token_id)(
+            examples), False))
+    assert packed == pytest.approx(theirs, rel=1e-4) and ours["eval_loss"] == pytest.approx(theirs, rel=1e-4)
+    assert theirs != pytest.approx(math.log(2), rel=1e-3)
 
 
 def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
@@ -271,4 +303,4 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, _ in cli.constant_specs(align):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 25
+    assert len(cli.constant_specs(align)) == 26
