@@ -181,7 +181,6 @@ def summarize(results: list[dict], auto: str) -> str:
 def main(args) -> None:
     n, steps = (16, 2) if args.quick else (args.pairs, args.rloo_steps)
     rows, precisions, auto = plan(args.rows, ALL_ROWS, args.precisions)
-    rows = tuple(r for r in rows if r in ALL_ROWS)
     common = [f"--model={args.model}", f"--dataset={args.dataset}", f"--batch-size={args.batch_size}",
               f"--max-length={args.max_length}", "--pairs", str(n), "--rloo-steps", str(steps)]
     results = run_workers(__file__, [r for r in rows if r != "rloo"], precisions, common, f"{n} pairs",

@@ -169,6 +169,18 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
         assert prompt_ids == [t for t, label in zip(sft["input_ids"], sft["labels"]) if label == -100]
 
 
+def test_a_nan_in_dpo_stops_the_run_before_the_optimizer_step(tmp_path, gpt2_tokenizer):
+    from trainer import NonFiniteLoss
+
+    _, pairs = real_pairs()
+    trainer = dpo_trainer(tmp_path, model_lib.ready_tokenizer(gpt2_tokenizer), pairs)
+    with torch.no_grad():
+        trainer.model.transformer.h[0].mlp.c_fc.bias[0] = float("nan")  # after the reference pass
+    with pytest.raises(NonFiniteLoss, match=r"became nan at step 1"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 # ---------------------------------------------------------------- the smoke proof, end to end
 def answers_to_held_out(model_dir, held_out):
     """(polite greetings, greetings, right answers to the other tasks, other prompts) of greedy answers."""
