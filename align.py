@@ -203,6 +203,8 @@ def main(args, explicit: set) -> None:
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
+    if args.smoke and "precision" not in explicit:
+        why = "set by --smoke"
     packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args)
     config = {**vars(args), "device": device.type, "precision": precision, "sft_model": args.model,
@@ -234,6 +236,7 @@ def main(args, explicit: set) -> None:
         if attn and packing == "flat":
             policy.set_attn_implementation(attn)
         config["packing"] = packing
+        say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)
     if main_process:
