@@ -40,6 +40,26 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
 
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        """`dataset` with the reference's (the SFT model's, before any step) log-probs of each pair's answers as
+        two new columns. Each process scores every world_size-th pair and all get every value; TRL's own
+        version shares them through a cache file that in-memory datasets keep in a per-process temp dir."""
+        from accelerate.utils import gather_object
+        from tqdm.auto import tqdm
+
+        mine = range(self.args.process_index, len(dataset), self.args.world_size)
+        values = []
+        with tqdm(total=len(mine), desc=f"Reference log-probs ({name})", unit="pair",
+                  disable=not self.is_world_process_zero() or len(mine) < 1000) as bar:
+            for batch in self.evaluation_batches(dataset):
+                chosen, rejected = self.compute_ref_log_probs(self.model, batch)
+                values += zip(chosen.tolist(), rejected.tolist())
+                bar.update(len(chosen))
+        indexed = list(zip(mine, values))
+        ordered = [value for _, value in sorted(gather_object(indexed) if self.args.world_size > 1 else indexed)]
+        return (dataset.add_column("ref_chosen_logps", [chosen for chosen, _ in ordered])
+                .add_column("ref_rejected_logps", [rejected for _, rejected in ordered]))
+
     def compute_ref_log_probs(self, model, inputs):
         """(chosen, rejected) answer log-probs of `model` on a batch, without gradients."""
         with torch.no_grad(), self.accelerator.autocast():

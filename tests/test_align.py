@@ -292,6 +292,23 @@ def test_no_run_overwrites_another_scripts_output(smoke_aligned):
     assert long.returncode == 2 and "--max-length (1000) is more than the 256 positions" in long.stderr
 
 
+def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_aligned):
+    work, _ = smoke_aligned
+    for method, count in (("dpo", "train_pairs"), ("rloo", "train_completions")):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 str(ROOT / "align.py"), "--smoke", "--method", method, "--max-steps", "3",
+                                 "--output-dir", f"ddp-{method}"], cwd=work, env=ENV, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        metrics = load_json(work / f"ddp-{method}" / "metrics.json")
+        assert metrics["world_size"] == 2 and metrics["global_step"] == 3
+        assert metrics[count] == 3 * 32 * 2  # both processes counted: 32 pairs, or 8 prompts x 4 answers, each
+        if method == "dpo":  # the reference pass and the evaluation shard the pairs alike: margins exactly 0 before
+            assert metrics["eval_pairs"] == 200 and metrics["eval_accuracy_before"] == 0.5
+        else:
+            assert metrics["eval_prompts"] == 200 and metrics["eval_kl_before"] == 0
+
+
 @pytest.mark.parametrize("args,expected", [
     ([], "--model distilgpt2-alpaca: no SFT model there. Run `python train.py` first"),
     (["--method", "rloo"], "--method rloo needs --reward-model DIR"),
