@@ -41,6 +41,7 @@ METRICS = {
 REWARD = {"mean_reward": ("mean reward (reward model)", "higher")}  # with --reward-model
 
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
+STAGE_LABELS = {"base": "SFT", "finetuned": "aligned"}  # when the fine-tuned model is an align.py output
 COLORS = {"base": "tab:gray", "finetuned": "tab:green"}
 
 
@@ -168,13 +169,14 @@ def compare(base: dict, finetuned: dict) -> dict:
 
 def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
     roles = [role for role in ("base", "finetuned") if role in report]
-    fine, better = report["finetuned"], report.get("finetuned_better")
+    fine, better, labels = report["finetuned"], report.get("finetuned_better"), report.get("labels", LABELS)
     title = " vs ".join(report[f"{role}_model"] for role in roles)
     lines = [f"# Evaluation: {title}", "",
              f"Held-out validation split of `{report['dataset']}` (seed {report['seed']}, size "
              f"{report['val_size']}): perplexity on {fine['perplexity_examples']} examples, greedy generations "
              f"for {fine['generations']} prompts, at most {report['max_new_tokens']} new tokens.", "",
-             "| metric | better | " + " | ".join(LABELS[r] for r in roles) + (" | fine-tuned better? |" if better else " |"),
+             "| metric | better | " + " | ".join(labels[r] for r in roles) + (f" | {labels['finetuned']} better? |"
+                                                                               if better else " |"),
              "| --- | --- |" + " ---: |" * len(roles) + (" --- |" if better else "")]
     for key, (label, way) in metrics_of(report).items():
         verdict = f" {'yes' if better[key] else 'no'} |" if better else ""
@@ -182,7 +184,8 @@ def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
     lines.append("| mean answer length (tokens) | - | " + " | ".join(f"{report[r]['mean_length']:.1f}" for r in roles)
                  + f" | reference: {report['reference_mean_length']:.1f} |")
     if "win_rate" in report:
-        lines += ["", f"**Win rate of the fine-tuned model over the base: {report['win_rate']:.1%}** of "
+        lines += ["", f"**Win rate of the {labels['finetuned']} model over the {labels['base']}: "
+                  f"{report['win_rate']:.1%}** of "
                   f"{fine['generations']} prompts (ties count half), judged by the reward model "
                   f"`{report['reward_model']}`. This is AlpacaFarm's simulated preference with our reward model "
                   "as the judge: it is only as good as that reward model, not a human verdict."]
@@ -209,7 +212,7 @@ def plot_report(path: str, report: dict) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.1 * len(metrics), 3.4))
     for ax, (key, (label, way)) in zip(axes, metrics.items()):
         values = [report[role][key] for role in roles]
-        bars = ax.bar([LABELS[role] for role in roles], values, color=[COLORS[role] for role in roles])
+        bars = ax.bar([report.get("labels", LABELS)[role] for role in roles], values, color=[COLORS[role] for role in roles])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(f"{label}\n({way} is better)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -242,7 +245,7 @@ def main(args, explicit: set) -> dict:
     from datasetup import held_out_records
     from inference import load_template, require_finetuned
     from model import get_device
-    from rundir import write_json
+    from rundir import read_run_config, write_json
 
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
@@ -267,6 +270,8 @@ def main(args, explicit: set) -> dict:
               "reference_mean_length": results["finetuned"]["reference_mean_length"], **results}
     if "base" in results:
         report["finetuned_better"] = compare(results["base"], results["finetuned"])
+    if "align.py" in (read_run_config(args.finetuned) or {}).get("command", ""):  # SFT vs aligned: two stages
+        report["labels"] = STAGE_LABELS
     if args.reward_model and "base" in results:
         report.update(reward_model=args.reward_model, win_rate=win_rate(scores["finetuned"], scores["base"]))
     samples = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],

@@ -231,6 +231,9 @@ def test_evaluation_of_aligned_against_sft_judged_by_the_reward_model(smoke_alig
     report = load_json(work / "smoke-run" / f"aligned-{method}" / "eval" / "report.json")
     assert report["win_rate"] > 0.5 and report["finetuned"]["mean_reward"] > report["base"]["mean_reward"]
     assert report["dataset"] == "smoke-run/data.json"  # the SFT run's held-out instructions
+    markdown = (work / "smoke-run" / f"aligned-{method}" / "eval" / "report.md").read_text()
+    assert "| metric | better | SFT | aligned | aligned better? |" in markdown
+    assert "Win rate of the aligned model over the SFT" in markdown
 
 
 def test_inference_compares_sft_and_aligned_side_by_side(smoke_aligned):
