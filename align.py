@@ -35,6 +35,7 @@ WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in
 NUM_GENERATIONS = 4  # rloo: answers sampled per prompt (the leave-one-out baseline needs >= 2)
 MAX_NEW_TOKENS = 128  # rloo: most tokens per sampled answer; >= 1
 TEMPERATURE = 1.0  # rloo: sampling temperature of the answers; > 0
+MISSING_EOS_PENALTY = 1.0  # rloo: subtracted from the reward of an answer cut off at --max-new-tokens; >= 0
 MAX_LENGTH = 512  # dpo: tokens of prompt + the longer answer + EOS; rloo: of the prompt alone; longer ones are dropped
 VAL_SIZE = 0.05  # held-out pairs (dpo) or prompts (rloo): a count (>= 1) or a fraction in (0, 1)
 EVAL_STEPS = 500  # evaluate on the held-out set every N steps; >= 1
@@ -52,7 +53,8 @@ SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model fo
 DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}}
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
-            "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "max_length", "val_size", "seed")
+            "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "missing_eos_penalty", "max_length",
+            "val_size", "seed")
 
 
 def validate_args(args) -> None:
@@ -74,6 +76,8 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.temperature <= 0:
         problems.append(f"--temperature must be > 0 (got {args.temperature})")
+    if args.missing_eos_penalty < 0:
+        problems.append(f"--missing-eos-penalty must be >= 0 (got {args.missing_eos_penalty})")
     if args.method == "rloo" and args.num_generations < 2:
         problems.append(f"--num-generations must be >= 2 for rloo's leave-one-out baseline (got {args.num_generations})")
     if args.method == "rloo" and not args.reward_model and not args.smoke:
@@ -124,6 +128,10 @@ def check_dirs(args) -> None:
         last = rundir.find_checkpoint(args.model)
         hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
         raise UserError(f"--model {args.model}: no SFT model there{hint}. Run `python train.py` first.")
+    architectures = (rundir.read_json(os.path.join(args.model, "config.json")) or {}).get("architectures") or []
+    if any("SequenceClassification" in name for name in architectures):
+        raise UserError(f"--model {args.model} is a reward model (a {architectures[0]}): pass the SFT model, "
+                        "train.py's output dir (the reward model goes to --reward-model, for --method rloo)")
 
 
 def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict], dict]:
@@ -132,6 +140,7 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     import preferences
     from cli import UserError
     from scoring import context_limit
+    from templates import encode_prompt
     from transformers import AutoConfig
 
     limit = context_limit(AutoConfig.from_pretrained(args.model))
@@ -142,21 +151,27 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     if args.method == "dpo":
         return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
                                          template, args.max_length, say)
-    return preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
-                                       template, judge.template, args.max_length, say)
+    data, held_out, report = preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed,
+                                                         tokenizer, template, judge.template, args.max_length, say)
+    judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + EOS
+    longest = max(len(encode_prompt(judge.tokenizer, text)) for part in data.values() for text in part["judge_prompt"])
+    if judge_limit and longest + args.max_new_tokens + 1 > judge_limit:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt, in the reward model's template, is "
+                        f"{longest} tokens, and with an answer and EOS that is more than the {judge_limit} positions "
+                        f"of --reward-model {args.reward_model}; lower --max-length or --max-new-tokens")
+    return data, held_out, report
 
 
 def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
     """metrics.json's held-out results before and after aligning, and the method's throughput."""
     seconds, steps = metrics["train_runtime_s"], max(1, metrics["global_step"])
+    names = ("accuracy", "loss", "mean_margin") if args.method == "dpo" else ("mean_reward", "kl", "truncated")
+    held_out = {f"eval_{name}_{when}": result[f"{prefix}_{name}"] for name in names
+                for when, result, prefix in (("before", before, "before"), ("after", after, "eval"))}
     if args.method == "dpo":
-        return {**{f"eval_{name}_{when}": result[f"{prefix}_{name}"] for name in ("accuracy", "loss", "mean_margin")
-                   for when, result, prefix in (("before", before, "before"), ("after", after, "eval"))},
-                "eval_pairs": len(after["eval_margins"]), "pairs_per_second": metrics["train_pairs"] / seconds}
-    return {"eval_mean_reward_before": before["before_mean_reward"], "eval_mean_reward_after": after["eval_mean_reward"],
-            "eval_kl_before": before["before_kl"], "eval_kl_after": after["eval_kl"],
-            "eval_prompts": len(after["eval_rewards"]), "completions_per_second": metrics["train_completions"] / seconds,
-            "seconds_per_step": seconds / steps,
+        return {**held_out, "eval_pairs": len(after["eval_margins"]), "pairs_per_second": metrics["train_pairs"] / seconds}
+    return {**held_out, "eval_prompts": len(after["eval_rewards"]), "seconds_per_step": seconds / steps,
+            "completions_per_second": metrics["train_completions"] / seconds,
             "generation_share": trainer.generation_seconds / max(1e-9, trainer.last_session_seconds())}
 
 
@@ -185,8 +200,9 @@ def report_lines(args, metrics: dict) -> list[str]:
         speed = f"{metrics['pairs_per_second']:.1f} pairs/s"
     else:
         head = (f"\nHeld-out mean reward {metrics['eval_mean_reward_before']:+.3f} -> "
-                f"{metrics['eval_mean_reward_after']:+.3f} on {metrics['eval_prompts']} prompts; KL to the SFT model "
-                f"{metrics['eval_kl_after']:.3f}")
+                f"{metrics['eval_mean_reward_after']:+.3f} on {metrics['eval_prompts']} prompts ("
+                f"{metrics['eval_truncated_after']:.0%} cut at --max-new-tokens); KL to the SFT model "
+                + ("not measured (--beta 0)" if metrics["eval_kl_after"] is None else f"{metrics['eval_kl_after']:.3f}"))
         speed = (f"{metrics['seconds_per_step']:.2f} s/step ({metrics['generation_share']:.0%} of it generating), "
                  f"{metrics['completions_per_second']:.1f} answers/s")
     return [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
@@ -207,9 +223,10 @@ def main(args, explicit: set) -> None:
         why = "set by --smoke"
     packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args)
-    config = {**vars(args), "device": device.type, "precision": precision, "sft_model": args.model,
+    config = {**vars(args), "device": device.type, "precision": precision, "sft_model": runner.model_path(args.model),
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
     training_args = aligntrainer.trl_config(args, device, precision)
+    runner.refuse_data_parallel(training_args, "align.py")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -225,7 +242,8 @@ def main(args, explicit: set) -> None:
         tokenizer = model_lib.load_tokenizer(args.model)
         template = load_template(args.model)
         if args.method == "rloo":
-            judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations)
+            judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations,
+                                       args.missing_eos_penalty)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
     policy = model_lib.load_model(args.model, "pretrained", tokenizer)
     if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)

@@ -94,8 +94,8 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
 class AlignRLOOTrainer(RunLayer, RLOOTrainer):
     """TRL's RLOO on prompts encoded as inference.py encodes them. `judge(records, answers) -> rewards` scores
     answers (texts) to prompt records. Held-out evaluation on the eval set's prompts: the mean
-    reward of greedy answers, as inference.py would give them, and the KL to the reference,
-    E[log pi(y|x) - log ref(y|x)] over answers sampled at the training temperature."""
+    reward of greedy answers, as inference.py would give them, the share of them cut off at --max-new-tokens,
+    and the KL to the reference over answers sampled at the training temperature (kl_to_reference)."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_completions": "completions"}
 
@@ -138,26 +138,29 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         self.model.eval()
         try:
             greedy = self.answers(mine, do_sample=False)
-            sampled = self.answers(mine, do_sample=True)
-            kl = self.log_ratios(mine, sampled)
+            kl = self.kl_to_reference(mine, self.answers(mine, do_sample=True))
         finally:
             self.model.train(was_training)
-        rewards = list(self.judge(mine, [self._tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]))
+        texts = [self._tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
+        rewards = list(self.judge(mine, texts))
+        cut = [float(not ids or ids[-1] not in self.eos_token_ids) for ids in greedy]
         if self.args.world_size > 1:
-            rewards, kl = gather_object(rewards), gather_object(kl)
+            rewards, kl, cut = gather_object(rewards), gather_object(kl), gather_object(cut)
         metrics = {f"{metric_key_prefix}_mean_reward": sum(rewards) / max(1, len(rewards)),
-                   f"{metric_key_prefix}_kl": sum(kl) / max(1, len(kl)),
+                   f"{metric_key_prefix}_kl": None if kl[:1] == [None] else sum(kl) / max(1, len(kl)),
+                   f"{metric_key_prefix}_truncated": sum(cut) / max(1, len(cut)),
                    f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
         return {**self.report_evaluation(metrics), f"{metric_key_prefix}_rewards": rewards}
 
     @torch.no_grad()
     def answers(self, records: list[dict], do_sample: bool) -> list[list[int]]:
-        """Each record's answer ids (cut after the first stop token, which is kept), greedy or sampled."""
+        """Each record's answer ids (cut after the first stop token, which is kept), greedy or sampled. Sampling
+        is seeded, so each evaluation of a policy draws the same samples, and leaves training's RNG as it was."""
         tokenizer, model = self._tokenizer, self.accelerator.unwrap_model(self.model)
         batch_size, out = self.args.per_device_eval_batch_size, []
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(self.args.seed)  # the same samples at every evaluation of the same policy
-        try:
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
             for start in range(0, len(records), batch_size):
                 encoded = [encode_prompt(tokenizer, r["prompt"]) for r in records[start:start + batch_size]]
                 width, pad = max(map(len, encoded)), tokenizer.pad_token_id
@@ -171,58 +174,65 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
                 for row in rows:
                     end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), None)
                     out.append(row if end is None else row[:end + 1])
-        finally:
-            torch.random.set_rng_state(generator_state)
         return out
 
     @torch.no_grad()
-    def log_ratios(self, records: list[dict], answers: list[list[int]]) -> list[float]:
-        """log pi(answer | prompt) - log ref(answer | prompt) of each answer (0 without a reference model)."""
+    def kl_to_reference(self, records: list[dict], answers: list[list[int]]) -> list[float | None]:
+        """An estimate of KL(pi || ref) from each answer, sampled from the policy at the training temperature:
+        the sum over its tokens of k3 = exp(d) - d - 1, d = log ref - log pi (unbiased, never below 0, less noisy
+        than log pi - log ref), both models' log-probs at that temperature, as TRL's loss uses them, and read at
+        the answer tokens only (TRL's fused output layer). None where there is no reference model (--beta 0)."""
         if self.ref_model is None:
-            return [0.0] * len(answers)
-        values = []
+            return [None] * len(answers)
+        values, pad = [], self._tokenizer.pad_token_id
         for start in range(0, len(records), self.args.per_device_eval_batch_size):
             chunk = range(start, min(len(records), start + self.args.per_device_eval_batch_size))
             sequences = [encode_prompt(self._tokenizer, records[i]["prompt"]) + answers[i] for i in chunk]
             width = max(map(len, sequences))
-            ids = torch.tensor([s + [self._tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-            answer = torch.zeros_like(mask)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.args.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.args.device)
+            labels = torch.full_like(ids, -100)
             for row, i in enumerate(chunk):
-                answer[row, len(sequences[row]) - len(answers[i]):len(sequences[row])] = 1
-            ids, mask, answer = (t.to(self.args.device) for t in (ids, mask, answer))
-            sums = []
+                end = len(sequences[row])
+                labels[row, end - len(answers[i]):end] = ids[row, end - len(answers[i]):end]
+            logps = []
             for model in (self.model, self.ref_model):
                 with self.accelerator.autocast():
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-                token_logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-                sums.append((token_logps * answer[:, 1:]).sum(-1))
-            values += (sums[0] - sums[1]).tolist()
+                    logps.append(model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+                                 .log_probs.double())
+            d = (logps[1] - logps[0]) * (labels[:, 1:] != -100)
+            values += (d.exp() - d - 1).sum(-1).tolist()
         return values
 
 
 class Judge:
     """A reward model (reward.py's output dir) as RLOO's reward function and as the evaluation's judge. Each
-    answer is scored after its prompt formatted with the reward model's own template ("judge_prompt")."""
+    answer is scored, exactly as decoded, after its prompt formatted with the reward model's own template
+    ("judge_prompt"). In training, an answer cut off at --max-new-tokens (no stop token among `stop_ids`) is
+    scored as if it had ended there, minus `missing_eos_penalty`: a cut answer must not pass for a finished one."""
 
     __name__ = "reward_model"  # TRL names a reward function in its logs
 
-    def __init__(self, path: str, device, batch_size: int = 16):
+    def __init__(self, path: str, device, batch_size: int = 16, missing_eos_penalty: float = 0.0):
         self.model, self.tokenizer, self.template = load_reward_model(path, device)
-        self.batch_size = batch_size
+        self.batch_size, self.missing_eos_penalty, self.stop_ids = batch_size, missing_eos_penalty, ()
 
-    def __call__(self, prompts=None, completions=(), judge_prompt=(), **kwargs) -> list[float]:
-        return score_texts(self.model, self.tokenizer, list(judge_prompt), [c.strip() for c in completions],
-                           self.batch_size)
+    def __call__(self, prompts=None, completions=(), judge_prompt=(), completion_ids=None, **kwargs) -> list[float]:
+        rewards = score_texts(self.model, self.tokenizer, list(judge_prompt), list(completions), self.batch_size)
+        if completion_ids is None or not self.missing_eos_penalty:
+            return rewards
+        return [reward - self.missing_eos_penalty * (not ids or ids[-1] not in self.stop_ids)
+                for reward, ids in zip(rewards, completion_ids)]
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
 
 
 def trl_config(args, device, precision: str):
-    """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without gradient checkpointing (a
-    small model has the memory, and recomputing the forward costs time); DPO computes the reference
-    log-probs once, before training, instead of keeping a second model."""
+    """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without dropout (the log-probs that
+    the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO
+    one) and without gradient checkpointing (a small model has the memory, and recomputing the forward
+    costs time); DPO computes the reference log-probs once, before training, instead of keeping a second model."""
     from trl import DPOConfig, RLOOConfig
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -233,7 +243,7 @@ def trl_config(args, device, precision: str):
         seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none",
         dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False, gradient_checkpointing=False,
-        beta=args.beta)
+        beta=args.beta, disable_dropout=True)
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,
                          per_device_eval_batch_size=args.batch_size, max_length=None, precompute_ref_log_probs=True)
@@ -252,7 +262,9 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
         multiple = 8 if training_args.device.type == "cuda" else None
         return AlignDPOTrainer(**{**common, "model": enable_sequence_logps(policy)},
                                data_collator=PairCollator(tokenizer.pad_token_id, packing, multiple))
-    return AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
+    trainer = AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
+    judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
+    return trainer
 
 
 def plot_before_after(before: list[float], after: list[float], path: str, title: str, xlabel: str,

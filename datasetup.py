@@ -142,8 +142,8 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
     if config is None:
         raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
                         "(or pass --finetuned DIR)")
-    if config.get("sft_model") and not dataset:  # an align.py run: evaluated on its SFT model's held-out records
-        return held_out_records(config["sft_model"])
+    if config.get("sft_model"):  # an align.py run: evaluated on its SFT model's held-out records (or split)
+        return held_out_records(config["sft_model"], dataset)
     if dataset:
         records, _ = load_records(dataset, config.get("skip_invalid", False))
         return split_records(records, config["val_size"], config["seed"])[1], config

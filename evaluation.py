@@ -15,7 +15,7 @@ import os
 import sys
 
 # ---- settings (each has a flag: NUM_GENERATIONS -> --num-generations) ----
-BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
+BASE = "distilgpt2"  # the model before fine-tuning, Hub id or dir; for an align.py output, the SFT model it started from
 FINETUNED = "distilgpt2-alpaca"  # directory written by train.py (its run_config.json names the split)
 DATASET = ""  # records to split; empty = the dataset recorded in the fine-tuned model's run_config.json
 OUTPUT_DIR = ""  # where the report goes; empty = FINETUNED/eval
@@ -252,7 +252,11 @@ def main(args, explicit: set) -> dict:
     require_finetuned(args.finetuned)
     output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
     records, config = held_out_records(args.finetuned, args.dataset)
-    check_base(args, config, explicit)
+    sft_model = (read_run_config(args.finetuned) or {}).get("sft_model")  # set when align.py made it
+    if sft_model and "base" not in explicit:
+        args.base = sft_model  # an aligned model is compared with the SFT model it started from
+    elif not sft_model:
+        check_base(args, config, explicit)
     device = get_device(args.device)
     template = load_template(args.finetuned)
     roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}
@@ -270,8 +274,8 @@ def main(args, explicit: set) -> dict:
               "reference_mean_length": results["finetuned"]["reference_mean_length"], **results}
     if "base" in results:
         report["finetuned_better"] = compare(results["base"], results["finetuned"])
-    if "align.py" in (read_run_config(args.finetuned) or {}).get("command", ""):  # SFT vs aligned: two stages
-        report["labels"] = STAGE_LABELS
+    if sft_model and "base" in results and os.path.realpath(args.base) == os.path.realpath(sft_model):
+        report["labels"] = STAGE_LABELS  # SFT vs aligned: the two stages of one pipeline
     if args.reward_model and "base" in results:
         report.update(reward_model=args.reward_model, win_rate=win_rate(scores["finetuned"], scores["base"]))
     samples = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],

@@ -88,6 +88,20 @@ def choose_packing(model, packing: str, explicit: bool, say, what: str, n: int, 
     return "none"
 
 
+def refuse_data_parallel(training_args, script: str) -> None:
+    """Plain `python` on a machine with several GPUs has Trainer split each batch with DataParallel, which
+    the script's own forward passes (reference pass, evaluation, generation) do not go through."""
+    if training_args.n_gpu > 1:
+        raise rundir.UserError(f"this machine has {training_args.n_gpu} GPUs, and plain `python {script}` would "
+                               f"split batches with DataParallel, which {script} does not support: run `torchrun "
+                               f"--nproc_per_node {training_args.n_gpu} {script} ...` (or set CUDA_VISIBLE_DEVICES=0)")
+
+
+def model_path(path: str) -> str:
+    """A local model dir as an absolute path (so a run config names it from any working dir); a Hub id as is."""
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 def refuse_other_script(output_dir: str, command: str) -> None:
     """A dir that holds another script's run (an SFT model, say) is never resumed into or cleared."""
     saved = (rundir.read_run_config(output_dir) or {}).get("command", "")

@@ -142,8 +142,14 @@ class RunLayer:
             self.model.train(was_training)
 
     def report_evaluation(self, metrics: dict) -> dict:
-        """Log evaluation metrics and tell the callbacks, as Trainer.evaluate does; returns them."""
-        self.log(metrics)
+        """Log evaluation metrics and tell the callbacks, as Trainer.evaluate does; returns them. The model is in
+        eval mode meanwhile: TRL's log() adds the running metrics of the mode that the model is in."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.log(metrics)
+        finally:
+            self.model.train(was_training)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 

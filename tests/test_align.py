@@ -1,13 +1,9 @@
-"""align.py: the tokens DPO and RLOO train on, our evaluation against TRL's own loss, the smoke proof that
-both methods move the undecided task toward the preferred style while keeping the other tasks, the
-evaluation of aligned against SFT, and the run layer's behaviour."""
+"""align.py's parts: the tokens DPO and RLOO train on, our DPO loss against TRL's own, RLOO's evaluation
+(KL, RNG, truncation), the reward-model judge and the checks made before training. End to end: test_align_smoke.py."""
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,41 +11,28 @@ import torch
 import datasetup
 import model as model_lib
 import preferences
-import smoke
-from conftest import ROOT, shared_path
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from conftest import shared_path
+from templates import encode_prompt, format_prompt
 
 
-def run_align(cwd, *args, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "align.py"), *args], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def load_json(path):
-    with open(path) as handle:
-        return json.load(handle)
-
-
-def tiny_policy(tmp_path, tokenizer):
+def tiny_policy(tmp_path, tokenizer, dropout=0.0):
     """A saved tiny GPT-2 with the tokenizer's vocabulary (random weights: enough to check tokens and losses)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = GPT2LMHeadModel(config)
     model.save_pretrained(tmp_path / "policy")
     tokenizer.save_pretrained(tmp_path / "policy")
     return model_lib.load_model(str(tmp_path / "policy"), "pretrained", tokenizer)
 
 
-def dpo_trainer(tmp_path, tokenizer, pairs):
-    from types import SimpleNamespace
-
+def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0):
     import aligntrainer
 
-    policy = tiny_policy(tmp_path, tokenizer)
+    policy = tiny_policy(tmp_path, tokenizer, dropout)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=2, lr=1e-3, warmup_ratio=0.0,
                            eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.1, method="dpo",
                            batch_size=len(pairs))
@@ -140,33 +123,75 @@ def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
     assert theirs != pytest.approx(math.log(2), rel=1e-3)
 
 
-def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
-    from types import SimpleNamespace
-
+def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None):
     from datasets import Dataset
 
     import aligntrainer
-    from templates import format_prompt
 
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
-    records, _ = real_pairs(2)
     prompts = [format_prompt(r, "seed") for r in records]
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=1, lr=1e-5, warmup_ratio=0.0,
-                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.0, method="rloo",
-                           batch_size=2, num_generations=2, max_new_tokens=4, temperature=1.0)
+                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo",
+                           batch_size=2, num_generations=2, max_new_tokens=4, temperature=0.7)
     config = aligntrainer.trl_config(args, torch.device("cpu"), "fp32")
     data = Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts])
+    if judge is None:
+        def judge(completions=(), **kwargs):
+            return [0.0] * len(completions)
 
-    def judge(completions=(), **kwargs):
-        return [0.0] * len(completions)
+        judge.score = lambda records, answers: [0.0] * len(answers)
+    policy = tiny_policy(tmp_path, tokenizer, dropout)
+    return aligntrainer.build_trainer(args, policy, tokenizer, config, {"train": data, "validation": data}, judge, [],
+                                      None), prompts
 
-    judge.score = lambda records, answers: [0.0] * len(answers)
-    trainer = aligntrainer.build_trainer(args, tiny_policy(tmp_path, tok), tok, config,
-                                         {"train": data, "validation": data}, judge, [], None)
+
+def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    records, _ = real_pairs(2)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records)
     ids, _, _ = trainer._tokenize_prompts(prompts)
     for record, prompt_ids in zip(records, ids):
         sft = datasetup.tokenize_example(record, tok, "seed", 1024)
         assert prompt_ids == [t for t, label in zip(sft["input_ids"], sft["labels"]) if label == -100]
+
+
+@pytest.mark.parametrize("method", ["dpo", "rloo"])
+def test_both_methods_train_without_dropout(tmp_path, gpt2_tokenizer, method):
+    """The log-probs the loss compares are the policy's own: dropout off, though the model was saved with it."""
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    records, pairs = real_pairs(2)
+    trainer = (dpo_trainer(tmp_path, tok, pairs, dropout=0.1) if method == "dpo"
+               else rloo_trainer(tmp_path, tok, records, dropout=0.1)[0])
+    rates = [m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and set(rates) == {0.0}
+
+
+def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_alone(tmp_path, gpt2_tokenizer):
+    """The held-out KL sums k3 = exp(d) - d - 1 (d = log ref - log pi) over each sampled answer's tokens, with
+    both models' log-probs at the sampling temperature, as a plain full-vocabulary computation gives it; the
+    evaluation's seeded sampling leaves training's random state as it was; --beta 0 has no KL to report."""
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    records, _ = real_pairs(2)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, beta=0.05)
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    held_out = [{"prompt": p} for p in prompts]
+    state = torch.get_rng_state()
+    answers = trainer.answers(held_out, do_sample=True)
+    assert torch.equal(torch.get_rng_state(), state) and answers == trainer.answers(held_out, do_sample=True)
+    kl = trainer.kl_to_reference(held_out, answers)
+    expected = []
+    for prompt, answer in zip(prompts, answers):
+        ids = torch.tensor([encode_prompt(tok, prompt) + answer])
+        with torch.no_grad():
+            logps = [(m(input_ids=ids).logits[0, -len(answer) - 1:-1].double() / 0.7).log_softmax(-1)
+                     .gather(-1, ids[0, -len(answer):, None]).squeeze(-1) for m in (trainer.model, trainer.ref_model)]
+        d = logps[1] - logps[0]
+        expected.append(float((d.exp() - d - 1).sum()))
+    assert kl == pytest.approx(expected, rel=1e-4) and min(kl) > 0
+    assert trainer.kl_to_reference(held_out, trainer.answers(held_out, do_sample=True)) == kl
+    no_reference, _ = rloo_trainer(tmp_path / "b0", tok, records, beta=0.0)
+    assert no_reference.ref_model is None and no_reference.kl_to_reference(held_out, answers) == [None, None]
 
 
 def test_a_nan_in_dpo_stops_the_run_before_the_optimizer_step(tmp_path, gpt2_tokenizer):
@@ -181,158 +206,39 @@ def test_a_nan_in_dpo_stops_the_run_before_the_optimizer_step(tmp_path, gpt2_tok
     assert trainer.state.global_step == 0
 
 
-# ---------------------------------------------------------------- the smoke proof, end to end
-def answers_to_held_out(model_dir, held_out):
-    """(polite greetings, greetings, right answers to the other tasks, other prompts) of greedy answers."""
-    from inference import generate, load_for_generation
-    from templates import format_prompt
-
-    lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")
-    answers = generate(lm, tokenizer, [format_prompt(r, "seed") for r in held_out],
-                       {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
-    greet = [a["text"] for r, a in zip(held_out, answers) if r["instruction"] == smoke.GREETING]
-    other = [(r, a["text"]) for r, a in zip(held_out, answers) if r["instruction"] != smoke.GREETING]
-    polite = sum(text == smoke.STYLES["polite"].format(names=r["input"]) for r, text in
-                 ((r, a["text"]) for r, a in zip(held_out, answers) if r["instruction"] == smoke.GREETING))
-    return polite, len(greet), sum(smoke.is_right(r, text) for r, text in other), len(other)
 
 
-@pytest.mark.parametrize("method", ["dpo", "rloo"])
-def test_smoke_alignment_prefers_the_polite_style_and_keeps_the_other_tasks(smoke_aligned, method):
-    work, outputs = smoke_aligned
-    held_out, _ = datasetup.held_out_records(str(work / "smoke-run" / "model"))
-    sft = answers_to_held_out(work / "smoke-run" / "model", held_out)
-    aligned = answers_to_held_out(work / "smoke-run" / f"aligned-{method}", held_out)
-    assert sft[1] == aligned[1] >= 30 and sft[0] <= 0.7 * sft[1]  # undecided before: about half polite
-    assert aligned[0] >= 0.9 * aligned[1], (method, sft, aligned)
-    assert aligned[2] / aligned[3] >= sft[2] / sft[3] - 0.05, (method, sft, aligned)
-    metrics = load_json(work / "smoke-run" / f"aligned-{method}" / "metrics.json")
-    assert metrics["train_runtime_s"] < 180 and metrics["global_step"] == smoke.ALIGN_SETTINGS[method]["max_steps"]
-    if method == "dpo":
-        assert metrics["eval_accuracy_before"] == 0.5 and metrics["eval_mean_margin_before"] == 0
-        assert metrics["eval_accuracy_after"] >= 0.9 and metrics["pairs_per_second"] > 0
-        assert "Held-out preference accuracy 50.0% -> " in outputs[method]
-    else:
-        assert metrics["eval_mean_reward_after"] > metrics["eval_mean_reward_before"]
-        assert metrics["eval_kl_before"] == pytest.approx(0, abs=1e-6) and metrics["eval_kl_after"] >= 0
-        assert 0 < metrics["generation_share"] < 1 and metrics["seconds_per_step"] > 0
-    for name in ("config.json", "model.safetensors", "sft_template.json", "before_after.png", "tokenizer.json"):
-        assert (work / "smoke-run" / f"aligned-{method}" / name).exists(), name
+def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_training(tmp_path, gpt2_tokenizer):
+    """RLOO's judge reads prompt + answer + EOS: a reward model with too few positions for the longest prompt and
+    --max-new-tokens is an error naming both flags, before any step (not a crash in the middle of training)."""
+    from transformers import GPT2Config
 
-
-@pytest.mark.parametrize("method", ["dpo", "rloo"])
-def test_evaluation_of_aligned_against_sft_judged_by_the_reward_model(smoke_aligned, method):
-    work, _ = smoke_aligned
-    result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--base", "smoke-run/model", "--finetuned",
-                             f"smoke-run/aligned-{method}", "--reward-model", "smoke-run/reward", "--num-generations",
-                             "200", "--max-new-tokens", "32"], cwd=work, env=ENV, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = load_json(work / "smoke-run" / f"aligned-{method}" / "eval" / "report.json")
-    assert report["win_rate"] > 0.5 and report["finetuned"]["mean_reward"] > report["base"]["mean_reward"]
-    assert report["dataset"] == "smoke-run/data.json"  # the SFT run's held-out instructions
-    markdown = (work / "smoke-run" / f"aligned-{method}" / "eval" / "report.md").read_text()
-    assert "| metric | better | SFT | aligned | aligned better? |" in markdown
-    assert "Win rate of the aligned model over the SFT" in markdown
-
-
-def test_inference_compares_sft_and_aligned_side_by_side(smoke_aligned):
-    work, _ = smoke_aligned
-    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--base", "smoke-run/model", "--finetuned",
-                             "smoke-run/aligned-dpo", "--prompt", smoke.GREETING, "--input", "cat dog owl"], cwd=work,
-                            env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Hello, cat dog owl!" in result.stdout
-
-
-# ---------------------------------------------------------------- the run layer
-def start_align_until(work, args, output_dir, checkpoint):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "align.py"), *args], cwd=work, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    state = work / output_dir / f"checkpoint-{checkpoint}" / "trainer_state.json"
-    for _ in range(2400):
-        if state.exists() or proc.poll() is not None:
-            break
-        subprocess.run(["sleep", "0.05"])
-    assert proc.poll() is None, f"the run ended before {state} appeared: {proc.stdout.read()[-3000:]}"
-    return proc
-
-
-def test_dpo_run_resumes_after_sigterm_and_kill_9_and_refuses_another_run(smoke_aligned):
-    work, _ = smoke_aligned
-    args = ["--smoke", "--max-steps", "60", "--save-steps", "20", "--output-dir", "dpo-resume"]
-    proc = start_align_until(work, args, "dpo-resume", 20)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 143 and "Run the same command to continue" in output, output[-3000:]
-    other = run_align(work, *args, "--beta", "0.5")
-    assert other.returncode == 2 and "holds a different run" in other.stderr
-    proc = start_align_until(work, args, "dpo-resume", 40)
-    proc.kill()  # kill -9: no handler runs
-    proc.communicate(timeout=60)
-    resumed = run_align(work, *args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resuming from dpo-resume/checkpoint-" in resumed.stdout
-    metrics = load_json(work / "dpo-resume" / "metrics.json")
-    per_epoch = math.ceil(1800 / 32)  # 1800 training pairs, the last batch of an epoch short
-    assert metrics["global_step"] == 60 and metrics["train_pairs"] == 1800 + (60 - per_epoch) * 32
-    assert metrics["eval_accuracy_before"] == 0.5  # kept from the first session
-
-
-def test_no_run_overwrites_another_scripts_output(smoke_aligned):
-    work, _ = smoke_aligned
-    same = run_align(work, "--smoke", "--output-dir", "smoke-run/model")
-    assert same.returncode == 2 and "is the --model directory" in same.stderr
-    into_rm = run_align(work, "--smoke", "--output-dir", "smoke-run/reward", "--no-resume")
-    assert into_rm.returncode == 2 and "holds a run of reward.py" in into_rm.stderr
-    assert (work / "smoke-run" / "reward" / "metrics.json").exists()
-    not_rm = run_align(work, "--smoke", "--method", "rloo", "--model", "smoke-run/model")
-    assert not_rm.returncode == 2 and "--smoke brings its own models and data" in not_rm.stderr
-    wrong = run_align(work, "--model", "smoke-run/model", "--dataset", "smoke-run/pairs.json", "--method", "rloo",
-                      "--reward-model", "smoke-run/model", "--output-dir", "x")
-    assert wrong.returncode == 2 and "not a reward model" in wrong.stderr and "Traceback" not in wrong.stderr
-    long = run_align(work, "--smoke", "--max-length", "1000", "--output-dir", "too-long")
-    assert long.returncode == 2 and "--max-length (1000) is more than the 256 positions" in long.stderr
-
-
-def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_aligned):
-    work, _ = smoke_aligned
-    for method, count in (("dpo", "train_pairs"), ("rloo", "train_completions")):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 str(ROOT / "align.py"), "--smoke", "--method", method, "--max-steps", "3",
-                                 "--output-dir", f"ddp-{method}"], cwd=work, env=ENV, capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-        metrics = load_json(work / f"ddp-{method}" / "metrics.json")
-        assert metrics["world_size"] == 2 and metrics["global_step"] == 3
-        assert metrics[count] == 3 * 32 * 2  # both processes counted: 32 pairs, or 8 prompts x 4 answers, each
-        if method == "dpo":  # the reference pass and the evaluation shard the pairs alike: margins exactly 0 before
-            assert metrics["eval_pairs"] == 200 and metrics["eval_accuracy_before"] == 0.5
-        else:
-            assert metrics["eval_prompts"] == 200 and metrics["eval_kl_before"] == 0
-
-
-@pytest.mark.parametrize("args,expected", [
-    ([], "--model distilgpt2-alpaca: no SFT model there. Run `python train.py` first"),
-    (["--method", "rloo"], "--method rloo needs --reward-model DIR"),
-    (["--reward-model", "rm"], "--reward-model: only used with --method rloo"),
-    (["--method", "rloo", "--reward-model", "rm", "--num-generations", "1", "--temperature", "0"],
-     "--num-generations must be >= 2"),
-    (["--batch-size", "0", "--lr", "0", "--beta", "-2"], "--lr must be > 0, or -1"),
-    (["--smoke"], "run `python train.py --smoke` first"),
-])
-def test_bad_settings_are_refused_naming_the_flag(tmp_path, args, expected):
-    result = run_align(tmp_path, *args)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert expected in result.stderr and "Traceback" not in result.stderr
-
-
-def test_help_lists_every_setting():
     import align
-    import cli
+    from cli import UserError
 
-    result = run_align(ROOT, "--help")
-    assert result.returncode == 0
-    for name, _, _ in cli.constant_specs(align):
-        assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 26
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tiny_policy(tmp_path, tok)
+    records = json.loads(shared_path("data", "alpaca_5000.json").read_text())[:20]
+    (tmp_path / "prompts.json").write_text(json.dumps(records))
+    longest = max(len(encode_prompt(tok, format_prompt(r, "seed"))) for r in records)
+    args = SimpleNamespace(model=str(tmp_path / "policy"), method="rloo", dataset=str(tmp_path / "prompts.json"),
+                           reward_model="rm", skip_invalid=False, val_size=4, seed=0, max_length=512, max_new_tokens=32)
+    for positions, fits in ((longest + 33, True), (longest + 32, False)):
+        judge = SimpleNamespace(model=SimpleNamespace(config=GPT2Config(n_positions=positions)), tokenizer=tok,
+                                template="seed")
+        if fits:
+            data, _, _ = align.prepare_data(args, tok, "seed", judge, lambda *a: None)
+            assert len(data["train"]) + len(data["validation"]) == 20
+        else:
+            with pytest.raises(UserError, match=rf"--max-new-tokens 32: the longest prompt.* {longest} tokens.*"
+                                                 rf"more than the {positions} positions of --reward-model rm"):
+                align.prepare_data(args, tok, "seed", judge, lambda *a: None)
+
+
+def test_plain_python_on_several_gpus_is_refused_with_the_torchrun_command():
+    import runner
+    from cli import UserError
+
+    runner.refuse_data_parallel(SimpleNamespace(n_gpu=1), "align.py")
+    with pytest.raises(UserError, match=r"4 GPUs.*DataParallel.*`torchrun --nproc_per_node 4 align.py \.\.\.`"):
+        runner.refuse_data_parallel(SimpleNamespace(n_gpu=4), "align.py")
