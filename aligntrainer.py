@@ -19,7 +19,7 @@ import torch
 from trl import DPOTrainer, RLOOTrainer
 
 from pairlogps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
-from scoring import load_reward_model, pairwise_stats, score_texts
+from scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
 from templates import encode_prompt
 from trainer import RunLayer
 
@@ -158,8 +158,9 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         is seeded, so each evaluation of a policy draws the same samples, and leaves training's RNG as it was."""
         tokenizer, model = self._tokenizer, self.accelerator.unwrap_model(self.model)
         batch_size, out = self.args.per_device_eval_batch_size, []
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
+        device = self.args.device  # this process's accelerator only (none on CPU), whatever else the machine has
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index or 0],
+                                   device_type=None if device.type == "cpu" else device.type):
             torch.manual_seed(self.args.seed)
             for start in range(0, len(records), batch_size):
                 encoded = [encode_prompt(tokenizer, r["prompt"]) for r in records[start:start + batch_size]]
@@ -218,11 +219,21 @@ class Judge:
         self.batch_size, self.missing_eos_penalty, self.stop_ids = batch_size, missing_eos_penalty, ()
 
     def __call__(self, prompts=None, completions=(), judge_prompt=(), completion_ids=None, **kwargs) -> list[float]:
-        rewards = score_texts(self.model, self.tokenizer, list(judge_prompt), list(completions), self.batch_size)
+        rewards = score_ids(self.model, [self.sequence(p, a) for p, a in zip(judge_prompt, completions)],
+                            self.tokenizer.pad_token_id, self.batch_size)
         if completion_ids is None or not self.missing_eos_penalty:
             return rewards
+        if not self.stop_ids:
+            raise ValueError("Judge.stop_ids is not set: every answer would count as cut off")
         return [reward - self.missing_eos_penalty * (not ids or ids[-1] not in self.stop_ids)
                 for reward, ids in zip(rewards, completion_ids)]
+
+    def sequence(self, prompt: str, answer: str) -> list[int]:
+        """prompt + answer + EOS as the reward model reads them. Re-encoding decoded text can take more tokens
+        than were sampled (a character cut mid-way, another tokenizer), so an answer is cut to fit the
+        reward model's context (align.py checks that every prompt leaves room for --max-new-tokens)."""
+        ids, limit = answer_ids(self.tokenizer, prompt, answer), context_limit(self.model.config)
+        return ids if not limit or len(ids) <= limit else ids[:limit - 1] + ids[-1:]
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
@@ -265,28 +276,3 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
     trainer = AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
     judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
     return trainer
-
-
-def plot_before_after(before: list[float], after: list[float], path: str, title: str, xlabel: str,
-                      labels: tuple[str, str]) -> None:
-    """Histograms of a held-out quantity before and after aligning."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = list(before) + list(after)
-    low, high = min(values + [-1.0]), max(values + [1.0])
-    bins = torch.linspace(low, high, 41).tolist()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray", label=labels[0])
-    ax.hist(after, bins=bins, alpha=0.6, color="tab:green", label=labels[1])
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -106,13 +106,14 @@ def metrics_of(report: dict) -> dict:
 
 # ---------------------------------------------------------------- model-side measurements
 def rewards(reward_model: str, device, records: list[dict], answers: dict, batch_size: int) -> dict:
-    """Each role's reward-model scores of its answers, the prompts formatted with the RM's template."""
+    """Each role's reward-model scores of its answers (as decoded, unstripped: as align.py scores them), the
+    prompts formatted with the RM's template."""
     import scoring
     from templates import format_prompt
 
     rm, tokenizer, template = scoring.load_reward_model(reward_model, device)
     prompts = [format_prompt(r, template) for r in records]
-    return {role: scoring.score_texts(rm, tokenizer, prompts, [a["text"] for a in texts], batch_size)
+    return {role: scoring.score_texts(rm, tokenizer, prompts, [a["raw_text"] for a in texts], batch_size)
             for role, texts in answers.items()}
 
 

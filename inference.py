@@ -138,8 +138,8 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
             end = next((i for i, token in enumerate(row) if token in stops), None)
             stopped = end is not None
             tokens = row[:end] if stopped else row
-            answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                            "new_tokens": len(tokens), "stopped_at_eos": stopped})
+            raw = tokenizer.decode(tokens, skip_special_tokens=True)  # as a reward model scores it
+            answers.append({"text": raw.strip(), "raw_text": raw, "new_tokens": len(tokens), "stopped_at_eos": stopped})
         bar.update(len(encoded))
     bar.close()
     return answers

@@ -120,7 +120,7 @@ def main(args, explicit: set) -> None:
     import rundir
     import scoring
     from cli import UserError
-    from rmtrainer import RewardTrainer, plot_margins
+    from rmtrainer import RewardTrainer
     from templates import load_template
     from trainer import StopOnSignal, write_template
 
@@ -197,8 +197,7 @@ def main(args, explicit: set) -> None:
                 "pairs_per_second": metrics["train_pairs"] / metrics["train_runtime_s"], "device": device.type,
                 "precision": precision, "packing": packing, "world_size": training_args.world_size,
                 "peak_memory_mb": trainer.peak_memory_mb()})
-            plot_margins(before["before_margins"], after["eval_margins"], os.path.join(args.output_dir, "margins.png"),
-                         (metrics["eval_accuracy_before"], metrics["eval_accuracy_after"]))
+            plot_margins(before, after, metrics, os.path.join(args.output_dir, "margins.png"))
             rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
     runner.finish(trainer)
     if not main_process:
@@ -208,6 +207,19 @@ def main(args, explicit: set) -> None:
         f"{metrics['eval_mean_margin_after']:+.3f}) on {metrics['eval_pairs']} pairs")
     say(f"{metrics['pairs_per_second']:.1f} pairs/s on {device.type}; reward model, metrics.json and margins.png in "
         f"{args.output_dir}/")
+
+
+def plot_margins(before: dict, after: dict, metrics: dict, path: str) -> None:
+    """margins.png: histograms of the held-out margins r(chosen) - r(rejected), before and after training."""
+    from plots import plot_before_after
+
+    tied = all(margin == 0 for margin in before["before_margins"])  # the new zero head: 50%, ties counted half
+    plot_before_after(before["before_margins"], after["eval_margins"], path,
+                      f"Reward model on {len(after['eval_margins'])} held-out preference pairs",
+                      "reward margin on a held-out pair: r(chosen) - r(rejected); right of 0 = ranked right",
+                      ("before training (every margin 0: new zero head)" if tied else
+                       f"before training ({metrics['eval_accuracy_before']:.1%} right)",
+                       f"after training ({metrics['eval_accuracy_after']:.1%} right)"), ylabel="pairs")
 
 
 def score_main(args) -> None:

@@ -43,30 +43,3 @@ class RewardTrainer(RunLayer, Trainer):
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
         return {**self.report_evaluation(metrics), f"{metric_key_prefix}_margins": margins}
-
-
-def plot_margins(before: list[float], after: list[float], path: str, accuracy: tuple[float, float]) -> None:
-    """Histograms of the held-out margins r_chosen - r_rejected, before and after training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    values = list(before) + list(after)
-    low, high = min(values + [-1.0]), max(values + [1.0])
-    bins = torch.linspace(low, high, 41).tolist()
-    tied = all(margin == 0 for margin in before)  # the new zero head: every pair tied, 50% with ties counted half
-    ax.hist(before, bins=bins, alpha=0.6, color="tab:gray",
-            label="before training (every margin 0: new zero head)" if tied else
-            f"before training ({accuracy[0]:.1%} right)")
-    ax.hist(after, bins=bins, alpha=0.6, color="tab:green", label=f"after training ({accuracy[1]:.1%} right)")
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("reward margin on a held-out pair: r(chosen) - r(rejected); right of 0 = ranked right")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"Reward model on {len(after)} held-out preference pairs")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -188,7 +188,8 @@ def check_same_run(output_dir: str, config: dict, identity: tuple[str, ...]) -> 
     saved = read_run_config(output_dir)
     if saved is None:
         return
-    diffs = [f"{k}: {saved.get(k)!r} there, {config[k]!r} now" for k in identity if saved.get(k) != config[k]]
+    # A setting the saved run does not name was added to the script after it started: not a difference.
+    diffs = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in identity if saved.get(k, config[k]) != config[k]]
     if diffs:
         raise UserError(f"{output_dir}/ holds a different run ({'; '.join(diffs)}). Use another --output-dir, "
                         "or --no-resume to start over in this one.")

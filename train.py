@@ -118,7 +118,8 @@ def main(args, explicit: set) -> None:
     import model as model_lib
     import rundir
     from collate import SFTCollator
-    from trainer import InstructTrainer, StopOnSignal, plot_loss_curve, write_template
+    from plots import plot_loss_curve
+    from trainer import InstructTrainer, StopOnSignal, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)

@@ -259,27 +259,3 @@ def write_template(directory: str, template) -> None:
     form = template_of(template)
     name = next((key for key, value in TEMPLATES.items() if value == form), "custom")
     rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **form._asdict()})
-
-
-def plot_loss_curve(log_history: list[dict], loss_before: float, path: str) -> None:
-    """Train and eval loss against step, with the base model's eval loss at step 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(0, loss_before)] + [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
-    ax.plot(*zip(*evals), "o-", label="validation loss", color="tab:orange")
-    ax.annotate("base model", evals[0], textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title("Fine-tuning loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

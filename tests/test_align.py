@@ -148,6 +148,7 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
     tok = model_lib.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records)
+    assert trainer.reward_funcs[0].stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # for the EOS penalty
     ids, _, _ = trainer._tokenize_prompts(prompts)
     for record, prompt_ids in zip(records, ids):
         sft = datasetup.tokenize_example(record, tok, "seed", 1024)
