@@ -151,7 +151,7 @@ def evaluate_model(role, path, device, records, config, args, template) -> tuple
     gen_records = records[: args.num_generations]
     prompts = [format_prompt(r, template) for r in gen_records]
     answers = generate(lm, tokenizer, prompts, {"max_new_tokens": args.max_new_tokens, "do_sample": False},
-                       batch_size=args.batch_size, progress=True, desc=f"Generating ({role})")
+                       batch_size=args.batch_size, progress=True, desc=f"Generating ({role})", raw=True)
     token_ids = [tokenizer(a["text"], add_special_tokens=False)["input_ids"] for a in answers]
     ref_lengths = [len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in gen_records]
     metrics = {"response_loss": loss, "response_perplexity": math.exp(min(loss, 50)),

@@ -111,9 +111,10 @@ def generation_kwargs(args) -> dict:
 
 
 def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
-             streamer=None, progress: bool = False, desc: str = "Generating") -> list[dict]:
+             streamer=None, progress: bool = False, desc: str = "Generating", raw: bool = False) -> list[dict]:
     """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first stop token
-    (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3)."""
+    (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3). With `raw`,
+    also raw_text: the answer as decoded, unstripped, as a reward model scores it."""
     import torch
     from tqdm.auto import tqdm
 
@@ -138,8 +139,9 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
             end = next((i for i, token in enumerate(row) if token in stops), None)
             stopped = end is not None
             tokens = row[:end] if stopped else row
-            raw = tokenizer.decode(tokens, skip_special_tokens=True)  # as a reward model scores it
-            answers.append({"text": raw.strip(), "raw_text": raw, "new_tokens": len(tokens), "stopped_at_eos": stopped})
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            answers.append({"text": text.strip(), "new_tokens": len(tokens), "stopped_at_eos": stopped,
+                            **({"raw_text": text} if raw else {})})
         bar.update(len(encoded))
     bar.close()
     return answers
