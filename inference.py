@@ -65,9 +65,11 @@ def read_prompts(path: str) -> list[dict]:
 
 def require_finetuned(path: str) -> None:
     """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
+    import lora
     import rundir
+
+    if lora.is_model_dir(path):
+        return
 
     hint = ""
     ckpt = rundir.find_checkpoint(path)
@@ -83,6 +85,7 @@ def load_for_generation(name_or_path: str, device, role: str):
     """(model, tokenizer) in eval mode, tokenizer padding on the left for batched generation."""
     from transformers import AutoModelForCausalLM
 
+    import lora
     import model as model_lib
 
     if role == "finetuned":
@@ -91,7 +94,8 @@ def load_for_generation(name_or_path: str, device, role: str):
     tokenizer = model_lib.load_tokenizer(name_or_path, flag=flag)
     tokenizer.padding_side = "left"
     try:
-        lm = AutoModelForCausalLM.from_pretrained(name_or_path).to(device).eval()
+        lm = (model_lib.load_model(name_or_path) if lora.is_adapter_dir(name_or_path)  # base + adapter, merged
+              else AutoModelForCausalLM.from_pretrained(name_or_path)).to(device).eval()
     except Exception as err:
         raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
                         f"Offline? Pass a local directory with {flag}.") from None

@@ -117,7 +117,12 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import lora
+
     _check_local(name_or_path)
+    if lora.is_adapter_dir(name_or_path):  # a LoRA run's output: its base with the adapter merged in
+        model = lora.load_merged(name_or_path, lambda base: load_model(base, "pretrained", None, dtype))
+        return _ready(model, tokenizer)
     try:
         if init == "scratch":
             config = AutoConfig.from_pretrained(name_or_path)
@@ -127,6 +132,10 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     except Exception as err:
         hint = " It holds no weights: add --init scratch." if _has_config_only(name_or_path) else ""
         raise ModelError(f"could not load model {name_or_path!r} ({type(err).__name__}: {err}).{hint}") from None
+    return _ready(model, tokenizer)
+
+
+def _ready(model, tokenizer):
     model.loss_type = "ForCausalLM"  # the standard shifted cross-entropy; also silences a warning for GPT-2
     if tokenizer is not None:
         set_generation_ids(model, tokenizer)

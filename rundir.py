@@ -26,6 +26,7 @@ LOCK_FILE = ".run.lock"  # held (flock) by the process that trains into the dire
 STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 # A model's weights, as the Trainer saves them (whole, or as an adapter).
 WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"}
+MERGED_DIR = "merged"  # --lora --merge: the merged full weights, inside the output dir
 # Files of an earlier run that --no-resume deletes besides the checkpoints: its results and final model,
 # so nothing stale sits beside the new run (tokenizer files are rewritten at the end of each run).
 RUN_OUTPUTS = ("eval_before.json", METRICS_FILE, "loss_curve.png", "config.json", "generation_config.json",
@@ -205,9 +206,9 @@ def clear_run(output_dir: str) -> list[str]:
     """--no-resume: delete the checkpoints and results of an earlier run; returns what was deleted."""
     import shutil
 
-    removed = checkpoints(output_dir)
-    for checkpoint in removed:
-        shutil.rmtree(checkpoint)
+    removed = checkpoints(output_dir) + [path for path in [os.path.join(output_dir, MERGED_DIR)] if os.path.isdir(path)]
+    for directory in removed:
+        shutil.rmtree(directory)
     shards = [n for n in os.listdir(output_dir) if n.startswith("model-") and n.endswith(".safetensors")] \
         if os.path.isdir(output_dir) else []
     for name in (*RUN_OUTPUTS, *shards):

@@ -42,6 +42,13 @@ PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on 
 PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (collate.py); auto picks the fastest
 ORDER = "random"  # random|length: batch order; length groups similar lengths (less padding, but learns less)
 TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (default: response + EOS only)
+LORA = False  # train LoRA adapters (peft) beside the frozen weights instead of every weight; saves the adapter
+LORA_R = 16  # --lora: rank of each adapter; >= 1
+LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
+LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
+LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
+MERGE = False  # --lora: also write the merged full weights to OUTPUT_DIR/merged
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
@@ -50,7 +57,8 @@ SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), writ
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
 IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prompt", "val_size", "seed",
-            "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "weight_decay")
+            "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "weight_decay",
+            "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
 
 
 def validate_args(args) -> None:
@@ -68,7 +76,20 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    check_all(problems + val_size_problems(args.val_size))
+    check_all(problems + val_size_problems(args.val_size) + lora_problems(args))
+
+
+def lora_problems(args) -> list[str]:
+    problems = [f"--lora-r must be >= 1 (got {args.lora_r})"] if args.lora_r < 1 else []
+    if args.lora_alpha <= 0:
+        problems.append(f"--lora-alpha must be > 0 (got {args.lora_alpha})")
+    if not 0 <= args.lora_dropout < 1:
+        problems.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.merge and not args.lora:
+        problems.append("--merge: only with --lora (a full fine-tune already saves full weights)")
+    if args.lora and getattr(args, "init", "pretrained") == "scratch":
+        problems.append("--lora with --init scratch: LoRA adapts trained weights, and random ones would stay random")
+    return problems
 
 
 def apply_smoke(args, explicit: set) -> None:
@@ -115,6 +136,7 @@ def main(args, explicit: set) -> None:
 
     import datacache
     import datasetup
+    import lora
     import model as model_lib
     import rundir
     from collate import SFTCollator
@@ -141,6 +163,7 @@ def main(args, explicit: set) -> None:
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none", remove_unused_columns=False,
         dataloader_pin_memory=device.type == "cuda", prediction_loss_only=True,
+        activation_checkpointing=args.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if args.order == "length" else "random")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
@@ -173,6 +196,10 @@ def main(args, explicit: set) -> None:
     if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't
         model.set_attn_implementation(attn)
     say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
+    if args.lora:  # after the checks above, which compare the plain model's own forward passes
+        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
+                              args.lora_target)
+    say(f"Parameters: {lora.describe(model)}{' (LoRA)' if args.lora else ''}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, response_only_logits=sparse)
     if report.get("held_out") is not None:
@@ -202,6 +229,9 @@ def main(args, explicit: set) -> None:
         trainer.save_model(args.output_dir)
         if main_process:
             write_template(args.output_dir, args.template)
+            if args.merge:
+                lora.save_merged(model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
+                write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), args.template)
         metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
         if main_process:
             metrics.update({

@@ -1,0 +1,159 @@
+"""LoRA adapters (through peft) for every training stage, and model dirs that hold an adapter.
+
+    python lora.py --model ../shared/distilgpt2-config --init scratch   # the layers --lora-target auto picks
+
+Full fine-tuning with AdamW needs about 16 bytes a parameter; LoRA trains small low-rank matrices beside
+the frozen weights of every linear layer in the attention and MLP blocks, and saves only those. An adapter
+dir (adapter_config.json + adapter_model.safetensors) names its base model, so every script that takes a
+model dir takes an adapter dir too, with no extra flag.
+
+Ground floor, beside model.py: it imports model and cli, and none of the training scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+from cli import UserError
+
+# peft 0.21 still asks transformers for its old activation-checkpointing names.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
+
+# ---- settings (each has a flag: LORA_TARGET -> --lora-target) ----
+MODEL = "distilgpt2"  # Hub id or local directory of a causal LM
+INIT = "pretrained"  # pretrained|scratch: load the weights, or random weights from the config
+LORA_TARGET = "auto"  # auto = every linear layer of the attention and MLP blocks, or a comma list of layer names
+
+# What peft writes beside adapter_model.safetensors.
+ADAPTER_CONFIG = "adapter_config.json"
+# Modules that are never adapted: the output layer (tied to the embeddings in GPT-2) and a reward head.
+NOT_ADAPTED = ("lm_head", "score", "classifier", "embed_out")
+
+
+class LoraError(UserError):
+    """A LoRA setting or an adapter dir that can't be used, reported without a traceback."""
+
+
+def linear_layers(model) -> list[str]:
+    """The names (last part of the module path, as peft matches them) of the model's linear layers inside its
+    blocks: nn.Linear, and GPT-2's Conv1D (a linear layer with transposed weights); sorted, without the output
+    layer or a reward head."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names = {path.rsplit(".", 1)[-1] for path, module in model.named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D)) and "." in path and ".lora_" not in path
+             and not path.endswith(".base_layer")}  # (peft's own layers, where adapters are attached already)
+    return sorted(name for name in names if name not in NOT_ADAPTED)
+
+
+def resolve_targets(model, target: str = LORA_TARGET) -> list[str]:
+    """--lora-target as layer names: 'auto' = every linear layer of the blocks (GPT-2: c_attn, c_fc, c_proj;
+    Llama/Qwen/Mistral: q,k,v,o,gate,up,down _proj), or a comma list checked against the model's layers."""
+    available = linear_layers(model)
+    if target.strip() == "auto":
+        if not available:
+            raise LoraError(f"--lora-target auto: {type(model).__name__} has no linear layers to adapt")
+        return available
+    wanted = [name.strip() for name in target.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in available]
+    if not wanted or unknown:
+        raise LoraError(f"--lora-target {target!r}: {'no layer named ' + ', '.join(unknown) if unknown else 'empty'}"
+                        f"; {type(model).__name__}'s linear layers are {', '.join(available)} (or use auto)")
+    return wanted
+
+
+def add_lora(model, base: str, r: int, alpha: float, dropout: float, target: str = LORA_TARGET,
+             reward_head: bool = False):
+    """`model` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes what it did). Only
+    the adapters train; a reward model's scalar head (`score`) trains in full and is saved with them. The
+    saved adapter names `base` (the --model it was trained on, itself maybe an adapter dir) as its base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = resolve_targets(model, target)
+    conv1d = any(isinstance(m, Conv1D) for path, m in model.named_modules() if path.rsplit(".", 1)[-1] in targets)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                        task_type="SEQ_CLS" if reward_head else "CAUSAL_LM", fan_in_fan_out=conv1d,
+                        modules_to_save=["score"] if reward_head else None)
+    wrapped = get_peft_model(model, config)
+    wrapped.peft_config["default"].base_model_name_or_path = base
+    return wrapped
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; with LoRA, total includes the frozen base weights."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def describe(model) -> str:
+    trainable, total = parameter_counts(model)
+    return f"{trainable:,} trainable of {total:,} parameters ({trainable / max(1, total):.2%})"
+
+
+def is_adapter_dir(path: str) -> bool:
+    """A dir holding a LoRA adapter (adapter_config.json, written by a --lora run) rather than full weights."""
+    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def is_model_dir(path: str) -> bool:
+    """A dir holding a finished model: full weights' config.json, or an adapter."""
+    return os.path.isfile(os.path.join(path, "config.json")) or is_adapter_dir(path)
+
+
+def load_config(name_or_path: str):
+    """The transformers config of a model, Hub id or dir; of an adapter dir, its base model's."""
+    from transformers import AutoConfig
+
+    if is_adapter_dir(name_or_path):
+        return load_config(adapter_base(name_or_path))
+    return AutoConfig.from_pretrained(name_or_path)
+
+
+def adapter_base(path: str) -> str:
+    """The base model an adapter dir was trained on (peft's base_model_name_or_path: a Hub id, or the absolute
+    path of a local model or adapter dir)."""
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+        base = json.load(handle).get("base_model_name_or_path")
+    if not base:
+        raise LoraError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    return base
+
+
+def load_merged(path: str, load_base):
+    """The model of an adapter dir as a plain transformers model: its base (`load_base(name)`, which may
+    itself be an adapter dir) with the adapter folded into the weights, so it runs as fast as a full model."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(load_base(adapter_base(path)), path).merge_and_unload()
+    except UserError:
+        raise
+    except Exception as err:
+        raise LoraError(f"could not load the adapter in {path} ({type(err).__name__}: {err})") from None
+
+
+def save_merged(model, tokenizer, directory: str) -> None:
+    """--merge: the adapters folded into a copy of the weights, saved as a full model dir (no peft needed)."""
+    import copy
+
+    full = copy.deepcopy(model).merge_and_unload()
+    full.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+if __name__ == "__main__":
+    import sys
+
+    import cli
+    import model as model_lib
+
+    args = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
+    try:
+        lm = model_lib.load_model(args.model, args.init)
+        print(f"{type(lm).__name__}: --lora-target auto = {', '.join(resolve_targets(lm, args.lora_target))}")
+    except UserError as error:
+        cli.fail(str(error))
