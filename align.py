@@ -44,6 +44,13 @@ LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split, the shuffling and the sampling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (pairlogps.py); auto = rows, or flat with FlashAttention
+LORA = False  # train LoRA adapters (peft) on the SFT model instead of every weight; the reference is it without them
+LORA_R = 16  # --lora: rank of each adapter; >= 1
+LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
+LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
+LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
+MERGE = False  # --lora: also write the merged full weights to OUTPUT_DIR/merged
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
 SKIP_INVALID = False  # drop malformed records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
@@ -54,10 +61,11 @@ DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
             "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "missing_eos_penalty", "max_length",
-            "val_size", "seed")
+            "val_size", "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
 
 
 def validate_args(args) -> None:
+    import lora
     from cli import check_all
     from datasetup import val_size_problems
 
@@ -84,7 +92,7 @@ def validate_args(args) -> None:
         problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
     if args.method == "dpo" and args.reward_model:
         problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
-    check_all(problems + val_size_problems(args.val_size))
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
 
 
 def apply_defaults(args, explicit: set) -> None:
@@ -113,6 +121,7 @@ def apply_defaults(args, explicit: set) -> None:
 
 def check_dirs(args) -> None:
     """The SFT (and reward) model dirs hold finished models, and the output dir is neither of them."""
+    import lora
     import rundir
     from cli import UserError
 
@@ -124,11 +133,11 @@ def check_dirs(args) -> None:
             raise UserError(f"--model {args.model}: no SFT model there. Run `python train.py` first (or the smoke "
                             "steps: `python train.py --smoke`, `python reward.py --smoke`, `python align.py --smoke`).")
         return
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
+    if not lora.is_model_dir(args.model):
         last = rundir.find_checkpoint(args.model)
         hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
         raise UserError(f"--model {args.model}: no SFT model there{hint}. Run `python train.py` first.")
-    architectures = (rundir.read_json(os.path.join(args.model, "config.json")) or {}).get("architectures") or []
+    architectures = lora.load_config(args.model).architectures or []
     if any("SequenceClassification" in name for name in architectures):
         raise UserError(f"--model {args.model} is a reward model (a {architectures[0]}): pass the SFT model, "
                         "train.py's output dir (the reward model goes to --reward-model, for --method rloo)")
@@ -140,10 +149,10 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     import preferences
     from cli import UserError
     from scoring import context_limit
+    from lora import load_config
     from templates import encode_prompt
-    from transformers import AutoConfig
 
-    limit = context_limit(AutoConfig.from_pretrained(args.model))
+    limit = context_limit(load_config(args.model))
     need = args.max_length + (args.max_new_tokens if args.method == "rloo" else 0)
     if limit and need > limit:  # long sequences would crash inside the model
         what = "--max-length + --max-new-tokens" if args.method == "rloo" else "--max-length"
@@ -162,55 +171,10 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     return data, held_out, report
 
 
-def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
-    """metrics.json's held-out results before and after aligning, and the method's throughput."""
-    seconds, steps = metrics["train_runtime_s"], max(1, metrics["global_step"])
-    names = ("accuracy", "loss", "mean_margin") if args.method == "dpo" else ("mean_reward", "kl", "truncated")
-    held_out = {f"eval_{name}_{when}": result[f"{prefix}_{name}"] for name in names
-                for when, result, prefix in (("before", before, "before"), ("after", after, "eval"))}
-    if args.method == "dpo":
-        return {**held_out, "eval_pairs": len(after["eval_margins"]), "pairs_per_second": metrics["train_pairs"] / seconds}
-    return {**held_out, "eval_prompts": len(after["eval_rewards"]), "seconds_per_step": seconds / steps,
-            "completions_per_second": metrics["train_completions"] / seconds,
-            "generation_share": trainer.generation_seconds / max(1e-9, trainer.last_session_seconds())}
-
-
-def plot(args, before: dict, after: dict, path: str) -> None:
-    from plots import plot_before_after
-
-    if args.method == "dpo":
-        plot_before_after(before["before_margins"], after["eval_margins"], path,
-                          f"DPO on {len(after['eval_margins'])} held-out preference pairs",
-                          "implicit reward margin beta*(log-ratio chosen - log-ratio rejected); right of 0 = preferred",
-                          ("SFT model (the reference: every margin 0)",
-                           f"aligned ({after['eval_accuracy']:.1%} of pairs ranked right)"))
-    else:
-        plot_before_after(before["before_rewards"], after["eval_rewards"], path,
-                          f"RLOO: reward of greedy answers to {len(after['eval_rewards'])} held-out prompts",
-                          "reward model score", (f"SFT model (mean {before['before_mean_reward']:+.3f})",
-                                                 f"aligned (mean {after['eval_mean_reward']:+.3f})"))
-
-
-def report_lines(args, metrics: dict) -> list[str]:
-    if args.method == "dpo":
-        head = (f"\nHeld-out preference accuracy {metrics['eval_accuracy_before']:.1%} -> "
-                f"{metrics['eval_accuracy_after']:.1%} (DPO loss {metrics['eval_loss_before']:.4f} -> "
-                f"{metrics['eval_loss_after']:.4f}, mean margin {metrics['eval_mean_margin_after']:+.3f}) on "
-                f"{metrics['eval_pairs']} pairs")
-        speed = f"{metrics['pairs_per_second']:.1f} pairs/s"
-    else:
-        head = (f"\nHeld-out mean reward {metrics['eval_mean_reward_before']:+.3f} -> "
-                f"{metrics['eval_mean_reward_after']:+.3f} on {metrics['eval_prompts']} prompts ("
-                f"{metrics['eval_truncated_after']:.0%} cut at --max-new-tokens); KL to the SFT model "
-                + ("not measured (--beta 0)" if metrics["eval_kl_after"] is None else f"{metrics['eval_kl_after']:.3f}"))
-        speed = (f"{metrics['seconds_per_step']:.2f} s/step ({metrics['generation_share']:.0%} of it generating), "
-                 f"{metrics['completions_per_second']:.1f} answers/s")
-    return [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
-                  f"{args.output_dir}/"]
-
-
 def main(args, explicit: set) -> None:
+    import alignreport
     import aligntrainer
+    import lora
     import model as model_lib
     import pairlogps
     import rundir
@@ -255,6 +219,10 @@ def main(args, explicit: set) -> None:
             policy.set_attn_implementation(attn)
         config["packing"] = packing
         say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
+    if args.lora:  # after the packing check, which compares the plain model's own forward passes
+        policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
+                               args.lora_target)
+    say(f"Parameters: {lora.describe(policy)}{' (LoRA: the reference is the SFT model, adapters off)' if args.lora else ''}")
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)
     if main_process:
@@ -272,17 +240,20 @@ def main(args, explicit: set) -> None:
         after = trainer.evaluate()
         model_lib.set_generation_ids(trainer.model, tokenizer)
         trainer.save_model(args.output_dir)
+        if main_process and args.merge:
+            lora.save_merged(trainer.model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
+            write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
         metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
         if main_process:
             write_template(args.output_dir, template)
-            metrics.update(summary(args, trainer, before, after, metrics), device=device.type,
+            metrics.update(alignreport.summary(args, trainer, before, after, metrics), device=device.type,
                            precision=precision, world_size=training_args.world_size,
                            peak_memory_mb=trainer.peak_memory_mb())
-            plot(args, before, after, os.path.join(args.output_dir, "before_after.png"))
+            alignreport.plot(args, before, after, os.path.join(args.output_dir, "before_after.png"))
             rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
     runner.finish(trainer)
     if main_process:
-        for line in report_lines(args, metrics):
+        for line in alignreport.report_lines(args, metrics):
             say(line)
 
 

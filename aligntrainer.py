@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import nullcontext
 
 import torch
 from trl import DPOTrainer, RLOOTrainer
@@ -37,6 +38,11 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "ref" in getattr(self.model, "peft_config", {}):  # TRL's copy of fresh adapters: the reference here is
+            self.model.delete_adapter("ref")                  # the model with them off, so it would only be saved
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
 
@@ -52,7 +58,8 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
         with tqdm(total=len(mine), desc=f"Reference log-probs ({name})", unit="pair",
                   disable=not self.is_world_process_zero() or len(mine) < 1000) as bar:
             for batch in self.evaluation_batches(dataset):
-                chosen, rejected = self.compute_ref_log_probs(self.model, batch)
+                with without_adapters(self.model):  # under LoRA, the SFT model is the policy without them
+                    chosen, rejected = self.compute_ref_log_probs(self.model, batch)
                 values += zip(chosen.tolist(), rejected.tolist())
                 bar.update(len(chosen))
         indexed = list(zip(mine, values))
@@ -183,7 +190,7 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         the sum over its tokens of k3 = exp(d) - d - 1, d = log ref - log pi (unbiased, never below 0, less noisy
         than log pi - log ref), both models' log-probs at that temperature, as TRL's loss uses them, and read at
         the answer tokens only (TRL's fused output layer). None where there is no reference model (--beta 0)."""
-        if self.ref_model is None:
+        if self.beta == 0:
             return [None] * len(answers)
         values, pad = [], self._tokenizer.pad_token_id
         for start in range(0, len(records), self.args.per_device_eval_batch_size):
@@ -197,13 +204,20 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
                 end = len(sequences[row])
                 labels[row, end - len(answers[i]):end] = ids[row, end - len(answers[i]):end]
             logps = []
-            for model in (self.model, self.ref_model):
-                with self.accelerator.autocast():
+            for reference in (False, True):  # the reference: TRL's copy of the SFT model, or (LoRA) adapters off
+                model = self.ref_model if reference and self.ref_model is not None else self.model
+                with self.accelerator.autocast(), (without_adapters(model) if reference else nullcontext()):
                     logps.append(model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
                                  .log_probs.double())
             d = (logps[1] - logps[0]) * (labels[:, 1:] != -100)
             values += (d.exp() - d - 1).sum(-1).tolist()
         return values
+
+
+def without_adapters(model):
+    """A context in which a peft model runs without its LoRA adapters (the model it started from); for any
+    other model, a context that changes nothing."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
 class Judge:
@@ -242,8 +256,8 @@ class Judge:
 def trl_config(args, device, precision: str):
     """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without dropout (the log-probs that
     the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO
-    one) and without gradient checkpointing (a small model has the memory, and recomputing the forward
-    costs time); DPO computes the reference log-probs once, before training, instead of keeping a second model."""
+    one) and with gradient checkpointing only when asked; DPO computes the reference log-probs once, before
+    training, instead of keeping a second model."""
     from trl import DPOConfig, RLOOConfig
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -253,7 +267,8 @@ def trl_config(args, device, precision: str):
         save_strategy="steps", save_steps=args.save_steps, save_total_limit=2, logging_steps=args.logging_steps,
         seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none",
-        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False, gradient_checkpointing=False,
+        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False,
+        gradient_checkpointing=args.gradient_checkpointing,
         beta=args.beta, disable_dropout=True)
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,

@@ -36,6 +36,20 @@ class LoraError(UserError):
     """A LoRA setting or an adapter dir that can't be used, reported without a traceback."""
 
 
+def problems(args) -> list[str]:
+    """What is wrong with a training script's --lora settings (LORA_R, LORA_ALPHA, LORA_DROPOUT, MERGE)."""
+    found = [f"--lora-r must be >= 1 (got {args.lora_r})"] if args.lora_r < 1 else []
+    if args.lora_alpha <= 0:
+        found.append(f"--lora-alpha must be > 0 (got {args.lora_alpha})")
+    if not 0 <= args.lora_dropout < 1:
+        found.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
+    if args.merge and not args.lora:
+        found.append("--merge: only with --lora (a full fine-tune already saves full weights)")
+    if args.lora and getattr(args, "init", "pretrained") == "scratch":
+        found.append("--lora with --init scratch: LoRA adapts trained weights, and random ones would stay random")
+    return found
+
+
 def linear_layers(model) -> list[str]:
     """The names (last part of the module path, as peft matches them) of the model's linear layers inside its
     blocks: nn.Linear, and GPT-2's Conv1D (a linear layer with transposed weights); sorted, without the output

@@ -122,6 +122,8 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     _check_local(name_or_path)
     if lora.is_adapter_dir(name_or_path):  # a LoRA run's output: its base with the adapter merged in
         model = lora.load_merged(name_or_path, lambda base: load_model(base, "pretrained", None, dtype))
+        # Named by the adapter dir, not its base: a copy made from the name (TRL's RLOO reference) is this model.
+        model.name_or_path = model.config._name_or_path = os.path.abspath(os.path.expanduser(name_or_path))
         return _ready(model, tokenizer)
     try:
         if init == "scratch":

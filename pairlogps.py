@@ -81,11 +81,11 @@ class _SequenceLogps:
 def enable_sequence_logps(model):
     """Give `model` (a causal LM) the per-sequence log-prob forward; its other uses are unchanged. A class, not
     an instance attribute, so replicas follow it; same name, so saving is unchanged."""
-    if isinstance(model, _SequenceLogps):
-        return model
-    cls = type(model)
-    model.__class__ = type(cls.__name__, (_SequenceLogps, cls), {"__module__": cls.__module__,
-                                                                 "__qualname__": cls.__qualname__})
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft: the causal LM
+    if not isinstance(inner, _SequenceLogps):
+        cls = type(inner)
+        inner.__class__ = type(cls.__name__, (_SequenceLogps, cls), {"__module__": cls.__module__,
+                                                                     "__qualname__": cls.__qualname__})
     return model
 
 

@@ -62,6 +62,7 @@ IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prom
 
 
 def validate_args(args) -> None:
+    import lora
     from cli import check_all
     from datasetup import val_size_problems
 
@@ -76,20 +77,7 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    check_all(problems + val_size_problems(args.val_size) + lora_problems(args))
-
-
-def lora_problems(args) -> list[str]:
-    problems = [f"--lora-r must be >= 1 (got {args.lora_r})"] if args.lora_r < 1 else []
-    if args.lora_alpha <= 0:
-        problems.append(f"--lora-alpha must be > 0 (got {args.lora_alpha})")
-    if not 0 <= args.lora_dropout < 1:
-        problems.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
-    if args.merge and not args.lora:
-        problems.append("--merge: only with --lora (a full fine-tune already saves full weights)")
-    if args.lora and getattr(args, "init", "pretrained") == "scratch":
-        problems.append("--lora with --init scratch: LoRA adapts trained weights, and random ones would stay random")
-    return problems
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
 
 
 def apply_smoke(args, explicit: set) -> None:
