@@ -70,7 +70,8 @@ def _args(workdir: str, method: str, **settings):
     import align
 
     defaults = {name.lower(): getattr(align, name) for name in ("EPOCHS", "MAX_STEPS", "WARMUP_RATIO", "SEED",
-                                                                "NUM_GENERATIONS", "MAX_NEW_TOKENS", "TEMPERATURE")}
+                                                                "NUM_GENERATIONS", "MAX_NEW_TOKENS", "TEMPERATURE",
+                                                                "MISSING_EOS_PENALTY", "GRADIENT_CHECKPOINTING")}
     return SimpleNamespace(**{**defaults, "output_dir": os.path.join(workdir, "out"), "method": method,
                               "batch_size": BATCH_SIZE, "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": 1,
                               **align.DEFAULTS[method], **settings})
@@ -136,7 +137,8 @@ def run_rloo_row(precision: str, steps: int) -> dict:
     args = _args(workdir, "rloo", max_steps=steps)
     config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
     config.disable_tqdm, config.eval_strategy = True, "no"
-    judge = aligntrainer.Judge(os.path.join(workdir, "rm"), torch.device("cpu"), BATCH_SIZE * args.num_generations)
+    judge = aligntrainer.Judge(os.path.join(workdir, "rm"), torch.device("cpu"), BATCH_SIZE * args.num_generations,
+                               args.missing_eos_penalty)
     prompts = [preferences.pair_prompt(p, "seed") for p in pairs]
     data = {"train": Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts]), "validation": None}
     policy = model_lib.load_model(path, "pretrained", tokenizer)
