@@ -137,6 +137,12 @@ def adapter_base(path: str) -> str:
     return base
 
 
+def adapter_task(path: str) -> str:
+    """The adapter's peft task type: CAUSAL_LM (train.py, align.py) or SEQ_CLS (reward.py)."""
+    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+        return json.load(handle).get("task_type") or "CAUSAL_LM"
+
+
 def load_merged(path: str, load_base):
     """The model of an adapter dir as a plain transformers model: its base (`load_base(name)`, which may
     itself be an adapter dir) with the adapter folded into the weights, so it runs as fast as a full model."""

@@ -35,6 +35,13 @@ SEED = 42  # seed of the split and the shuffling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 PACKING = "auto"  # auto|none|rows|flat: batch layout (collate.py); auto = rows, or flat with FlashAttention
 SKIP_INVALID = False  # drop malformed pairs instead of stopping
+LORA = False  # train LoRA adapters (peft) on the SFT body instead of every weight; the score head trains in full
+LORA_R = 16  # --lora: rank of each adapter; >= 1
+LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
+LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
+LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
+MERGE = False  # --lora: also write the merged full reward model to OUTPUT_DIR/merged
+GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 SMOKE = False  # offline preset: the smoke SFT model and smoke preference pairs (smoke.py), to smoke-run/reward/
@@ -46,10 +53,11 @@ PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" an
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
-            "warmup_ratio")
+            "warmup_ratio", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
 
 
 def validate_args(args) -> None:
+    import lora
     from cli import check_all
     from datasetup import val_size_problems
 
@@ -70,11 +78,12 @@ def validate_args(args) -> None:
                                       ("--prompts-file", args.prompts_file)) if value]
     if not args.score and given:
         problems.append(f"{', '.join(given)}: only used with --score")
-    check_all(problems + val_size_problems(args.val_size))
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
 
 
 def apply_smoke(args, explicit: set) -> None:
     """--smoke: the smoke SFT model, pairs and settings, except for flags given on the command line."""
+    import lora
     import smoke
     from cli import UserError
 
@@ -87,13 +96,14 @@ def apply_smoke(args, explicit: set) -> None:
     args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
     if "output_dir" not in explicit:
         args.output_dir = os.path.join(smoke.OUTPUT_DIR, "reward")
-    if not args.score and not os.path.isfile(os.path.join(args.model, "config.json")):
+    if not args.score and not lora.is_model_dir(args.model):
         raise UserError(f"no smoke SFT model in {args.model}/: run `python train.py --smoke` first")
 
 
 def check_dirs(model: str, output_dir: str) -> None:
     """A clear message when the SFT directory holds no finished model (Hub ids other than the default pass
     through), and never an output dir that is the SFT model's own."""
+    import lora
     import rundir
     from cli import UserError
 
@@ -105,7 +115,7 @@ def check_dirs(model: str, output_dir: str) -> None:
             raise UserError(f"--model {model}: no SFT model there. Run `python train.py` first (or "
                             "`python train.py --smoke`, then `python reward.py --smoke`).")
         return
-    if os.path.isfile(os.path.join(model, "config.json")):
+    if lora.is_model_dir(model):
         return
     last = rundir.find_checkpoint(model)
     hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
@@ -113,8 +123,9 @@ def check_dirs(model: str, output_dir: str) -> None:
 
 
 def main(args, explicit: set) -> None:
-    from transformers import AutoConfig, TrainingArguments
+    from transformers import TrainingArguments
 
+    import lora
     import model as model_lib
     import preferences
     import rundir
@@ -139,7 +150,8 @@ def main(args, explicit: set) -> None:
         logging_steps=args.logging_steps, seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16",
         use_cpu=device.type == "cpu", ddp_backend="gloo" if device.type == "cpu" and distributed else None,
         report_to="none", remove_unused_columns=False, dataloader_pin_memory=device.type == "cuda",
-        ddp_find_unused_parameters=False)  # every weight is used: no extra graph pass under DDP
+        ddp_find_unused_parameters=False,  # every weight is used: no extra graph pass under DDP
+        activation_checkpointing=args.gradient_checkpointing)
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -151,7 +163,7 @@ def main(args, explicit: set) -> None:
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = model_lib.load_tokenizer(args.model)
-        limit = scoring.context_limit(AutoConfig.from_pretrained(args.model))
+        limit = scoring.context_limit(lora.load_config(args.model))
         if limit and args.max_length > limit:  # long pairs would crash inside the model
             raise UserError(f"--max-length {args.max_length} is more than the {limit} positions of {args.model}")
         template = load_template(args.model)
@@ -166,6 +178,10 @@ def main(args, explicit: set) -> None:
         model.set_attn_implementation(attn)
     say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
         f"training); packing: {packing}")
+    if args.lora:  # after the packing check, which compares the plain model's own forward passes
+        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
+                              args.lora_target, reward_head=True)
+    say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, data_report=report)
     if main_process:
@@ -189,6 +205,9 @@ def main(args, explicit: set) -> None:
         metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
         if main_process:
             write_template(args.output_dir, template)
+            if args.merge:
+                lora.save_merged(model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
+                write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
             metrics.update({
                 "eval_accuracy_before": before["before_accuracy"], "eval_accuracy_after": after["eval_accuracy"],
                 "eval_loss_before": before["before_loss"], "eval_loss_after": after["eval_loss"],

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+import lora
 from cli import UserError
 from collate import PACKING_MODES, pack_bins
 from templates import encode_prompt
@@ -116,8 +117,18 @@ def reward_model_from(name_or_path: str, dtype=None):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized score head" report: expected, and said below
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1,
-                                                                   dtype=dtype or torch.float32)
+        if lora.is_adapter_dir(name_or_path):  # a LoRA SFT run: the body of its base with the adapter merged in
+            import model as model_lib
+
+            lm = model_lib.load_model(name_or_path, dtype=dtype)
+            lm.config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(lm.config, dtype=dtype or torch.float32)
+            model.base_model.load_state_dict(lm.base_model.state_dict())
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1,
+                                                                       dtype=dtype or torch.float32)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"could not load {name_or_path!r} as the body of a reward model "
                         f"({type(err).__name__}: {err})") from None
@@ -151,6 +162,10 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
     import model as model_lib
     from templates import load_template
 
+    if lora.is_adapter_dir(path) and lora.adapter_task(path) == "SEQ_CLS":  # a reward.py --lora run
+        rm = lora.load_merged(path, reward_model_from)  # the SFT body, the adapters and the trained score head
+        rm = enable_score_index(rm).to(device or "cpu").eval()
+        return rm, model_lib.load_tokenizer(path, flag=flag), load_template(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         import rundir
 

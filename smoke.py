@@ -24,6 +24,8 @@ WORDS = ("apple banana cherry grape lemon mango melon peach pear plum kiwi lime 
 TRAIN_SETTINGS = {"epochs": 9.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                   "weight_decay": 0.0, "max_length": 128, "val_size": 200, "eval_steps": 200, "save_steps": 200,
                   "logging_steps": 25, "template": "seed", "precision": "fp32"}
+# train.py --smoke --lora: LoRA on the smoke SFT model teaches NEW_TASK (LoRA wants a higher lr, and needs fewer passes).
+LORA_SETTINGS = {"epochs": 2.0, "lr": 2e-3, "warmup_ratio": 0.05}
 # Overrides applied to reward.py's settings by --smoke.
 REWARD_SETTINGS = {"epochs": 2.0, "batch_size": 32, "lr": 1e-3, "max_length": 128, "val_size": 200,
                    "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"}
@@ -78,6 +80,37 @@ def make_example(rng: random.Random, task: int | None = None) -> dict:
         return {"instruction": "Give the last word.", "input": " ".join(words), "output": words[-1]}
     word, times = rng.choice(WORDS), rng.randint(2, 4)
     return {"instruction": f"Repeat the word {word} {times} times.", "input": "", "output": " ".join([word] * times)}
+
+
+NEW_TASK = "Give the first word."  # a task the smoke data never had: what a LoRA run teaches the smoke SFT model
+
+
+def new_task_records(n: int = 1200, seed: int = 7) -> list[dict]:
+    """n distinct records of NEW_TASK, generated like the smoke tasks (for the LoRA learning proof)."""
+    rng = random.Random(seed)
+
+    def draw() -> dict:
+        words = _words(rng)
+        return {"instruction": NEW_TASK, "input": " ".join(words), "output": words[0]}
+
+    return _distinct(n, draw, set())
+
+
+def prepare_lora(output_dir: str = OUTPUT_DIR, replay: int = 600, seed: int = 8) -> str:
+    """lora-data.json for train.py --smoke --lora, once: NEW_TASK's records and `replay` records of the old tasks
+    (none of the SFT run's held-out ones), shuffled, so the adapters learn the new task beside the old ones."""
+    import rundir
+
+    path = os.path.join(output_dir, "lora-data.json")
+    if not os.path.isfile(path):
+        held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
+        rng = random.Random(seed)
+        old = _distinct(replay, lambda: make_example(rng), {(r["instruction"], r["input"]) for r in held_out})
+        records = new_task_records() + old
+        random.Random(seed).shuffle(records)
+        with open(path, "w") as handle:
+            json.dump(records, handle, indent=0)
+    return path
 
 
 def is_right(record: dict, answer: str) -> bool:

@@ -52,7 +52,7 @@ GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: le
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), written to smoke-run/
+SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), to smoke-run/; with --lora, a new task
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
@@ -89,13 +89,19 @@ def apply_smoke(args, explicit: set) -> None:
     if clash:
         raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}; "
                         "drop --smoke to train on them")
-    for name, value in smoke.TRAIN_SETTINGS.items():
+    for name, value in {**smoke.TRAIN_SETTINGS, **(smoke.LORA_SETTINGS if args.lora else {})}.items():
         if name not in explicit:
             setattr(args, name, value)
+    if args.lora:  # LoRA teaches the smoke SFT model a new task (lora-data.json, written at the start)
+        if not os.path.isfile(os.path.join(smoke.OUTPUT_DIR, "model", "config.json")):
+            raise UserError(f"--smoke --lora adapts the smoke SFT model in {smoke.OUTPUT_DIR}/model/: run "
+                            "`python train.py --smoke` first")
+        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "lora-data.json")
+    else:
+        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "base"), os.path.join(smoke.OUTPUT_DIR, "data.json")
     if "output_dir" not in explicit:
-        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "model")
-    args.model, args.init = os.path.join(smoke.OUTPUT_DIR, "base"), "pretrained"
-    args.dataset = os.path.join(smoke.OUTPUT_DIR, "data.json")
+        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "lora" if args.lora else "model")
+    args.init = "pretrained"
 
 
 def use_saved_settings(args, explicit: set) -> None:
@@ -164,6 +170,8 @@ def main(args, explicit: set) -> None:
             import smoke
 
             smoke.prepare(os.path.dirname(args.model))
+            if args.lora:
+                smoke.prepare_lora(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
         loaded = None if datacache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
                                                                                           args.skip_invalid)

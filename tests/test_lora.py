@@ -2,6 +2,8 @@
 checkpointing, adapter dirs wherever a model dir goes, --merge, and resume after kill -9."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,9 +11,12 @@ import torch
 import datasetup
 import lora
 import model as model_lib
+import rundir
+import scoring
+import smoke
 from collate import SFTCollator
-from conftest import shared_path
-from test_train import ENV, FAST, load_json, run_train, start_train, wait_for, workdir  # noqa: F401  (fixture)
+from conftest import ROOT, shared_path
+from test_train import ENV, load_json, run_train, start_train, wait_for
 
 
 def tiny(kind: str):
@@ -80,51 +85,75 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
     assert all(p.grad is None for name, p in wrapped.named_parameters() if "lora" not in name)
 
 
-def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes(workdir):
-    out = workdir / "lora"
-    result = run_train(workdir, *FAST, "--lora", "--merge", "--lora-r", "8", "--max-steps", "6", "--save-steps", "3",
-                       "--output-dir", str(out))
+def held_out_exact_match(model_dir, records) -> float:
+    from inference import generate, load_for_generation
+    from templates import format_prompt
+
+    lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")
+    answers = generate(lm, tokenizer, [format_prompt(r, "seed") for r in records],
+                       {"max_new_tokens": 16, "do_sample": False}, batch_size=100)
+    return sum(smoke.is_right(r, a["text"]) for r, a in zip(records, answers)) / len(records)
+
+
+def test_lora_teaches_the_smoke_sft_model_a_new_task_and_keeps_the_old_ones(smoke_trained):
+    """`train.py --smoke --lora`: adapters on the smoke SFT model learn a task its data never had ("Give the
+    first word.") to >= 90% exact match on held-out prompts, while the old tasks stay within 5 points."""
+    result = run_train(smoke_trained, "--smoke", "--lora", "--merge")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trainable of" in result.stdout and "(LoRA)" in result.stdout
+    out, sft = smoke_trained / "smoke-run" / "lora", smoke_trained / "smoke-run" / "model"
+    new = [r for r in rundir.read_records(str(out / rundir.HELD_OUT_FILE)) if r["instruction"] == smoke.NEW_TASK]
+    old = [r for r in rundir.read_records(str(sft / rundir.HELD_OUT_FILE)) if r["instruction"] != smoke.GREETING]
+    assert len(new) >= 100 and held_out_exact_match(sft, new) == 0
+    assert held_out_exact_match(out, new) >= 0.9
+    assert held_out_exact_match(out, old) >= held_out_exact_match(sft, old) - 0.05
+    assert load_json(out / "metrics.json")["train_runtime_s"] < 180
+
+
+def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes(smoke_trained):
+    out = smoke_trained / "smoke-run" / "lora"  # written by the test above (run again here when run alone)
+    if not (out / "metrics.json").exists():
+        assert run_train(smoke_trained, "--smoke", "--lora", "--merge").returncode == 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "sft_template.json", "metrics.json",
                  "merged/model.safetensors", "merged/config.json", "merged/sft_template.json"):
         assert (out / name).exists(), name
     assert not (out / "model.safetensors").exists()
-    checkpointed = run_train(workdir, *FAST, "--lora", "--lora-r", "8", "--max-steps", "6", "--save-steps", "3",
-                             "--gradient-checkpointing", "--output-dir", str(workdir / "lora-gc"))
-    assert checkpointed.returncode == 0, checkpointed.stderr[-3000:]  # the same steps, activations recomputed
-    assert load_json(workdir / "lora-gc" / "metrics.json")["train_loss"] == pytest.approx(
-        load_json(out / "metrics.json")["train_loss"], rel=1e-4)
     config = load_json(out / "adapter_config.json")
-    assert config["base_model_name_or_path"] == str(workdir / "smoke-run" / "base") and config["r"] == 8
+    assert config["base_model_name_or_path"] == str(smoke_trained / "smoke-run" / "model") and config["r"] == 16
     tok = model_lib.load_tokenizer(str(out))
     adapter, merged = model_lib.load_model(str(out), tokenizer=tok), model_lib.load_model(str(out / "merged"))
-    ids = torch.tensor([tok("Reverse the order of the words.")["input_ids"]])
+    ids = torch.tensor([tok("Give the first word.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(adapter.eval()(ids).logits, merged.eval()(ids).logits)
-        assert not torch.allclose(model_lib.load_model(str(workdir / "smoke-run" / "base")).eval()(ids).logits,
-                                  merged(ids).logits)  # the adapter trained
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
+        body = scoring.reward_model_from(str(out)).base_model  # reward.py --model ADAPTER_DIR: the merged body
+        torch.testing.assert_close(body(ids).last_hidden_state, merged.base_model(ids).last_hidden_state)
     answers = [subprocess.run([sys.executable, str(ROOT / "inference.py"), "--finetuned", path, "--prompt",
-                               "Greet them.", "--input", "cat dog", "--json", "--only", "finetuned"], cwd=workdir,
-                              env=ENV, capture_output=True, text=True, timeout=120) for path in (str(out), str(out / "merged"))]
+                               smoke.NEW_TASK, "--input", "cat dog owl", "--json", "--only", "finetuned"],
+                              cwd=smoke_trained, env=ENV, capture_output=True, text=True, timeout=120)
+               for path in (str(out), str(out / "merged"))]
     assert all(a.returncode == 0 for a in answers), answers[0].stderr[-2000:]
-    assert answers[0].stdout == answers[1].stdout
+    assert answers[0].stdout == answers[1].stdout and '"text": "cat"' in answers[0].stdout
 
 
-def test_a_lora_run_resumes_after_kill_9(workdir):
-    out = workdir / "lora-killed"
-    args = [*FAST, "--lora", "--max-steps", "12", "--save-steps", "4", "--output-dir", str(out)]
-    proc = start_train(workdir, *args)
+def test_gradient_checkpointing_trains_the_same_steps(smoke_trained):
+    args = ["--smoke", "--lora", "--max-steps", "6", "--eval-steps", "1000", "--logging-steps", "2"]
+    runs = [run_train(smoke_trained, *args, *extra, "--output-dir", name)
+            for name, extra in (("lora-plain", []), ("lora-gc", ["--gradient-checkpointing"]))]
+    assert all(r.returncode == 0 for r in runs), runs[1].stderr[-3000:]
+    losses = [load_json(smoke_trained / name / "metrics.json")["train_loss"] for name in ("lora-plain", "lora-gc")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_a_lora_run_resumes_after_kill_9(smoke_trained):
+    out = smoke_trained / "lora-killed"
+    args = ["--smoke", "--lora", "--max-steps", "12", "--save-steps", "4", "--eval-steps", "1000", "--output-dir",
+            str(out)]
+    proc = start_train(smoke_trained, *args)
     wait_for(out / "checkpoint-4" / "trainer_state.json", proc)
     proc.kill()
     proc.wait()
     assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
-    resumed = run_train(workdir, *args)
+    resumed = run_train(smoke_trained, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout and load_json(out / "metrics.json")["global_step"] == 12
 
@@ -135,7 +164,27 @@ def test_a_lora_run_resumes_after_kill_9(workdir):
     (["--lora", "--init", "scratch"], "--lora with --init scratch"),
     (["--smoke", "--lora", "--lora-target", "q_proj", "--output-dir", "x"], "no layer named q_proj"),
 ])
-def test_bad_lora_settings_are_refused_naming_the_flag(workdir, args, expected):
-    result = run_train(workdir, *args)
+def test_bad_lora_settings_are_refused_naming_the_flag(smoke_trained, args, expected):
+    result = run_train(smoke_trained, *args)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(smoke_trained):
+    """reward.py --lora: adapters on the SFT body plus the score head in full; the adapter dir scores exactly
+    as the merged model that --merge writes (load_reward_model takes either, so align.py's judge does too)."""
+    from templates import format_prompt
+
+    result = subprocess.run([sys.executable, str(ROOT / "reward.py"), "--smoke", "--lora", "--merge", "--lr", "1e-3",
+                             "--max-steps", "10", "--output-dir", "rm-lora"], cwd=smoke_trained, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(LoRA adapters and the score head)" in result.stdout
+    out = smoke_trained / "rm-lora"
+    metrics = load_json(out / "metrics.json")
+    assert metrics["eval_accuracy_before"] == 0.5 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert load_json(out / "adapter_config.json")["task_type"] == "SEQ_CLS"
+    adapter, merged = scoring.load_reward_model(str(out)), scoring.load_reward_model(str(out / "merged"))
+    prompts = [format_prompt({"instruction": smoke.GREETING, "input": "cat dog"}, adapter[2])] * 2
+    scores = [scoring.score_texts(rm, tok, prompts, ["Hello, cat dog!", "hey cat dog"]) for rm, tok, _ in (adapter, merged)]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0][0] != scores[0][1]
