@@ -188,3 +188,23 @@ def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(
     prompts = [format_prompt({"instruction": smoke.GREETING, "input": "cat dog"}, adapter[2])] * 2
     scores = [scoring.score_texts(rm, tok, prompts, ["Hello, cat dog!", "hey cat dog"]) for rm, tok, _ in (adapter, merged)]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0][0] != scores[0][1]
+
+
+def test_memory_benchmark_estimate_and_verdicts():
+    """benchmarks/memory.py: full fine-tuning's need extrapolated per layer from the cut rows, and the two
+    targets judged on the figures (a skipped full row is compared through its estimate)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory
+
+    cut = [{"mode": "full@4", "peak_mb": 2600.0}, {"mode": "full@2", "peak_mb": 2100.0}]
+    assert memory.full_estimate_mb(cut, 6) == 3100.0
+    row = dict(trainable=10, total=1000, tokens_per_s=100.0, mean_loss=1.0, peak_mb=0.0)
+    results = [{**row, "model": "llama-1b", "mode": "lora_gc", "peak_mb": 3600.0},
+               {**row, "model": "llama-1b", "mode": "full", "skipped": True, "estimate_mb": 10000.0, "free_mb": 9000.0},
+               {**row, "model": "distilgpt2", "mode": "full", "peak_mb": 3000.0, "tokens_per_s": 100.0},
+               {**row, "model": "distilgpt2", "mode": "lora", "tokens_per_s": 99.0}]
+    table = memory.summarize(results, {"distilgpt2": 2900.0, "llama-1b": 10000.0})
+    assert "not run: needs about 10,000 (estimate), over 90% of the 9,000 free" in table
+    assert "full fine-tuning (estimated) (target <= 35%): 36% FAIL" in table
+    assert "LoRA real tokens/s vs full fine-tuning (target >= 1.0x): 0.99x FAIL" in table
+    assert "distilgpt2: full fine-tuning's estimate (extrapolated from 2 and 4 layers) was 2,900 MB; measured 3,000 MB" in table

@@ -1,0 +1,221 @@
+"""Memory and speed of full fine-tuning vs LoRA vs LoRA + gradient checkpointing, through train.py's own path
+(packed rows, response-only logits, InstructTrainer), on real Alpaca records.
+
+    python benchmarks/memory.py            # DistilGPT2 and a ~1B Llama, every mode (~25 min on 2 CPU cores)
+    python benchmarks/memory.py --quick    # DistilGPT2 only, 16 records: a quick check that every row runs
+
+Models: DistilGPT2's real architecture, and a Llama-architecture config built here (16 layers, hidden 2048,
+32 heads, MLP 5632; the GPT-2 tokenizer's 50,257-token vocabulary, since no Llama tokenizer is offline:
+1.03B parameters). Both have random weights: the cost of a step does not depend on the values, and the
+LoRA rows call lora.add_lora directly (train.py refuses --lora on random weights, which would stay random).
+
+Each row runs in its own process, so its peak memory (RSS) is its own, and trains the same records from the
+same initial weights at the precision train.py picks. Real tokens/s exclude the first (warm-up) step.
+Full fine-tuning's need is estimated first: 16 bytes a parameter (fp32 weights, gradients and AdamW's two
+moments) plus activations, both extrapolated from full fine-tuning of the same config cut to 2 and 4 layers
+(measured, in rows of their own: memory grows by the same amount with each layer). It is run only when
+that estimate fits in this machine's free memory, so on DistilGPT2 the estimate is checked against the
+measurement. Results go to benchmarks/results/memory-cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import Counting, _peak_mb, _timing_callback, run_workers, write_results  # noqa: E402
+
+# ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
+SMALL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # DistilGPT2's config.json + tokenizer
+TOKENIZER = os.path.join(ROOT, "..", "shared", "gpt2-tokenizer")  # the tokenizer of the 1B Llama config
+DATASET = os.path.join(ROOT, "..", "shared", "data", "alpaca_5000.json")  # Alpaca records
+SMALL_RECORDS = 96  # records DistilGPT2 trains on (one epoch)
+LARGE_RECORDS = 40  # records the 1B model trains on (one epoch: 5 steps at batch size 8)
+BATCH_SIZE = 8  # examples per step in every row
+TEMPLATE = "alpaca"  # prompt template: seed|alpaca
+MAX_LENGTH = 512  # tokens per example at most
+LORA_R = 16  # LoRA rank (train.py's default)
+MODELS = "all"  # comma-separated subset of: distilgpt2,llama-1b
+FREE_MARGIN = 0.9  # full fine-tuning runs only if its estimate fits this share of free memory
+QUICK = False  # DistilGPT2 only, 16 records: check that every row runs
+RECORDS = 0  # internal: records the worker trains on
+WORKER = ""  # internal: run one row (MODEL/MODE:PRECISION) in this process and print its JSON
+
+WORKER_SETTINGS = ("dataset", "batch_size", "template", "max_length", "lora_r")
+ALL_MODELS = ("distilgpt2", "llama-1b")
+MODES = ("lora", "lora_gc", "full@2", "full@4", "full")  # full@N: the model cut to N layers (the estimate)
+MODE_LABELS = {"full": "full fine-tuning", "lora": "LoRA", "lora_gc": "LoRA + gradient checkpointing",
+               "full@2": "full fine-tuning, cut to 2 layers", "full@4": "full fine-tuning, cut to 4 layers"}
+# ~1B Llama (the shape of Llama 3.2 1B / TinyLlama, with full multi-head attention).
+LLAMA_1B = dict(model_type="llama", num_hidden_layers=16, hidden_size=2048, num_attention_heads=32,
+                num_key_value_heads=32, intermediate_size=5632, max_position_embeddings=2048,
+                tie_word_embeddings=False)
+
+
+def model_dir(name: str, layers: int | None = None) -> str:
+    """A temp dir with the model's config.json (cut to `layers` blocks if given) and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(SMALL if name == "distilgpt2" else TOKENIZER)
+    if name == "distilgpt2":
+        config = AutoConfig.from_pretrained(SMALL)
+    else:
+        config = LlamaConfig(**{k: v for k, v in LLAMA_1B.items() if k != "model_type"}, vocab_size=len(tokenizer),
+                             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if layers:
+        config.num_hidden_layers = layers
+    directory = tempfile.mkdtemp(prefix=f"{name}-")
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
+    """One epoch of train.py's training path; LoRA as train.py adds it (after the packing and logits checks)."""
+    import torch
+    from transformers import TrainingArguments
+
+    import datasetup
+    import lora
+    import model as model_lib
+    import train
+    from collate import SFTCollator
+    from runner import probe_examples
+    from trainer import InstructTrainer
+
+    path = model_dir(name, int(mode.split("@")[1]) if "@" in mode else None)
+    tokenizer = model_lib.load_tokenizer(path)
+    torch.manual_seed(0)
+    model = model_lib.load_model(path, "scratch", tokenizer)
+    model.config.use_cache = False
+    records = datasetup.load_records(DATASET)[0][:n_records]
+    data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
+    probe = probe_examples(data)
+    packing = train.choose_packing(model, probe, "rows", False, tokenizer.pad_token_id, lambda *a: None)
+    sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
+    if mode.startswith("lora"):
+        model = lora.add_lora(model, path, LORA_R, 2.0 * LORA_R, 0.05)
+    trainable, total = lora.parameter_counts(model)
+    times, outdir = [], tempfile.mkdtemp()
+    counter = Counting(SFTCollator(tokenizer.pad_token_id, packing))
+    targs = TrainingArguments(output_dir=outdir, per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
+                              logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+                              bf16=precision == "bf16", use_cpu=True, learning_rate=1e-4, seed=42, disable_tqdm=True,
+                              remove_unused_columns=False, prediction_loss_only=True,
+                              activation_checkpointing=mode == "lora_gc")
+    trainer = InstructTrainer(model=model, args=targs, train_dataset=data, data_collator=counter,
+                              processing_class=tokenizer, callbacks=[_timing_callback(times)])
+    trainer.train()
+    steps = len(times)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {"row": f"{name}/{mode}", "model": name, "mode": mode, "precision": precision, "steps": steps,
+            "packing": packing, "response_only_logits": sparse, "trainable": trainable, "total": total,
+            "tokens_per_s": sum(counter.real[1:steps]) / (times[-1] - times[0]), "mean_loss": sum(losses) / len(losses),
+            "peak_mb": _peak_mb(), "seconds": times[-1] - times[0]}
+
+
+def full_estimate_mb(cut: list[dict], layers: int) -> float:
+    """Full fine-tuning's peak at `layers` layers, extrapolated from the rows of the model cut to fewer
+    layers: each layer adds its 16 bytes a parameter and its activations, the same for every layer."""
+    (few, a), (more, b) = sorted((int(r["mode"].split("@")[1]), r["peak_mb"]) for r in cut)
+    return b + (layers - more) * (b - a) / (more - few)
+
+
+def free_mb() -> float:
+    """MemAvailable from /proc/meminfo (Linux), in MiB; infinite elsewhere."""
+    try:
+        with open("/proc/meminfo") as handle:
+            fields = dict(line.split(":", 1) for line in handle)
+        return int(fields["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")
+
+
+def summarize(results: list[dict], estimates: dict) -> str:
+    lines = ["| model | mode | trainable parameters | peak RSS (MB) | real tokens/s | mean loss |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        share = f"{r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.2%})"
+        if r.get("skipped"):
+            lines.append(f"| {r['model']} | {MODE_LABELS[r['mode']]} | {share} | not run: needs about "
+                         f"{r['estimate_mb']:,.0f} (estimate), over {FREE_MARGIN:.0%} of the {r['free_mb']:,.0f} free "
+                         "| not run | not run |")
+            continue
+        lines.append(f"| {r['model']} | {MODE_LABELS[r['mode']]} | {share} | {r['peak_mb']:,.0f} "
+                     f"| {r['tokens_per_s']:.0f} | {r['mean_loss']:.4f} |")
+    by = {(r["model"], r["mode"]): r for r in results}
+    lines.append("")
+    for name, estimate in estimates.items():
+        full = by.get((name, "full"))
+        if full and not full.get("skipped"):
+            lines.append(f"- {name}: full fine-tuning's estimate (extrapolated from 2 and 4 layers) was "
+                         f"{estimate:,.0f} MB; measured {full['peak_mb']:,.0f} MB")
+    big, gc = by.get(("llama-1b", "full")), by.get(("llama-1b", "lora_gc"))
+    if big and gc:
+        measured = not big.get("skipped")
+        reference = big["peak_mb"] if measured else big["estimate_mb"]
+        share = gc["peak_mb"] / reference
+        lines.append(f"- llama-1b: LoRA + gradient checkpointing peak vs full fine-tuning "
+                     f"({'measured' if measured else 'estimated'}) (target <= 35%): {share:.0%} "
+                     f"{'PASS' if share <= 0.35 else 'FAIL'}")
+    small, adapted = by.get(("distilgpt2", "full")), by.get(("distilgpt2", "lora"))
+    if small and adapted:
+        ratio = adapted["tokens_per_s"] / small["tokens_per_s"]
+        lines.append(f"- distilgpt2: LoRA real tokens/s vs full fine-tuning (target >= 1.0x): {ratio:.2f}x "
+                     f"{'PASS' if ratio >= 1.0 else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    import lora as lora_lib
+    import model as model_lib
+
+    precision, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
+    names = ("distilgpt2",) if args.quick else ALL_MODELS if args.models == "all" else tuple(args.models.split(","))
+    settings = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_SETTINGS]
+    results, estimates = [], {}
+    for name in names:
+        n = 16 if args.quick else args.small_records if name == "distilgpt2" else args.large_records
+        for mode in MODES:
+            if mode == "full":  # estimated for every model, so the estimate is checked where full fine-tuning fits
+                lora_row = next(r for r in results if r["row"] == f"{name}/lora")
+                layers = lora_lib.load_config(model_dir(name)).num_hidden_layers
+                cut = [r for r in results if r["model"] == name and "@" in r["mode"]]
+                estimates[name], available = full_estimate_mb(cut, layers), free_mb()
+                if estimates[name] > args.free_margin * available:
+                    print(f"skipping {name}/full: needs about {estimates[name]:,.0f} MB, {available:,.0f} MB free")
+                    results.append({**lora_row, "row": f"{name}/full", "mode": "full", "skipped": True,
+                                    "trainable": lora_row["total"] - lora_row["trainable"],
+                                    "total": lora_row["total"] - lora_row["trainable"], "estimate_mb": estimates[name], "free_mb": available})
+                    continue
+            results += run_workers(__file__, [f"{name}/{mode}"], [precision], ["--records", str(n), *settings],
+                                   f"{n} records", lambda r: f"{r['tokens_per_s']:.0f} real tokens/s")
+    table = summarize(results, estimates)
+    header = (f"Records: the first of {os.path.basename(DATASET)} (DistilGPT2 {args.small_records}, llama-1b "
+              f"{args.large_records}); batch size {BATCH_SIZE}; template {TEMPLATE}; precision {precision}; LoRA r "
+              f"{LORA_R} on every linear layer of the blocks; random weights; CPU threads: {os.cpu_count()}; "
+              "one epoch per row, tokens/s exclude the first step.\n")
+    print("\n" + header + "\n" + table)
+    if not args.quick and args.models == "all":
+        write_results("memory-cpu", {"precision": precision, "batch_size": BATCH_SIZE, "estimates_mb": estimates,
+                                     "results": results}, header, table)
+
+
+if __name__ == "__main__":
+    import cli
+
+    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
+    globals().update({name.upper(): getattr(parsed, name) for name in WORKER_SETTINGS})  # the flags rule every row
+    if parsed.worker:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        row, prec = parsed.worker.split(":")
+        model_name, mode_name = row.split("/")
+        print(json.dumps(run_row(model_name, mode_name, prec, parsed.records)))
+    else:
+        main(parsed)
