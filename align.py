@@ -47,7 +47,6 @@ PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (pairlogps.py); auto =
 LORA = False  # train LoRA adapters (peft) on the SFT model instead of every weight; the reference is it without them
 LORA_R = 16  # --lora: rank of each adapter; >= 1
 LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
-LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
 LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
 MERGE = False  # --lora: also write the merged full weights to OUTPUT_DIR/merged
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
@@ -61,7 +60,7 @@ DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
             "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "missing_eos_penalty", "max_length",
-            "val_size", "seed", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
+            "val_size", "seed", "lora", "lora_r", "lora_alpha", "lora_target")
 
 
 def validate_args(args) -> None:
@@ -220,8 +219,8 @@ def main(args, explicit: set) -> None:
         config["packing"] = packing
         say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
-        policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
-                               args.lora_target)
+        policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
+                               args.lora_target, seed=args.seed)  # in either method (aligntrainer.trl_config)
     say(f"Parameters: {lora.describe(policy)}{' (LoRA: the reference is the SFT model, adapters off)' if args.lora else ''}")
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)

@@ -2,9 +2,9 @@
 (trainer.RunLayer: run totals, the NaN guard, template in each checkpoint), fed exactly the tokens the SFT
 model saw, and evaluated the way metrics.json reports them.
 
-- DPO trains on pairs tokenized by preferences.tokenize_pairs (the SFT template's prompt, each answer +
-  EOS), not TRL's own text tokenization. Its reference log-probs are computed once, before training, by
-  the frozen SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
+- DPO trains on pairs tokenized by preferences.tokenize_pairs (the SFT template's prompt, each answer + EOS),
+  not TRL's text tokenization. Its reference log-probs are computed once, before training, by the frozen
+  SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
 - RLOO encodes prompts as inference.py does (templates.encode_prompt), and scores its samples with
   a reward model through scoring.py, which reads the score at the answer's final token.
 """
@@ -24,7 +24,7 @@ from scoring import answer_ids, context_limit, load_reward_model, pairwise_stats
 from templates import encode_prompt
 from trainer import RunLayer
 
-# TRL 1.16 still uses transformers' old names for activation checkpointing (off here either way).
+# TRL 1.16 still uses transformers' old names for activation checkpointing.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
@@ -40,8 +40,7 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if "ref" in getattr(self.model, "peft_config", {}):  # TRL's copy of fresh adapters: the reference here is
-            self.model.delete_adapter("ref")                  # the model with them off, so it would only be saved
+        drop_ref_adapter(self.model)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
@@ -108,6 +107,7 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
 
     def __init__(self, *args, judge=None, **kwargs):
         super().__init__(*args, **kwargs)
+        drop_ref_adapter(self.model)  # TRL's RLOO then takes the reference with the adapters off
         self.judge = judge
         self.generation_seconds = 0.0  # this session's time spent sampling answers in training
 
@@ -212,6 +212,12 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
             d = (logps[1] - logps[0]) * (labels[:, 1:] != -100)
             values += (d.exp() - d - 1).sum(-1).tolist()
         return values
+
+
+def drop_ref_adapter(model) -> None:
+    """Removes TRL's frozen "ref" copy of fresh (B = 0) adapters, which would be saved: the reference is them off."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
 
 
 def without_adapters(model):

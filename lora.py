@@ -41,7 +41,7 @@ def problems(args) -> list[str]:
     found = [f"--lora-r must be >= 1 (got {args.lora_r})"] if args.lora_r < 1 else []
     if args.lora_alpha <= 0:
         found.append(f"--lora-alpha must be > 0 (got {args.lora_alpha})")
-    if not 0 <= args.lora_dropout < 1:
+    if not 0 <= getattr(args, "lora_dropout", 0.0) < 1:  # (reward.py and align.py train without dropout)
         found.append(f"--lora-dropout must be in [0, 1) (got {args.lora_dropout})")
     if args.merge and not args.lora:
         found.append("--merge: only with --lora (a full fine-tune already saves full weights)")
@@ -80,10 +80,12 @@ def resolve_targets(model, target: str = LORA_TARGET) -> list[str]:
 
 
 def add_lora(model, base: str, r: int, alpha: float, dropout: float, target: str = LORA_TARGET,
-             reward_head: bool = False):
+             reward_head: bool = False, *, seed: int):
     """`model` wrapped by peft with fresh LoRA adapters (B = 0: the wrapped model computes what it did). Only
     the adapters train; a reward model's scalar head (`score`) trains in full and is saved with them. The
-    saved adapter names `base` (the --model it was trained on, itself maybe an adapter dir) as its base."""
+    saved adapter names `base` (the --model it was trained on, itself maybe an adapter dir) as its base.
+    The adapters' random initial values come from `seed`: the same command trains the same model."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
@@ -92,6 +94,7 @@ def add_lora(model, base: str, r: int, alpha: float, dropout: float, target: str
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
                         task_type="SEQ_CLS" if reward_head else "CAUSAL_LM", fan_in_fan_out=conv1d,
                         modules_to_save=["score"] if reward_head else None)
+    torch.manual_seed(seed)
     wrapped = get_peft_model(model, config)
     wrapped.peft_config["default"].base_model_name_or_path = base
     return wrapped

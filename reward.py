@@ -38,7 +38,6 @@ SKIP_INVALID = False  # drop malformed pairs instead of stopping
 LORA = False  # train LoRA adapters (peft) on the SFT body instead of every weight; the score head trains in full
 LORA_R = 16  # --lora: rank of each adapter; >= 1
 LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
-LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
 LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
 MERGE = False  # --lora: also write the merged full reward model to OUTPUT_DIR/merged
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
@@ -53,7 +52,7 @@ PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" an
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
-            "warmup_ratio", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
+            "warmup_ratio", "lora", "lora_r", "lora_alpha", "lora_target")
 
 
 def validate_args(args) -> None:
@@ -179,8 +178,8 @@ def main(args, explicit: set) -> None:
     say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
         f"training); packing: {packing}")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
-        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
-                              args.lora_target, reward_head=True)
+        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
+                              args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, data_report=report)

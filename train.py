@@ -194,7 +194,7 @@ def main(args, explicit: set) -> None:
     say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
     if args.lora:  # after the checks above, which compare the plain model's own forward passes
         model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
-                              args.lora_target)
+                              args.lora_target, seed=args.seed)
     say(f"Parameters: {lora.describe(model)}{' (LoRA)' if args.lora else ''}")
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, response_only_logits=sparse)

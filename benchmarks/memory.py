@@ -100,7 +100,7 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     packing = train.choose_packing(model, probe, "rows", False, tokenizer.pad_token_id, lambda *a: None)
     sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if mode.startswith("lora"):
-        model = lora.add_lora(model, path, LORA_R, 2.0 * LORA_R, 0.05)
+        model = lora.add_lora(model, path, LORA_R, 2.0 * LORA_R, 0.05, seed=0)
     trainable, total = lora.parameter_counts(model)
     times, outdir = [], tempfile.mkdtemp()
     counter = Counting(SFTCollator(tokenizer.pad_token_id, packing))

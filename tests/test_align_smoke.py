@@ -229,7 +229,7 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, _ in cli.constant_specs(align):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 34
+    assert len(cli.constant_specs(align)) == 33
 
 
 def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned):
@@ -253,3 +253,4 @@ def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_a
     rloo = run_align(work, "--smoke", "--method", "rloo", "--lora", "--max-steps", "3", "--output-dir", "lora-rloo")
     assert rloo.returncode == 0, rloo.stderr[-3000:]
     assert load_json(work / "lora-rloo" / "metrics.json")["eval_kl_before"] == 0
+    assert (work / "lora-rloo" / "adapter_model.safetensors").exists() and not (work / "lora-rloo" / "ref").exists()

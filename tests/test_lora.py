@@ -46,7 +46,7 @@ def test_fresh_adapters_change_nothing_and_train_only_themselves_or_the_reward_h
     model = tiny("gpt2").eval()
     ids = torch.randint(0, 50257, (2, 9))
     before = model(ids).logits
-    wrapped = lora.add_lora(model, "base-dir", 4, 8.0, 0.0).eval()
+    wrapped = lora.add_lora(model, "base-dir", 4, 8.0, 0.0, seed=0).eval()
     torch.testing.assert_close(wrapped(ids).logits, before)
     trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
@@ -55,7 +55,7 @@ def test_fresh_adapters_change_nothing_and_train_only_themselves_or_the_reward_h
     assert lora.parameter_counts(wrapped)[0] == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
     reward = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_layer=1, n_head=2, n_embd=32, num_labels=1,
                                                       pad_token_id=0))
-    wrapped = lora.add_lora(reward, "sft-dir", 4, 8.0, 0.0, reward_head=True)
+    wrapped = lora.add_lora(reward, "sft-dir", 4, 8.0, 0.0, reward_head=True, seed=0)
     trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
     assert any("score" in name and "lora" not in name for name in trainable)  # the scalar head, in full
 
@@ -72,7 +72,7 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
         own = float(model(**SFTCollator(tok.pad_token_id, "none")(examples)).loss)
     packed = SFTCollator(tok.pad_token_id, "rows")(examples)
     assert model_lib.enable_response_only_logits(model, packed)
-    wrapped = lora.add_lora(model, "base", 4, 8.0, 0.0)
+    wrapped = lora.add_lora(model, "base", 4, 8.0, 0.0, seed=0)
     model.activation_checkpointing_enable()
     wrapped.train()
     assert model.transformer.gradient_checkpointing
@@ -133,6 +133,16 @@ def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes
                for path in (str(out), str(out / "merged"))]
     assert all(a.returncode == 0 for a in answers), answers[0].stderr[-2000:]
     assert answers[0].stdout == answers[1].stdout and '"text": "cat"' in answers[0].stdout
+    # evaluation.py on the adapter dir: the held-out split of its run, and the loss the run reported
+    report = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--finetuned", str(out), "--base",
+                             str(smoke_trained / "smoke-run" / "model"), "--num-generations", "20",
+                             "--max-new-tokens", "16"], cwd=smoke_trained, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    scores = load_json(out / "eval" / "report.json")
+    assert scores["finetuned"]["response_loss"] == pytest.approx(load_json(out / "metrics.json")["eval_loss_after"],
+                                                                 rel=1e-3)
+    assert scores["finetuned"]["rouge_l_f1"] > scores["base"]["rouge_l_f1"]
 
 
 def test_gradient_checkpointing_trains_the_same_steps(smoke_trained):
@@ -156,6 +166,54 @@ def test_a_lora_run_resumes_after_kill_9(smoke_trained):
     resumed = run_train(smoke_trained, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout and load_json(out / "metrics.json")["global_step"] == 12
+
+
+def start(cwd, script, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run(cwd, script, *args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script,extra", [("reward.py", ["--lr", "1e-3"]), ("align.py", ["--lr", "1e-4"])])
+def test_reward_and_align_lora_with_checkpointing_resume_after_kill_9_to_the_same_model(smoke_trained, script,
+                                                                                         extra):
+    """reward.py and align.py (DPO) with --lora --gradient-checkpointing: killed with kill -9 after their first
+    checkpoint, the same command resumes from it and ends where an uninterrupted run without checkpointing
+    does (same held-out loss; dropout is off in both scripts, so the steps are deterministic)."""
+    args = ["--smoke", "--lora", *extra, "--max-steps", "8", "--save-steps", "4", "--eval-steps", "1000"]
+    out = smoke_trained / f"{script[:-3]}-lora-killed"
+    proc = start(smoke_trained, script, *args, "--gradient-checkpointing", "--output-dir", str(out))
+    wait_for(out / "checkpoint-4" / "trainer_state.json", proc, timeout=240)
+    proc.kill()
+    proc.wait()
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()
+    resumed = run(smoke_trained, script, *args, "--gradient-checkpointing", "--output-dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout and (out / "adapter_model.safetensors").exists()
+    plain = run(smoke_trained, script, *args, "--output-dir", str(out) + "-plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    metrics = [load_json(path / "metrics.json") for path in (out, smoke_trained / (out.name + "-plain"))]
+    assert metrics[0]["global_step"] == metrics[1]["global_step"] == 8
+    assert metrics[0]["eval_loss_after"] == pytest.approx(metrics[1]["eval_loss_after"], rel=1e-4)
+    assert metrics[0]["eval_loss_after"] != metrics[0]["eval_loss_before"]
+
+
+def test_lora_under_torchrun_trains_and_saves_one_adapter(smoke_trained):
+    """DDP with peft: two CPU processes train the adapters and the main one saves them once."""
+    out = smoke_trained / "lora-ddp"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), "--smoke", "--lora", "--max-steps", "4", "--save-steps", "2",
+                             "--eval-steps", "1000", "--output-dir", str(out)], cwd=smoke_trained, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = load_json(out / "metrics.json")
+    assert metrics["world_size"] == 2 and metrics["global_step"] == 4
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").exists() and (out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("args,expected", [
