@@ -4,6 +4,7 @@
     python inference.py --prompt "Summarize this." --input "Some text ..." --sample --temperature 0.7
     python inference.py --prompts-file prompts.jsonl --json > answers.jsonl
     python inference.py --smoke          # the tiny model from `python train.py --smoke`, on held-out prompts
+    python inference.py --web            # a local web page: type prompts, read the answers side by side (webui.py)
 
 Prompts are formatted with the template saved with the fine-tuned model, exactly as in training.
 """
@@ -20,6 +21,7 @@ from templates import load_template  # noqa: F401  (the saved template; tests an
 # ---- settings (each has a flag: MAX_NEW_TOKENS -> --max-new-tokens) ----
 BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
 FINETUNED = "distilgpt2-alpaca"  # directory written by train.py (or any checkpoint-N inside it)
+ALIGNED = ""  # optional third model: a directory written by align.py, answered beside the other two
 PROMPT = "Give three tips for staying healthy."  # the instruction to answer
 INPUT = ""  # optional input / context for the instruction
 PROMPTS_FILE = ""  # many prompts: .json/.jsonl Alpaca records or a .txt file with one instruction per line
@@ -37,6 +39,9 @@ BATCH_SIZE = 16  # prompts generated together (left-padded) with --prompts-file;
 JSON = False  # print one JSON object per prompt instead of the side-by-side view
 DEVICE = "auto"  # auto|cuda|mps|cpu
 SMOKE = False  # use smoke-run/ from `python train.py --smoke` and its held-out prompts
+WEB = False  # serve a web page that compares the models side by side (Gradio) instead of printing answers
+HOST = "127.0.0.1"  # --web: the address to serve on (0.0.0.0 = every network interface)
+PORT = 0  # --web: the port to serve on; 0 = a free one (printed)
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -63,7 +68,7 @@ def read_prompts(path: str) -> list[dict]:
     return records
 
 
-def require_finetuned(path: str) -> None:
+def require_finetuned(path: str, role: str = "finetuned") -> None:
     """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
     import lora
     import rundir
@@ -76,7 +81,9 @@ def require_finetuned(path: str) -> None:
     if ckpt:
         config = rundir.read_run_config(path) or {}
         command = config.get("command") or f"python train.py --output-dir {path}"
-        hint = f" Training did not finish: resume it with `{command}`, or pass --finetuned {ckpt}."
+        hint = f" Training did not finish: resume it with `{command}`, or pass --{role} {ckpt}."
+    if role == "aligned":
+        raise UserError(f"--aligned {path}: no aligned model there. Run `python align.py` first.{hint}")
     raise UserError(f"no fine-tuned model in {path!r}. Run `python train.py` first "
                     f"(or `python train.py --smoke`, then `python inference.py --smoke`).{hint}")
 
@@ -88,8 +95,8 @@ def load_for_generation(name_or_path: str, device, role: str):
     import lora
     import model as model_lib
 
-    if role == "finetuned":
-        require_finetuned(name_or_path)
+    if role in ("finetuned", "aligned"):
+        require_finetuned(name_or_path, role)
     flag = f"--{role}"
     tokenizer = model_lib.load_tokenizer(name_or_path, flag=flag)
     tokenizer.padding_side = "left"
@@ -186,11 +193,13 @@ def validate_args(args) -> None:
         problems.append(f"--temperature must be > 0 (got {args.temperature})")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p must be in (0, 1] (got {args.top_p})")
+    if not 0 <= getattr(args, "port", 0) <= 65535:
+        problems.append(f"--port must be in [0, 65535] (got {args.port})")
     if args.top_k < 0 or args.no_repeat_ngram_size < 0:
         problems.append("--top-k and --no-repeat-ngram-size must be >= 0")
     if args.repetition_penalty <= 0:
         problems.append(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
-    if not args.prompt.strip() and not args.prompts_file and not args.smoke:
+    if not args.prompt.strip() and not args.prompts_file and not args.smoke and not getattr(args, "web", False):
         problems.append("--prompt is empty; give an instruction or a --prompts-file")
     check_all(problems)
 
@@ -202,12 +211,22 @@ def check_sampling_flags(args, explicit: set) -> None:
         raise UserError(f"{', '.join(unused)} only apply when sampling; add --sample (greedy decoding ignores them)")
 
 
+def check_web_flags(args, explicit: set) -> None:
+    """--host/--port only serve the page; the page takes its prompts from the browser, not from flags."""
+    given = [f"--{name.replace('_', '-')}" for name in (("prompt", "input", "prompts_file", "json") if args.web
+                                                         else ("host", "port")) if name in explicit]
+    if given:
+        why = "not used with --web (type prompts on the page)" if args.web else "only with --web"
+        raise UserError(f"{', '.join(given)}: {why}")
+
+
 def main(args, explicit: set) -> None:
     import smoke
     from model import get_device
     from templates import format_prompt
 
     check_sampling_flags(args, explicit)
+    check_web_flags(args, explicit)
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
     if args.prompts_file:
@@ -219,9 +238,15 @@ def main(args, explicit: set) -> None:
     device = get_device(args.device)
     roles = {"base": args.base, "finetuned": args.finetuned}
     roles = {role: path for role, path in roles.items() if args.only in ("both", role)}
-    if "finetuned" in roles:
-        require_finetuned(args.finetuned)
+    roles.update({"aligned": args.aligned} if args.aligned else {})
     template = load_template(args.finetuned if os.path.isdir(args.finetuned) else "", args.template)
+    if args.web:  # the page reports a model that can't load in its column
+        import webui
+
+        return webui.serve(args, roles, template, device)
+    for role in ("finetuned", "aligned"):
+        if role in roles:
+            require_finetuned(roles[role], role)
     prompts = [format_prompt(r, template) for r in records]
     models = {role: load_for_generation(path, device, role)
               for role, path in roles.items()}

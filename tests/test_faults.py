@@ -209,7 +209,7 @@ def test_only_the_first_process_prints_the_stop_message(capsys, monkeypatch):
 
 def test_generation_and_evaluation_never_import_training_code():
     for name in ("inference.py", "evaluation.py", "rundir.py", "datasetup.py", "templates.py", "datacache.py",
-                 "scoring.py", "preferences.py", "lora.py", "model.py", "plots.py"):
+                 "scoring.py", "preferences.py", "lora.py", "model.py", "plots.py", "webui.py"):
         source = (ROOT / name).read_text()
         assert not re.search(r"^\s*(from|import)\s+(train|trainer|runner|reward|rmtrainer|align|aligntrainer)\b", source, re.M), name
 

@@ -1,0 +1,146 @@
+"""inference.py --web (webui.py): the comparison page, driven in headless Chromium, and its pieces."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+import datasetup
+import smoke
+from conftest import ROOT
+from test_train import ENV
+
+BROWSER = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
+               None)
+DRIVER = shutil.which("chromedriver")
+
+
+def held_out_record(work) -> dict:
+    """A held-out smoke record with an input (not the greeting, whose style is left undecided)."""
+    records, _ = datasetup.held_out_records(str(work / "smoke-run" / "model"))
+    return next(r for r in records if r["input"] and r["instruction"] != smoke.GREETING)
+
+
+def start_page(work, *args):
+    """`inference.py --web --smoke` on a free localhost port: (process, url) once the page answers."""
+    import webui
+
+    port = webui.free_port("127.0.0.1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "inference.py"), "--web", "--smoke", "--port", str(port),
+                             *args], cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}/", time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline, "the page never answered"
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def browser():
+    pytest.importorskip("selenium")
+    if not (BROWSER and DRIVER):
+        pytest.skip("no Chromium and chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = BROWSER
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1400,1500"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_it(smoke_trained, browser, tmp_path):
+    """Type a held-out instruction and input, click Generate: the fine-tuned column holds exactly the answer
+    that `inference.py --json` prints, the base column another one, and an --aligned dir that can't load
+    leaves its column with the reason. An empty instruction gets a message, not a dead spinner."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import webui
+
+    record = held_out_record(smoke_trained)
+    proc, url = start_page(smoke_trained, "--aligned", "no-such-run")
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 120)
+        find = browser.find_element
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#instruction textarea"))
+        assert "Could not load this model: --aligned no-such-run: no aligned model there" in find(
+            By.CSS_SELECTOR, "#status-aligned").text
+        assert record["instruction"] in browser.page_source  # among the held-out example prompts
+        find(By.CSS_SELECTOR, "#generate").click()  # nothing typed yet
+        wait.until(lambda b: "The instruction is empty" in b.page_source)
+        box.send_keys(record["instruction"])
+        find(By.CSS_SELECTOR, "#input textarea").send_keys(record["input"])
+        find(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda b: "EOS" in b.find_element(By.CSS_SELECTOR, "#status-finetuned").text)
+        shown = {role: find(By.CSS_SELECTOR, f"#answer-{role} textarea").get_property("value")
+                 for role in ("base", "finetuned")}
+        status = find(By.CSS_SELECTOR, "#status-finetuned").text
+        wait.until(lambda b: "The instruction is empty" not in b.page_source)  # the message goes after 8 s
+        browser.save_screenshot(str(tmp_path / "web.png"))
+        if os.environ.get("WEB_SCREENSHOT"):  # how docs/web.png was taken
+            browser.save_screenshot(os.environ["WEB_SCREENSHOT"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    cli = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--smoke", "--prompt", record["instruction"],
+                          "--input", record["input"], "--json"], cwd=smoke_trained, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    expected = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert shown["finetuned"] == expected["finetuned"]["text"] == record["output"]
+    assert status == webui.describe(expected["finetuned"]) and status.endswith(", stopped at EOS")
+    assert shown["base"] == expected["base"]["text"] != shown["finetuned"]
+
+
+def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
+    """stream_answer yields the growing text while generating, then generate()'s own answer dict."""
+    import webui
+    from inference import generate, load_for_generation
+    from templates import format_prompt, load_template
+
+    model_dir = str(smoke_trained / "smoke-run" / "model")
+    lm, tokenizer = load_for_generation(model_dir, torch.device("cpu"), "finetuned")
+    record = held_out_record(smoke_trained)
+    prompt = format_prompt(record, load_template(model_dir))
+    parts = list(webui.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 32, "do_sample": False}, 42))
+    assert len(parts) >= 3 and all(isinstance(p, str) for p in parts[:-1])
+    assert parts[-1] == generate(lm, tokenizer, [prompt], {"max_new_tokens": 32, "do_sample": False})[0]
+    assert parts[-2].strip() == parts[-1]["text"]
+
+
+def test_the_pages_settings_are_refused_as_the_flags_are():
+    import webui
+    from cli import UserError
+
+    assert webui.settings(True, 0.7, 0.9, 50, 16, 1.0) == {"max_new_tokens": 16, "do_sample": True,
+                                                             "temperature": 0.7, "top_p": 0.9, "top_k": 50}
+    with pytest.raises(UserError, match=r"--temperature must be > 0 \(got 0.0\)"):
+        webui.settings(True, 0.0, 0.9, 50, 16, 1.0)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--web", "--port", "70000"], "--port must be in [0, 65535] (got 70000)"),
+    (["--port", "7860"], "--port: only with --web"),
+    (["--web", "--json", "--prompt", "x"], "--prompt, --json: not used with --web"),
+])
+def test_web_flags_are_checked(smoke_trained, args, expected):
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), *args], cwd=smoke_trained, env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
