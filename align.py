@@ -51,6 +51,7 @@ LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of th
 MERGE = False  # --lora: also write the merged full weights to OUTPUT_DIR/merged
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
 SKIP_INVALID = False  # drop malformed records instead of stopping
+REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR/runs), wandb, ... or a comma list
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model for rloo), to smoke-run/aligned-METHOD/
@@ -91,7 +92,7 @@ def validate_args(args) -> None:
         problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
     if args.method == "dpo" and args.reward_model:
         problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
 
 
 def apply_defaults(args, explicit: set) -> None:
@@ -137,8 +138,10 @@ def check_dirs(args) -> None:
         hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
         raise UserError(f"--model {args.model}: no SFT model there{hint}. Run `python train.py` first.")
     architectures = lora.load_config(args.model).architectures or []
-    if any("SequenceClassification" in name for name in architectures):
-        raise UserError(f"--model {args.model} is a reward model (a {architectures[0]}): pass the SFT model, "
+    adapter = lora.is_adapter_dir(args.model) and lora.adapter_task(args.model) == "SEQ_CLS"  # reward.py --lora's
+    if adapter or any("SequenceClassification" in name for name in architectures):
+        what = "a LoRA adapter from reward.py --lora" if adapter else f"a {architectures[0]}"
+        raise UserError(f"--model {args.model} is a reward model ({what}): pass the SFT model, "
                         "train.py's output dir (the reward model goes to --reward-model, for --method rloo)")
 
 
@@ -239,10 +242,10 @@ def main(args, explicit: set) -> None:
         after = trainer.evaluate()
         model_lib.set_generation_ids(trainer.model, tokenizer)
         trainer.save_model(args.output_dir)
-        if main_process and args.merge:
-            lora.save_merged(trainer.model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
-            write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
         metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
+        if main_process and args.merge:
+            lora.save_merged(args.output_dir, os.path.join(args.output_dir, rundir.MERGED_DIR), model_lib.load_model)
+            write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
         if main_process:
             write_template(args.output_dir, template)
             metrics.update(alignreport.summary(args, trainer, before, after, metrics), device=device.type,

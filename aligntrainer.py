@@ -22,7 +22,7 @@ from trl import DPOTrainer, RLOOTrainer
 from pairlogps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
 from scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
 from templates import encode_prompt
-from trainer import RunLayer
+from trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -272,9 +272,9 @@ def trl_config(args, device, precision: str):
         lr_scheduler_type="linear", warmup_steps=args.warmup_ratio, eval_strategy="steps", eval_steps=args.eval_steps,
         save_strategy="steps", save_steps=args.save_steps, save_total_limit=2, logging_steps=args.logging_steps,
         seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
-        ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none",
-        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False,
-        gradient_checkpointing=args.gradient_checkpointing,
+        ddp_backend="gloo" if device.type == "cpu" and distributed else None, remove_unused_columns=False,
+        dataloader_pin_memory=device.type == "cuda", report_to=report_targets(args.report_to, args.output_dir),
+        gradient_checkpointing=args.gradient_checkpointing, ddp_find_unused_parameters=False if args.lora else None,
         beta=args.beta, disable_dropout=True)
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,

@@ -133,16 +133,19 @@ def load_config(name_or_path: str):
 def adapter_base(path: str) -> str:
     """The base model an adapter dir was trained on (peft's base_model_name_or_path: a Hub id, or the absolute
     path of a local model or adapter dir)."""
-    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+    with open(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG), encoding="utf-8") as handle:
         base = json.load(handle).get("base_model_name_or_path")
     if not base:
         raise LoraError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    if os.path.isabs(base) and not os.path.isdir(base):
+        raise LoraError(f"the LoRA adapter in {path} was trained on {base}, which is not there any more: put that "
+                        f"model back, or edit base_model_name_or_path in {path}/{ADAPTER_CONFIG}")
     return base
 
 
 def adapter_task(path: str) -> str:
     """The adapter's peft task type: CAUSAL_LM (train.py, align.py) or SEQ_CLS (reward.py)."""
-    with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+    with open(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG), encoding="utf-8") as handle:
         return json.load(handle).get("task_type") or "CAUSAL_LM"
 
 
@@ -159,13 +162,14 @@ def load_merged(path: str, load_base):
         raise LoraError(f"could not load the adapter in {path} ({type(err).__name__}: {err})") from None
 
 
-def save_merged(model, tokenizer, directory: str) -> None:
-    """--merge: the adapters folded into a copy of the weights, saved as a full model dir (no peft needed)."""
-    import copy
+def save_merged(adapter_dir: str, directory: str, load) -> None:
+    """--merge: the adapter that a run saved in `adapter_dir`, folded into its base (`load(adapter_dir)` gives
+    the merged model), saved as a full model dir that needs no peft. Built from the saved files on the main
+    process, so it works however the launcher split the live model (DDP, FSDP, DeepSpeed ZeRO-3)."""
+    from transformers import AutoTokenizer
 
-    full = copy.deepcopy(model).merge_and_unload()
-    full.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    load(adapter_dir).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(directory)
 
 
 if __name__ == "__main__":
@@ -177,6 +181,7 @@ if __name__ == "__main__":
     args = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
     try:
         lm = model_lib.load_model(args.model, args.init)
-        print(f"{type(lm).__name__}: --lora-target auto = {', '.join(resolve_targets(lm, args.lora_target))}")
+        targets = ", ".join(resolve_targets(lm, args.lora_target))
+        print(f"{type(lm).__name__}: --lora-target {args.lora_target} = {targets}")
     except UserError as error:
         cli.fail(str(error))

@@ -121,6 +121,9 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
 
     _check_local(name_or_path)
     if lora.is_adapter_dir(name_or_path):  # a LoRA run's output: its base with the adapter merged in
+        if lora.adapter_task(name_or_path) == "SEQ_CLS":
+            raise ModelError(f"{name_or_path} holds a reward model's LoRA adapter (reward.py --lora), not a causal "
+                             "language model: pass an SFT model here (a reward model goes to --reward-model)")
         model = lora.load_merged(name_or_path, lambda base: load_model(base, "pretrained", None, dtype))
         # Named by the adapter dir, not its base: a copy made from the name (TRL's RLOO reference) is this model.
         model.name_or_path = model.config._name_or_path = os.path.abspath(os.path.expanduser(name_or_path))

@@ -41,6 +41,7 @@ LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by al
 LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
 MERGE = False  # --lora: also write the merged full reward model to OUTPUT_DIR/merged
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
+REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR/runs), wandb, ... or a comma list
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 SMOKE = False  # offline preset: the smoke SFT model and smoke preference pairs (smoke.py), to smoke-run/reward/
@@ -77,7 +78,7 @@ def validate_args(args) -> None:
                                       ("--prompts-file", args.prompts_file)) if value]
     if not args.score and given:
         problems.append(f"{', '.join(given)}: only used with --score")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
 
 
 def apply_smoke(args, explicit: set) -> None:
@@ -132,7 +133,7 @@ def main(args, explicit: set) -> None:
     from cli import UserError
     from rmtrainer import RewardTrainer
     from templates import load_template
-    from trainer import StopOnSignal, write_template
+    from trainer import StopOnSignal, report_targets, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -148,7 +149,8 @@ def main(args, explicit: set) -> None:
         eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
         logging_steps=args.logging_steps, seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16",
         use_cpu=device.type == "cpu", ddp_backend="gloo" if device.type == "cpu" and distributed else None,
-        report_to="none", remove_unused_columns=False, dataloader_pin_memory=device.type == "cuda",
+        report_to=report_targets(args.report_to, args.output_dir), remove_unused_columns=False,
+        dataloader_pin_memory=device.type == "cuda",
         ddp_find_unused_parameters=False,  # every weight is used: no extra graph pass under DDP
         activation_checkpointing=args.gradient_checkpointing)
     main_process = training_args.process_index == 0
@@ -205,7 +207,8 @@ def main(args, explicit: set) -> None:
         if main_process:
             write_template(args.output_dir, template)
             if args.merge:
-                lora.save_merged(model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
+                lora.save_merged(args.output_dir, os.path.join(args.output_dir, rundir.MERGED_DIR),
+                                 lambda path: scoring.load_reward_model(path)[0])
                 write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
             metrics.update({
                 "eval_accuracy_before": before["before_accuracy"], "eval_accuracy_after": after["eval_accuracy"],

@@ -46,6 +46,22 @@ def run_script(module, validate, main) -> None:
                  143 if isinstance(stop, rundir.Terminated) else 130)
 
 
+def report_to_problems(report_to: str) -> list[str]:
+    """--report-to: none, all, or a comma list of integrations that the Trainer knows and that are installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names in (["none"], ["all"]):
+        return []
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK] or ([] if names else ["(empty)"])
+    if unknown:
+        return [f"--report-to {', '.join(unknown)}: not a Trainer integration; use none, all, or a comma list of "
+                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"]
+    return [f"--report-to {name}: its package is not installed (pip install {name.replace('_', '-')})"
+            for name in names if name not in get_available_reporting_integrations()]
+
+
 def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | None]:
     """(collator mode, attention implementation) for --packing on `device` at `precision`.
 

@@ -172,6 +172,8 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
         last = rundir.find_checkpoint(path)
         hint = f" Its training did not finish: resume it, or score with {last}." if last else (
             " Train one with `python reward.py` (or `python reward.py --smoke`).")
+        if lora.is_adapter_dir(path):  # a train.py / align.py --lora output
+            hint = " It holds a causal LM's LoRA adapter (train.py or align.py --lora): train a reward model on it."
         raise UserError(f"{flag} {path}: no reward model there (config.json missing).{hint}")
     config = AutoConfig.from_pretrained(path)
     kinds = config.architectures or []

@@ -49,6 +49,7 @@ LORA_DROPOUT = 0.05  # --lora: dropout on the adapters' input; in [0, 1)
 LORA_TARGET = "auto"  # --lora: layers to adapt: auto = every linear layer of the attention and MLP blocks, or a comma list
 MERGE = False  # --lora: also write the merged full weights to OUTPUT_DIR/merged
 GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: less memory, about a third slower
+REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR/runs), wandb, ... or a comma list
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
@@ -77,7 +78,7 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args))
+    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
 
 
 def apply_smoke(args, explicit: set) -> None:
@@ -135,7 +136,7 @@ def main(args, explicit: set) -> None:
     import rundir
     from collate import SFTCollator
     from plots import plot_loss_curve
-    from trainer import InstructTrainer, StopOnSignal, write_template
+    from trainer import InstructTrainer, StopOnSignal, report_targets, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -155,9 +156,11 @@ def main(args, explicit: set) -> None:
         eval_steps=args.eval_steps, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, logging_steps=args.logging_steps, seed=args.seed,
         bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
-        ddp_backend="gloo" if device.type == "cpu" and distributed else None, report_to="none", remove_unused_columns=False,
+        ddp_backend="gloo" if device.type == "cpu" and distributed else None, remove_unused_columns=False,
+        report_to=report_targets(args.report_to, args.output_dir),
         dataloader_pin_memory=device.type == "cuda", prediction_loss_only=True,
         activation_checkpointing=args.gradient_checkpointing,
+        ddp_find_unused_parameters=False if args.lora else None,  # every adapter is used: no extra graph pass
         train_sampling_strategy="group_by_length" if args.order == "length" else "random")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
@@ -223,13 +226,13 @@ def main(args, explicit: set) -> None:
         runner.train(trainer, stopper, checkpoint, args.output_dir)
         after = trainer.evaluate()
         trainer.save_model(args.output_dir)
+        metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
         if main_process:
             write_template(args.output_dir, args.template)
             if args.merge:
-                lora.save_merged(model, tokenizer, os.path.join(args.output_dir, rundir.MERGED_DIR))
-                write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), args.template)
-        metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
-        if main_process:
+                merged = os.path.join(args.output_dir, rundir.MERGED_DIR)
+                lora.save_merged(args.output_dir, merged, model_lib.load_model)
+                write_template(merged, args.template)
             metrics.update({
                 "eval_loss_before": before["before_loss"], "eval_loss_after": after["eval_loss"],
                 "eval_perplexity_before": math.exp(before["before_loss"]),

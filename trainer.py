@@ -259,3 +259,16 @@ def write_template(directory: str, template) -> None:
     form = template_of(template)
     name = next((key for key, value in TEMPLATES.items() if value == form), "custom")
     rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **form._asdict()})
+
+
+def report_targets(report_to: str, output_dir: str) -> list[str]:
+    """--report-to as the Trainer's report_to list. TensorBoard's logs go to OUTPUT_DIR/runs/<time>_<host>/
+    from the first log on (transformers would put those of the evaluation before training in ./runs)."""
+    import os
+
+    from transformers.integrations.integration_utils import default_logdir
+
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if {"tensorboard", "all"} & set(names) and "TENSORBOARD_LOGGING_DIR" not in os.environ:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, default_logdir())
+    return names

@@ -34,7 +34,7 @@ def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0):
 
     policy = tiny_policy(tmp_path, tokenizer, dropout)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=2, lr=1e-3, warmup_ratio=0.0,
-                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.1, method="dpo", gradient_checkpointing=False,
+                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.1, method="dpo", gradient_checkpointing=False, lora=False, report_to="none",
                            batch_size=len(pairs))
     config = aligntrainer.trl_config(args, torch.device("cpu"), "fp32")
     tokens, _ = preferences.tokenize_pairs(pairs, tokenizer, "seed", 1024)
@@ -130,7 +130,7 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
 
     prompts = [format_prompt(r, "seed") for r in records]
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=1, lr=1e-5, warmup_ratio=0.0,
-                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo", gradient_checkpointing=False,
+                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo", gradient_checkpointing=False, lora=False, report_to="none",
                            batch_size=2, num_generations=2, max_new_tokens=4, temperature=0.7)
     config = aligntrainer.trl_config(args, torch.device("cpu"), "fp32")
     data = Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts])

@@ -248,6 +248,25 @@ def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0][0] != scores[0][1]
 
 
+def test_an_adapter_dir_that_cannot_serve_is_refused_in_one_line(tmp_path):
+    """A reward model's adapter where a causal LM goes, a causal LM's adapter where a reward model goes, and an
+    adapter whose base model was moved: each a message that says what to do."""
+    def adapter(name, task, base):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"task_type": task,
+                                                                          "base_model_name_or_path": base}))
+        return str(tmp_path / name)
+
+    with pytest.raises(model_lib.ModelError, match=r"holds a reward model's LoRA adapter \(reward.py --lora\), not a"):
+        model_lib.load_model(adapter("rm", "SEQ_CLS", str(tmp_path)))
+    with pytest.raises(lora.LoraError, match=r"was trained on /nowhere/sft, which is not there any more: put that"):
+        model_lib.load_model(adapter("moved", "CAUSAL_LM", "/nowhere/sft"))
+    with pytest.raises(lora.LoraError, match="which is not there any more"):
+        lora.load_config(str(tmp_path / "moved"))
+    with pytest.raises(scoring.UserError, match=r"no reward model there \(config.json missing\). It holds a causal LM's"):
+        scoring.load_reward_model(adapter("sft", "CAUSAL_LM", str(tmp_path)))
+
+
 def test_memory_benchmark_estimate_and_verdicts():
     """benchmarks/memory.py: full fine-tuning's need extrapolated per layer from the cut rows, and the two
     targets judged on the figures (a skipped full row is compared through its estimate)."""
@@ -258,11 +277,11 @@ def test_memory_benchmark_estimate_and_verdicts():
     assert memory.full_estimate_mb(cut, 6) == 3100.0
     row = dict(trainable=10, total=1000, tokens_per_s=100.0, mean_loss=1.0, peak_mb=0.0)
     results = [{**row, "model": "llama-1b", "mode": "lora_gc", "peak_mb": 3600.0},
-               {**row, "model": "llama-1b", "mode": "full", "skipped": True, "estimate_mb": 10000.0, "free_mb": 9000.0},
+               memory.not_run("llama-1b", {"total": 1010, "trainable": 10}, 10000.0, "needs about 10,000, over 24 GiB"),
                {**row, "model": "distilgpt2", "mode": "full", "peak_mb": 3000.0, "tokens_per_s": 100.0},
                {**row, "model": "distilgpt2", "mode": "lora", "tokens_per_s": 99.0}]
     table = memory.summarize(results, {"distilgpt2": 2900.0, "llama-1b": 10000.0})
-    assert "not run: needs about 10,000 (estimate), over 90% of the 9,000 free" in table
+    assert "| llama-1b | full fine-tuning | 1,000 of 1,000 (100.00%) | not run: needs about 10,000, over 24 GiB | - | - |" in table
     assert "full fine-tuning (estimated) (target <= 35%): 36% FAIL" in table
     assert "LoRA real tokens/s vs full fine-tuning (target >= 1.0x): 0.99x FAIL" in table
-    assert "distilgpt2: full fine-tuning's estimate (extrapolated from 2 and 4 layers) was 2,900 MB; measured 3,000 MB" in table
+    assert "distilgpt2: full fine-tuning's estimate (extrapolated from 2 and 4 layers) was 2,900 MiB; measured 3,000 MiB" in table
