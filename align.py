@@ -92,7 +92,8 @@ def validate_args(args) -> None:
         problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
     if args.method == "dpo" and args.reward_model:
         problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
+    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    check_all(problems + val_size_problems(args.val_size))
 
 
 def apply_defaults(args, explicit: set) -> None:

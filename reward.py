@@ -78,7 +78,8 @@ def validate_args(args) -> None:
                                       ("--prompts-file", args.prompts_file)) if value]
     if not args.score and given:
         problems.append(f"{', '.join(given)}: only used with --score")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
+    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    check_all(problems + val_size_problems(args.val_size))
 
 
 def apply_smoke(args, explicit: set) -> None:

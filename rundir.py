@@ -206,7 +206,8 @@ def clear_run(output_dir: str) -> list[str]:
     """--no-resume: delete the checkpoints and results of an earlier run; returns what was deleted."""
     import shutil
 
-    removed = checkpoints(output_dir) + [path for path in [os.path.join(output_dir, MERGED_DIR)] if os.path.isdir(path)]
+    removed = checkpoints(output_dir) + [path for path in [os.path.join(output_dir, MERGED_DIR),
+                                                           os.path.join(output_dir, "runs")] if os.path.isdir(path)]
     for directory in removed:
         shutil.rmtree(directory)
     shards = [n for n in os.listdir(output_dir) if n.startswith("model-") and n.endswith(".safetensors")] \

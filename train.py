@@ -78,7 +78,8 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    check_all(problems + val_size_problems(args.val_size) + lora.problems(args) + runner.report_to_problems(args.report_to))
+    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    check_all(problems + val_size_problems(args.val_size))
 
 
 def apply_smoke(args, explicit: set) -> None:

@@ -268,7 +268,11 @@ def report_targets(report_to: str, output_dir: str) -> list[str]:
 
     from transformers.integrations.integration_utils import default_logdir
 
+    global _tensorboard_dir
     names = [name.strip() for name in report_to.split(",") if name.strip()]
-    if {"tensorboard", "all"} & set(names) and "TENSORBOARD_LOGGING_DIR" not in os.environ:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, default_logdir())
-    return names
+    if {"tensorboard", "all"} & set(names) and os.environ.get("TENSORBOARD_LOGGING_DIR") in (None, _tensorboard_dir):
+        _tensorboard_dir = os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, default_logdir())
+    return names  # (a TENSORBOARD_LOGGING_DIR set by the user is kept; ours is replaced at each run)
+
+
+_tensorboard_dir = None  # the TENSORBOARD_LOGGING_DIR set by report_targets

@@ -24,15 +24,19 @@ from cli import UserError
 
 ROLES = {"base": "Base", "finetuned": "Fine-tuned", "aligned": "Aligned"}  # the columns, in order
 MAX_EXAMPLES = 8  # example prompts on the page, from the held-out split
-# Where each setting is capped on the page (inference.py's flags set the starting values).
-LIMITS = {"max_new_tokens": 1024, "temperature": 2.0, "top_k": 200, "repetition_penalty": 2.0}
+# Each setting's range on the page, widened to take inference.py's flag values, which set where they start.
+RANGES = {"temperature": (0.05, 2.0), "top_p": (0.05, 1.0), "top_k": (0, 200), "max_new_tokens": (1, 1024),
+          "repetition_penalty": (0.5, 2.0), "no_repeat_ngram_size": (0, 10)}
 
 
 def free_port(host: str) -> int:
     """A port on `host` that nothing listens on now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+            return probe.getsockname()[1]
+    except OSError as error:
+        raise UserError(f"--host {host}: can't serve on that address ({error})") from None
 
 
 def load_models(paths: dict, device) -> tuple[dict, dict]:
@@ -61,7 +65,8 @@ def example_records(finetuned: str) -> list[dict]:
     return records[:MAX_EXAMPLES]
 
 
-def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_tokens, repetition_penalty) -> dict:
+def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_tokens, repetition_penalty,
+             no_repeat_ngram_size=0) -> dict:
     """The page's decoding settings as inference.py's generate kwargs (generation_kwargs, same rules)."""
     from types import SimpleNamespace
 
@@ -69,7 +74,8 @@ def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_toke
 
     args = SimpleNamespace(max_new_tokens=int(max_new_tokens or 0), sample=bool(sample), temperature=float(temperature),
                            top_p=float(top_p), top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
-                           no_repeat_ngram_size=0, batch_size=1, prompt="x", prompts_file="", smoke=False)
+                           no_repeat_ngram_size=int(no_repeat_ngram_size or 0), batch_size=1, prompt="x",
+                           prompts_file="", smoke=False)
     try:
         validate_args(args)  # the flags' own checks, so the page refuses what the command line refuses
     except ValueError as error:
@@ -79,28 +85,36 @@ def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_toke
 
 def stream_answer(lm, tokenizer, prompt: str, gen_kwargs: dict, seed: int):
     """Yields the answer text so far while it is generated, then the answer as inference.generate returns it
-    ({text, new_tokens, stopped_at_eos})."""
-    from transformers import TextIteratorStreamer
+    ({text, new_tokens, stopped_at_eos}). Closed early (the page was closed), it stops the generation."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     from inference import generate
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-    result: dict = {}
+    streamer, closed, result = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), \
+        threading.Event(), {}
+
+    class Closed(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return closed.is_set()
 
     def run():
         try:
-            result["answer"] = generate(lm, tokenizer, [prompt], gen_kwargs, seed, 1, streamer)[0]
+            stop = {"stopping_criteria": StoppingCriteriaList([Closed()])}
+            result["answer"] = generate(lm, tokenizer, [prompt], {**gen_kwargs, **stop}, seed, 1, streamer)[0]
         except Exception as error:  # reported on the page, and the streamer released so the page never hangs
             result["error"] = error
             streamer.on_finalized_text("", stream_end=True)
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
-    text = ""
-    for chunk in streamer:
-        text += chunk
-        yield text
-    worker.join()
+    try:
+        text = ""
+        for chunk in streamer:
+            text += chunk
+            yield text
+    finally:  # also when the page goes away mid-answer: the next generation must not run beside this one
+        closed.set()
+        worker.join()
     if "error" in result:
         raise result["error"]
     yield result["answer"]
@@ -118,11 +132,11 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
     from templates import format_prompt
 
     if not instruction.strip():
-        raise gr.Error("The instruction is empty: type one (the input is optional).", duration=8)
+        raise gr.Error("The instruction is empty: type one (the input is optional).", duration=8, print_exception=False)
     try:
         gen_kwargs = settings(**decoding)
     except UserError as error:
-        raise gr.Error(str(error), duration=8) from None
+        raise gr.Error(str(error), duration=8, print_exception=False) from None
     prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
     shown = {role: ["", f"Could not load this model: {errors[role]}" if role in errors else "waiting ..."]
              for role in roles}
@@ -161,14 +175,17 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 sample = gr.Checkbox(label="Sample (off: greedy decoding)", value=defaults.sample, elem_id="sample")
-                temperature = gr.Slider(0.05, LIMITS["temperature"], value=defaults.temperature, step=0.05,
-                                        label="Temperature")
-                top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
-                top_k = gr.Slider(0, LIMITS["top_k"], value=defaults.top_k, step=1, label="Top-k (0: no limit)")
-                max_new_tokens = gr.Slider(1, LIMITS["max_new_tokens"], value=defaults.max_new_tokens, step=1,
-                                           label="Max new tokens", elem_id="max-new-tokens")
-                penalty = gr.Slider(0.5, LIMITS["repetition_penalty"], value=defaults.repetition_penalty, step=0.05,
-                                    label="Repetition penalty (1: off)")
+                def slider(name, step, label, **kwargs):
+                    low, high = RANGES[name]
+                    value = getattr(defaults, name)
+                    return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=label, **kwargs)
+
+                temperature = slider("temperature", 0.05, "Temperature (with Sample)")
+                top_p = slider("top_p", 0.05, "Top-p (with Sample)")
+                top_k = slider("top_k", 1, "Top-k (with Sample; 0: no limit)")
+                max_new_tokens = slider("max_new_tokens", 1, "Max new tokens", elem_id="max-new-tokens")
+                penalty = slider("repetition_penalty", 0.05, "Repetition penalty (1: off)")
+                no_repeat = slider("no_repeat_ngram_size", 1, "No repeated n-grams of this size (0: off)")
                 seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
         outputs = []
         with gr.Row():
@@ -182,24 +199,34 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
             gr.Examples([[r["instruction"], r.get("input", "")] for r in examples], [instruction, input_box],
                         label="Held-out prompts (click one)")
 
-        def run(instruction_text, input_text, sample_on, temp, p, k, tokens, rep, seed_value):
+        def run(instruction_text, input_text, sample_on, temp, p, k, tokens, rep, ngram, seed_value):
             yield from compare(models, errors, roles, template, instruction_text, input_text, seed_value,
                                sample=sample_on, temperature=temp, top_p=p, top_k=k, max_new_tokens=tokens,
-                               repetition_penalty=rep)
+                               repetition_penalty=rep, no_repeat_ngram_size=ngram)
 
-        inputs = [instruction, input_box, sample, temperature, top_p, top_k, max_new_tokens, penalty, seed]
+        inputs = [instruction, input_box, sample, temperature, top_p, top_k, max_new_tokens, penalty, no_repeat, seed]
         button.click(run, inputs, outputs, concurrency_limit=1)  # one generation at a time: they share the models
     return page
 
 
 def serve(args, paths: dict, template, device) -> None:
     """Loads the models, builds the page and serves it until Ctrl-C, printing its address."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("--web needs Gradio: pip install -r requirements.txt")
+    port = args.port or free_port(args.host)
     models, errors = load_models(paths, device)
     for role, why in errors.items():
         print(f"{ROLES[role]} model not loaded (its column says why): {why}", flush=True)
-    page = build_page(models, errors, paths, template, example_records(paths.get("finetuned", "")), args)
-    port = args.port or free_port(args.host)
-    print(f"Serving the comparison page on http://{args.host}:{port}/ (Ctrl-C stops it)", flush=True)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    page.queue().launch(server_name=args.host, server_port=port, share=False, inbrowser=False, quiet=True,
-                        show_error=True)
+    examples = example_records(args.finetuned if os.path.isdir(args.finetuned) else paths.get("aligned", ""))
+    page = build_page(models, errors, paths, template, examples, args)
+    try:
+        page.queue().launch(server_name=args.host, server_port=port, share=False, inbrowser=False, quiet=True,
+                            show_error=True, prevent_thread_lock=True)
+    except OSError as error:
+        raise UserError(f"--host {args.host} --port {port}: can't serve there (in use, or not allowed: {error}); "
+                        "pick another --port, or leave it out for a free one") from None
+    shown = "localhost" if args.host == "0.0.0.0" else f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving the comparison page on http://{shown}:{port}/ (Ctrl-C stops it)", flush=True)
+    page.block_thread()
