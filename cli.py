@@ -112,10 +112,12 @@ def check_all(problems: list[str]) -> None:
 
 def run(module, main, validate) -> None:
     """Parse the module's flags, validate them, and call main(args, explicitly given settings);
-    a UserError from main ends the run with its message and exit code 2."""
+    a UserError from main ends the run with its message and exit code 2, Ctrl-C with one line and 130."""
     parser = build_parser(module)
     args = parse_or_exit(parser, validate)
     try:
         main(args, explicit_dests(parser, sys.argv[1:]))
     except UserError as error:
         fail(str(error), getattr(error, "code", 2))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)

@@ -180,13 +180,15 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
                     value = getattr(defaults, name)
                     return gr.Slider(min(low, value), max(high, value), value=value, step=step, label=label, **kwargs)
 
-                temperature = slider("temperature", 0.05, "Temperature (with Sample)")
-                top_p = slider("top_p", 0.05, "Top-p (with Sample)")
-                top_k = slider("top_k", 1, "Top-k (with Sample; 0: no limit)")
+                sampling = {"interactive": defaults.sample}  # (greedy decoding ignores these)
+                temperature = slider("temperature", 0.05, "Temperature (with Sample)", **sampling)
+                top_p = slider("top_p", 0.05, "Top-p (with Sample)", **sampling)
+                top_k = slider("top_k", 1, "Top-k (with Sample; 0: no limit)", **sampling)
                 max_new_tokens = slider("max_new_tokens", 1, "Max new tokens", elem_id="max-new-tokens")
                 penalty = slider("repetition_penalty", 0.05, "Repetition penalty (1: off)")
                 no_repeat = slider("no_repeat_ngram_size", 1, "No repeated n-grams of this size (0: off)")
                 seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
+        sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_p, top_k])
         outputs = []
         with gr.Row():
             for role in roles:

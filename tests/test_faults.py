@@ -197,6 +197,20 @@ def test_empty_fields_are_named(tmp_path):
         datasetup.load_records(str(path))
 
 
+def test_ctrl_c_in_a_script_without_checkpoints_is_one_line(capsys, monkeypatch):
+    """inference.py, evaluation.py, the web page's loading, ...: Ctrl-C ends them in one line, exit 130."""
+    import cli
+    import inference
+
+    def interrupted(args, explicit):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["inference.py"])
+    with pytest.raises(SystemExit) as stop:
+        cli.run(inference, interrupted, lambda args: None)
+    assert stop.value.code == 130 and capsys.readouterr().err == "error: interrupted\n"
+
+
 def test_only_the_first_process_prints_the_stop_message(capsys, monkeypatch):
     import cli
 
