@@ -113,7 +113,7 @@ def describe(model) -> str:
 
 def is_adapter_dir(path: str) -> bool:
     """A dir holding a LoRA adapter (adapter_config.json, written by a --lora run) rather than full weights."""
-    return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+    return os.path.isfile(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG))
 
 
 def is_model_dir(path: str) -> bool:
@@ -133,8 +133,7 @@ def load_config(name_or_path: str):
 def adapter_base(path: str) -> str:
     """The base model an adapter dir was trained on (peft's base_model_name_or_path: a Hub id, or the absolute
     path of a local model or adapter dir)."""
-    with open(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG), encoding="utf-8") as handle:
-        base = json.load(handle).get("base_model_name_or_path")
+    base = adapter_config(path).get("base_model_name_or_path")
     if not base:
         raise LoraError(f"{path}/{ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     if os.path.isabs(base) and not os.path.isdir(base):
@@ -145,8 +144,13 @@ def adapter_base(path: str) -> str:
 
 def adapter_task(path: str) -> str:
     """The adapter's peft task type: CAUSAL_LM (train.py, align.py) or SEQ_CLS (reward.py)."""
+    return adapter_config(path).get("task_type") or "CAUSAL_LM"
+
+
+def adapter_config(path: str) -> dict:
+    """The adapter dir's adapter_config.json, as peft wrote it."""
     with open(os.path.join(os.path.expanduser(path), ADAPTER_CONFIG), encoding="utf-8") as handle:
-        return json.load(handle).get("task_type") or "CAUSAL_LM"
+        return json.load(handle)
 
 
 def load_merged(path: str, load_base):

@@ -14,7 +14,6 @@ benchmarks/results/align-throughput-cpu.{json,md}.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import _peak_mb, plan, run_workers, write_results  # noqa: E402  (the shared running tools)
+from throughput import _peak_mb, plan, run_workers, script_main, write_results  # noqa: E402  (the shared tools)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
@@ -203,16 +202,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    import cli
-
-    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
-    globals().update(MODEL=parsed.model, DATASET=parsed.dataset, BATCH_SIZE=parsed.batch_size,
-                     MAX_LENGTH=parsed.max_length)
-    if parsed.worker:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        row_name, prec = parsed.worker.split(":")
-        result = run_rloo_row(prec, parsed.rloo_steps) if row_name == "rloo" else run_dpo_row(row_name, prec,
-                                                                                               parsed.pairs)
-        print(json.dumps(result))
-    else:
-        main(parsed)
+    script_main(sys.modules[__name__], ("model", "dataset", "batch_size", "max_length"),
+                lambda row, precision, flags: run_rloo_row(precision, flags.rloo_steps) if row == "rloo"
+                else run_dpo_row(row, precision, flags.pairs))

@@ -21,7 +21,6 @@ benchmarks/results/memory-cpu.{json,md}.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import Counting, _peak_mb, _timing_callback, run_workers, write_results  # noqa: E402
+from throughput import (  # noqa: E402  (the SFT rows' measuring and running tools)
+    Counting, _peak_mb, _timing_callback, run_workers, script_main, write_results)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 SMALL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # DistilGPT2's config.json + tokenizer
@@ -222,15 +222,6 @@ def main(args) -> None:
                                      "results": results}, header, table)
 
 
-if __name__ == "__main__":
-    import cli
-
-    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
-    globals().update({name.upper(): getattr(parsed, name) for name in WORKER_SETTINGS})  # the flags rule every row
-    if parsed.worker:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        row, prec = parsed.worker.split(":")
-        model_name, mode_name = row.split("/")
-        print(json.dumps(run_row(model_name, mode_name, prec, parsed.records)))
-    else:
-        main(parsed)
+if __name__ == "__main__":  # a worker's row is MODEL/MODE
+    script_main(sys.modules[__name__], WORKER_SETTINGS,
+                lambda row, precision, flags: run_row(*row.split("/"), precision, flags.records))

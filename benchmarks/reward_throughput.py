@@ -11,7 +11,6 @@ its own process so its peak memory is its own. Results go to benchmarks/results/
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import (  # noqa: E402  (the SFT rows' measuring and running tools)
-    Counting, _peak_mb, _timing_callback, plan, run_workers, write_results)
+    Counting, _peak_mb, _timing_callback, plan, run_workers, script_main, write_results)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
@@ -147,14 +146,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    import cli
-
-    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
-    globals().update(MODEL=parsed.model, DATASET=parsed.dataset, BATCH_SIZE=parsed.batch_size,
-                     MAX_LENGTH=parsed.max_length)
-    if parsed.worker:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        row_name, prec = parsed.worker.split(":")
-        print(json.dumps(run_row(row_name, prec, parsed.pairs)))
-    else:
-        main(parsed)
+    script_main(sys.modules[__name__], ("model", "dataset", "batch_size", "max_length"),
+                lambda row, precision, flags: run_row(row, precision, flags.pairs))

@@ -282,14 +282,22 @@ def main(args) -> None:
                                          "results": results}, header, table)
 
 
-if __name__ == "__main__":
+def script_main(module, settings: tuple[str, ...], run_worker) -> None:
+    """A benchmark's command line: its flags parsed, and `settings` copied to its constants so that they rule
+    every row; with --worker ROW:PRECISION, `run_worker(row, precision, flags)` runs here and its result is
+    printed as JSON (run_workers reads it), otherwise module.main(flags) runs every row."""
     import cli
 
-    parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
-    globals().update({name.upper(): getattr(parsed, name) for name in WORKER_SETTINGS})  # the flags rule every row
+    parsed = cli.parse_or_exit(cli.build_parser(module), lambda a: None)
+    vars(module).update({name.upper(): getattr(parsed, name) for name in settings})
     if parsed.worker:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        row_name, prec = parsed.worker.split(":")
-        print(json.dumps(run_row(row_name, prec, parsed.records)))
+        row, precision = parsed.worker.split(":")
+        print(json.dumps(run_worker(row, precision, parsed)))
     else:
-        main(parsed)
+        module.main(parsed)
+
+
+if __name__ == "__main__":
+    script_main(sys.modules[__name__], WORKER_SETTINGS, lambda row, precision, flags: run_row(row, precision,
+                                                                                              flags.records))
