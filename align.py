@@ -110,8 +110,8 @@ def apply_defaults(args, explicit: set) -> None:
                 setattr(args, name, value)
         args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
         args.reward_model = os.path.join(smoke.OUTPUT_DIR, "reward") if args.method == "rloo" else ""
-        if "output_dir" not in explicit:
-            args.output_dir = os.path.join(smoke.OUTPUT_DIR, f"aligned-{args.method}")
+        if "output_dir" not in explicit:  # a LoRA variant of its own, beside the full run
+            args.output_dir = os.path.join(smoke.OUTPUT_DIR, f"aligned-{args.method}{'-lora' if args.lora else ''}")
         for path, step in ((args.model, "train.py --smoke"), (args.reward_model, "reward.py --smoke")):
             if path and not os.path.isfile(os.path.join(path, "config.json")):
                 raise UserError(f"no smoke model in {path}/: run `python {step}` first")
@@ -152,14 +152,8 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     import preferences
     from cli import UserError
     from scoring import context_limit
-    from lora import load_config
     from templates import encode_prompt
 
-    limit = context_limit(load_config(args.model))
-    need = args.max_length + (args.max_new_tokens if args.method == "rloo" else 0)
-    if limit and need > limit:  # long sequences would crash inside the model
-        what = "--max-length + --max-new-tokens" if args.method == "rloo" else "--max-length"
-        raise UserError(f"{what} ({need}) is more than the {limit} positions of {args.model}")
     if args.method == "dpo":
         return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
                                          template, args.max_length, say)
@@ -172,6 +166,38 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
                         f"{longest} tokens, and with an answer and EOS that is more than the {judge_limit} positions "
                         f"of --reward-model {args.reward_model}; lower --max-length or --max-new-tokens")
     return data, held_out, report
+
+
+def pairs_the_run_sees(args, train, world_size: int, say):
+    """The training pairs of a DPO run whose --max-steps ends it within an epoch: that many steps' pairs, drawn at
+    random with --seed (a longer run's draw begins with a shorter one's), so that the reference pass before
+    training scores only those, not every pair of the set."""
+    import random
+
+    needed = args.max_steps * args.batch_size * world_size
+    if args.max_steps <= 0 or needed >= len(train):
+        return train
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    say(f"DPO: --max-steps {args.max_steps} trains on {needed} of the {len(train)} training pairs (drawn with --seed), "
+        "so the reference pass scores those only")
+    return train.select(sorted(order[:needed]))
+
+
+def probe_loss(args, data: dict, tokenizer, packing: str):
+    """A loss over a few real training examples, for runner.find_unused_parameters: DPO's answer log-probs of
+    packed pairs, or, for RLOO, the language-model loss of a prompt."""
+    import torch
+
+    import pairlogps
+    from templates import encode_prompt
+
+    if args.method == "dpo":
+        batch = pairlogps.model_inputs(pairlogps.PairCollator(tokenizer.pad_token_id, packing)(
+            runner.probe_examples(data["train"])))
+        return lambda model: model(**batch).logits.sum()
+    ids = torch.tensor([encode_prompt(tokenizer, data["train"][0]["prompt"])])
+    return lambda model: model(input_ids=ids, labels=ids).loss
 
 
 def main(args, explicit: set) -> None:
@@ -190,6 +216,9 @@ def main(args, explicit: set) -> None:
         why = "set by --smoke"
     packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args)
+    runner.fit_max_length(args, explicit, args.model, runner.model_positions(args.model),
+                          print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None),
+                          reserve=args.max_new_tokens if args.method == "rloo" else 0)
     config = {**vars(args), "device": device.type, "precision": precision, "sft_model": runner.model_path(args.model),
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
     training_args = aligntrainer.trl_config(args, device, precision)
@@ -212,6 +241,8 @@ def main(args, explicit: set) -> None:
             judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations,
                                        args.missing_eos_penalty)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
+        if args.method == "dpo":
+            data["train"] = pairs_the_run_sees(args, data["train"], training_args.world_size, say)
     policy = model_lib.load_model(args.model, "pretrained", tokenizer)
     if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
         probe = runner.probe_examples(data["train"])
@@ -226,6 +257,7 @@ def main(args, explicit: set) -> None:
         policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                                args.lora_target, seed=args.seed)  # in either method (aligntrainer.trl_config)
     say(f"Parameters: {lora.describe(policy)}{' (LoRA: the reference is the SFT model, adapters off)' if args.lora else ''}")
+    runner.find_unused_parameters(policy, probe_loss(args, data, tokenizer, packing), training_args, say)
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)
     if main_process:

@@ -47,5 +47,6 @@ def report_lines(args, metrics: dict) -> list[str]:
                 + ("not measured (--beta 0)" if metrics["eval_kl_after"] is None else f"{metrics['eval_kl_after']:.3f}"))
         speed = (f"{metrics['seconds_per_step']:.2f} s/step ({metrics['generation_share']:.0%} of it generating), "
                  f"{metrics['completions_per_second']:.1f} answers/s")
+    merged = f"; the merged full weights in {args.output_dir}/merged/" if args.merge else ""
     return [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
-                  f"{args.output_dir}/"]
+                  f"{args.output_dir}/{merged}"]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from trl import DPOTrainer, RLOOTrainer
 
+from model import positions_from_mask
 from pairlogps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
 from scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
 from templates import encode_prompt
@@ -56,11 +57,11 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
         values = []
         with tqdm(total=len(mine), desc=f"Reference log-probs ({name})", unit="pair",
                   disable=not self.is_world_process_zero() or len(mine) < 1000) as bar:
-            for batch in self.evaluation_batches(dataset):
+            for batch, real in self.evaluation_batches(dataset):
                 with without_adapters(self.model):  # under LoRA, the SFT model is the policy without them
                     chosen, rejected = self.compute_ref_log_probs(self.model, batch)
-                values += zip(chosen.tolist(), rejected.tolist())
-                bar.update(len(chosen))
+                values += zip(chosen[:real].tolist(), rejected[:real].tolist())
+                bar.update(real)
         indexed = list(zip(mine, values))
         ordered = [value for _, value in sorted(gather_object(indexed) if self.args.world_size > 1 else indexed)]
         return (dataset.add_column("ref_chosen_logps", [chosen for chosen, _ in ordered])
@@ -79,18 +80,19 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
         margins = self.accelerator.gather(margins.detach())
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["rewards/margins"].append(margins.mean().item())
-        self._metrics[mode]["rewards/accuracies"].append((margins > 0).float().mean().item())
+        # Ties count half, as in the held-out accuracy (scoring.pairwise_stats): 50% at the start, not 0%.
+        self._metrics[mode]["rewards/accuracies"].append(pairwise_stats(margins)["accuracy"])
         return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         from accelerate.utils import gather_object
 
         margins, started = [], time.perf_counter()
-        for batch in self.evaluation_batches(eval_dataset):
+        for batch, real in self.evaluation_batches(eval_dataset):
             # The policy's log-probs, computed the same way as the precomputed reference's (so 0 margins at start).
             chosen, rejected = self.compute_ref_log_probs(self.model, batch)
             ratios = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-            margins += (self.beta * ratios.double()).tolist()
+            margins += (self.beta * ratios.double())[:real].tolist()
         margins = gather_object(margins) if self.args.world_size > 1 else margins
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
@@ -135,6 +137,14 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
             self._session["completions"] += len(inputs["completion_ids"])
         return inputs
 
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
+        """TRL's per-token log-probs of the sampled answers (policy, and reference), with each row's positions
+        taken from its attention mask, as generate() took them: TRL passes none, and GPT-2 or OPT would number
+        the left padding of a short prompt as positions, scoring the answer at other positions than those it
+        was sampled at."""
+        return super()._get_per_token_logps_and_entropies(WithPositions(model), input_ids, attention_mask, *args,
+                                                           **kwargs)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         from accelerate.utils import gather_object
 
@@ -144,13 +154,12 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            greedy = self.answers(mine, do_sample=False)
-            kl = self.kl_to_reference(mine, self.answers(mine, do_sample=True))
+            greedy = self.greedy_answers(mine)
+            kl = self.kl_to_reference(mine, self.sampled_answers(mine))
         finally:
             self.model.train(was_training)
-        texts = [self._tokenizer.decode(ids, skip_special_tokens=True) for ids in greedy]
-        rewards = list(self.judge(mine, texts))
-        cut = [float(not ids or ids[-1] not in self.eos_token_ids) for ids in greedy]
+        rewards = list(self.judge(mine, [answer["raw_text"] for answer in greedy]))
+        cut = [float(not answer["stopped_at_eos"]) for answer in greedy]
         if self.args.world_size > 1:
             rewards, kl, cut = gather_object(rewards), gather_object(kl), gather_object(cut)
         metrics = {f"{metric_key_prefix}_mean_reward": sum(rewards) / max(1, len(rewards)),
@@ -160,29 +169,35 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         return {**self.report_evaluation(metrics), f"{metric_key_prefix}_rewards": rewards}
 
     @torch.no_grad()
-    def answers(self, records: list[dict], do_sample: bool) -> list[list[int]]:
-        """Each record's answer ids (cut after the first stop token, which is kept), greedy or sampled. Sampling
-        is seeded, so each evaluation of a policy draws the same samples, and leaves training's RNG as it was."""
-        tokenizer, model = self._tokenizer, self.accelerator.unwrap_model(self.model)
-        batch_size, out = self.args.per_device_eval_batch_size, []
-        device = self.args.device  # this process's accelerator only (none on CPU), whatever else the machine has
-        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index or 0],
-                                   device_type=None if device.type == "cpu" else device.type):
+    def greedy_answers(self, records: list[dict]) -> list[dict]:
+        """Each record's greedy answer exactly as inference.py gives it (inference.generate, raw text kept): the
+        model's own generation config, in fp32 even where training runs under autocast."""
+        from inference import generate
+
+        model = self.accelerator.unwrap_model(self.model)
+        with self.forked_rng(), without_autocast(model):
+            return generate(model, self._tokenizer, [record["prompt"] for record in records],
+                            {"max_new_tokens": self.max_completion_length, "do_sample": False}, self.args.seed,
+                            self.args.per_device_eval_batch_size, raw=True)
+
+    @torch.no_grad()
+    def sampled_answers(self, records: list[dict]) -> list[list[int]]:
+        """Each record's answer ids sampled by TRL's own training sampler (its generation config: the training
+        temperature, no repetition penalty, under the run's precision), cut after the first stop token, which is
+        kept. Seeded, so each evaluation of a policy draws the same samples, and training's RNG is left as it was."""
+        with self.forked_rng():
             torch.manual_seed(self.args.seed)
-            for start in range(0, len(records), batch_size):
-                encoded = [encode_prompt(tokenizer, r["prompt"]) for r in records[start:start + batch_size]]
-                width, pad = max(map(len, encoded)), tokenizer.pad_token_id
-                ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=model.device)
-                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=model.device)
-                with self.accelerator.autocast():
-                    rows = model.generate(input_ids=ids, attention_mask=mask, do_sample=do_sample,
-                                          temperature=self.temperature if do_sample else None, top_p=None, top_k=None,
-                                          max_new_tokens=self.max_completion_length, eos_token_id=self.eos_token_ids,
-                                          pad_token_id=pad)[:, width:].tolist()
-                for row in rows:
-                    end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), None)
-                    out.append(row if end is None else row[:end + 1])
+            prompt_ids, _, _ = self._tokenize_prompts([record["prompt"] for record in records])
+            out, size = [], self.args.per_device_eval_batch_size
+            for start in range(0, len(prompt_ids), size):
+                out += self._generate_single_turn(prompt_ids[start:start + size], None, {})
         return out
+
+    def forked_rng(self):
+        """A context whose random draws leave this process's CPU and device RNG as they were."""
+        device = self.args.device  # this process's accelerator only (none on CPU), whatever else the machine has
+        return torch.random.fork_rng(devices=[] if device.type == "cpu" else [device.index or 0],
+                                     device_type=None if device.type == "cpu" else device.type)
 
     @torch.no_grad()
     def kl_to_reference(self, records: list[dict], answers: list[list[int]]) -> list[float | None]:
@@ -218,6 +233,37 @@ def drop_ref_adapter(model) -> None:
     """Removes TRL's frozen "ref" copy of fresh (B = 0) adapters, which would be saved: the reference is them off."""
     if "ref" in getattr(model, "peft_config", {}):
         model.delete_adapter("ref")
+
+
+class WithPositions:
+    """`model`, called with each row's position ids taken from its attention mask (model.positions_from_mask, as
+    generate() numbers a left-padded row) unless the call passes its own."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, attention_mask=None, position_ids=None, **kwargs):
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        return self.model(*args, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@contextmanager
+def without_autocast(model):
+    """A context in which `model`'s forward runs without the mixed-precision autocast that accelerate wrapped
+    around it when the trainer prepared it: in fp32, as a model freshly loaded by inference.py runs."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:  # not wrapped (fp32 training, or a peft model's inner model)
+        yield model
+        return
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
 
 
 def without_adapters(model):
@@ -259,6 +305,13 @@ class Judge:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
 
 
+# The sampler draws answers from the policy itself, so that the loss and the KL estimate, which read the policy's
+# log-probs, are about the distribution sampled: TRL sets the temperature, top-k, top-p and repetition penalty,
+# and these turn off what a model's own generation config could add (an SFT model saved with no_repeat_ngram_size).
+POLICY_SAMPLING = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0,
+                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
 def trl_config(args, device, precision: str):
     """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without dropout (the log-probs that
     the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO
@@ -274,7 +327,7 @@ def trl_config(args, device, precision: str):
         seed=args.seed, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device.type == "cpu",
         ddp_backend="gloo" if device.type == "cpu" and distributed else None, remove_unused_columns=False,
         dataloader_pin_memory=device.type == "cuda", report_to=report_targets(args.report_to, args.output_dir),
-        gradient_checkpointing=args.gradient_checkpointing, ddp_find_unused_parameters=False if args.lora else None,
+        gradient_checkpointing=args.gradient_checkpointing, ddp_find_unused_parameters=None,  # align.py sets it
         beta=args.beta, disable_dropout=True)
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,
@@ -282,7 +335,7 @@ def trl_config(args, device, precision: str):
     completions = args.batch_size * args.num_generations  # TRL counts a batch in sampled answers
     return RLOOConfig(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
                       num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
-                      temperature=args.temperature)
+                      temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING))
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,

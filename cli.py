@@ -21,11 +21,12 @@ _CHOICES = re.compile(r"(?<![\w/.-])([a-z0-9][\w.-]*(?:\|[a-z0-9][\w.-]*)+)(?![\
 
 
 def constant_specs(module) -> list[tuple[str, object, str]]:
-    """(NAME, default, help) for each commented constant of `module`, in file order."""
+    """(NAME, default, help) for each commented setting of `module`, in file order: a str, int, float or bool
+    constant (a table such as a dict of metric labels is not a setting, and never a flag)."""
     specs = []
     for line in inspect.getsource(module).splitlines():
         match = _CONSTANT_LINE.match(line)
-        if match and hasattr(module, match.group(1)):
+        if match and isinstance(getattr(module, match.group(1), None), (str, int, float, bool)):
             specs.append((match.group(1), getattr(module, match.group(1)), match.group(2).strip()))
     return specs
 

@@ -26,7 +26,7 @@ TEMPLATE = "seed"  # prompt template: seed|alpaca
 MAX_LENGTH = 512  # tokens per example; the response is cut, never the prompt
 VAL_SIZE = 0.02  # validation records: a count (>= 1) or a fraction in (0, 1)
 SEED = 42  # seed of the train/validation split
-TRAIN_ON_PROMPT = False  # also put loss on prompt tokens (default: response + EOS only)
+TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (off: the response and its EOS only)
 SKIP_INVALID = False  # drop malformed records and report them instead of stopping
 SAVE = ""  # directory to save the tokenized DatasetDict to; empty = don't save
 

@@ -42,7 +42,8 @@ REWARD = {"mean_reward": ("mean reward (reward model)", "higher")}  # with --rew
 
 LABELS = {"base": "base", "finetuned": "fine-tuned"}
 STAGE_LABELS = {"base": "SFT", "finetuned": "aligned"}  # when the fine-tuned model is an align.py output
-COLORS = {"base": "tab:gray", "finetuned": "tab:green"}
+COLORS = {"base": "tab:gray", "finetuned": "tab:green"}  # the fine-tuned bar where it is better
+WORSE = "tab:red"  # the fine-tuned bar where it is not better
 
 
 # ---------------------------------------------------------------- metric functions (pure)
@@ -107,13 +108,18 @@ def metrics_of(report: dict) -> dict:
 # ---------------------------------------------------------------- model-side measurements
 def rewards(reward_model: str, device, records: list[dict], answers: dict, batch_size: int) -> dict:
     """Each role's reward-model scores of its answers (as decoded, unstripped: as align.py scores them), the
-    prompts formatted with the RM's template."""
+    prompts formatted with the RM's template. Each distinct (prompt, answer) text is scored once, so two roles'
+    identical answers get the very same score, a tie, whatever batch shapes they would have been scored in."""
     import scoring
     from templates import format_prompt
 
     rm, tokenizer, template = scoring.load_reward_model(reward_model, device)
     prompts = [format_prompt(r, template) for r in records]
-    return {role: scoring.score_texts(rm, tokenizer, prompts, [a["raw_text"] for a in texts], batch_size)
+    distinct = sorted({(prompt, answer["raw_text"]) for texts in answers.values()
+                       for prompt, answer in zip(prompts, texts)})
+    values = scoring.score_texts(rm, tokenizer, [p for p, _ in distinct], [a for _, a in distinct], batch_size)
+    score = dict(zip(distinct, values))
+    return {role: [score[prompt, answer["raw_text"]] for prompt, answer in zip(prompts, texts)]
             for role, texts in answers.items()}
 
 
@@ -211,9 +217,12 @@ def plot_report(path: str, report: dict) -> None:
     roles = [role for role in ("base", "finetuned") if role in report]
     metrics = metrics_of(report)
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.1 * len(metrics), 3.4))
+    better = report.get("finetuned_better") or {}
     for ax, (key, (label, way)) in zip(axes, metrics.items()):
         values = [report[role][key] for role in roles]
-        bars = ax.bar([report.get("labels", LABELS)[role] for role in roles], values, color=[COLORS[role] for role in roles])
+        # The second model's bar is green where it is better, red where it is not; the first's is grey.
+        colors = [COLORS[role] if role == "base" or better.get(key, True) else WORSE for role in roles]
+        bars = ax.bar([report.get("labels", LABELS)[role] for role in roles], values, color=colors)
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(f"{label}\n({way} is better)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -245,18 +254,20 @@ def main(args, explicit: set) -> dict:
     import smoke
     from datasetup import held_out_records
     from inference import load_template, require_finetuned
-    from model import get_device
-    from rundir import read_run_config, write_json
+    from model import get_device, offline_unless_hub_reachable
+    from rundir import read_run_config, starting_model, write_json
 
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
+    else:
+        offline_unless_hub_reachable([args.base if args.only == "both" else "", args.finetuned, args.dataset])
     require_finetuned(args.finetuned)
     output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
     records, config = held_out_records(args.finetuned, args.dataset)
     sft_model = (read_run_config(args.finetuned) or {}).get("sft_model")  # set when align.py made it
-    if sft_model and "base" not in explicit:
-        args.base = sft_model  # an aligned model is compared with the SFT model it started from
-    elif not sft_model:
+    if "base" not in explicit and (sft_model or not args.smoke) and starting_model(args.finetuned):
+        args.base = starting_model(args.finetuned)  # the model the run started from: for an aligned one, its SFT model
+    if not sft_model:
         check_base(args, config, explicit)
     device = get_device(args.device)
     template = load_template(args.finetuned)

@@ -98,11 +98,14 @@ def load_for_generation(name_or_path: str, device, role: str):
     if role in ("finetuned", "aligned"):
         require_finetuned(name_or_path, role)
     flag = f"--{role}"
+    model_lib.refuse_reward_model(name_or_path, flag)
     tokenizer = model_lib.load_tokenizer(name_or_path, flag=flag)
     tokenizer.padding_side = "left"
     try:
         lm = (model_lib.load_model(name_or_path) if lora.is_adapter_dir(name_or_path)  # base + adapter, merged
               else AutoModelForCausalLM.from_pretrained(name_or_path)).to(device).eval()
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
                         f"Offline? Pass a local directory with {flag}.") from None
@@ -176,7 +179,8 @@ def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
         print(f"Input:       {record['input']}")
     for role, answer in answers.items():
         note = "" if answer["stopped_at_eos"] else "  [no EOS: cut at --max-new-tokens]"
-        print(f"\n--- {role} ({names[role]}), {answer['new_tokens']} tokens{note}\n{answer['text']}")
+        count = answer["new_tokens"]
+        print(f"\n--- {role} ({names[role]}), {count} token{'' if count == 1 else 's'}{note}\n{answer['text']}")
     if record.get("output"):
         print(f"\n--- reference\n{record['output']}")
 
@@ -199,8 +203,6 @@ def validate_args(args) -> None:
         problems.append("--top-k and --no-repeat-ngram-size must be >= 0")
     if args.repetition_penalty <= 0:
         problems.append(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
-    if not args.prompt.strip() and not args.prompts_file and not args.smoke and not getattr(args, "web", False):
-        problems.append("--prompt is empty; give an instruction or a --prompts-file")
     check_all(problems)
 
 
@@ -208,7 +210,9 @@ def check_sampling_flags(args, explicit: set) -> None:
     """Sampling settings without --sample would be silently ignored by greedy decoding: refuse them."""
     unused = [f"--{name.replace('_', '-')}" for name in ("temperature", "top_p", "top_k") if name in explicit]
     if unused and not args.sample:
-        raise UserError(f"{', '.join(unused)} only apply when sampling; add --sample (greedy decoding ignores them)")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise UserError(f"{', '.join(unused)} only {verb} when sampling; add --sample (greedy decoding ignores "
+                        f"{'it' if len(unused) == 1 else 'them'})")
 
 
 def check_web_flags(args, explicit: set) -> None:
@@ -222,13 +226,18 @@ def check_web_flags(args, explicit: set) -> None:
 
 def main(args, explicit: set) -> None:
     import smoke
-    from model import get_device
+    from model import get_device, offline_unless_hub_reachable
+    from rundir import starting_model
     from templates import format_prompt
 
     check_sampling_flags(args, explicit)
     check_web_flags(args, explicit)
+    if not args.prompt.strip() and ("prompt" in explicit or not (args.prompts_file or args.smoke or args.web)):
+        raise UserError("--prompt is empty; give an instruction or a --prompts-file")
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
+    else:
+        offline_unless_hub_reachable([args.base if args.only != "finetuned" else "", args.finetuned, args.aligned])
     if args.prompts_file:
         records = read_prompts(args.prompts_file)
     elif args.smoke and "prompt" not in explicit:
@@ -236,6 +245,8 @@ def main(args, explicit: set) -> None:
     else:
         records = [{"instruction": args.prompt, "input": args.input}]
     device = get_device(args.device)
+    if "base" not in explicit and not args.smoke and starting_model(args.finetuned):
+        args.base = starting_model(args.finetuned)  # the model the fine-tuned run started from
     roles = {"base": args.base, "finetuned": args.finetuned}
     roles = {role: path for role, path in roles.items() if args.only in ("both", role)}
     roles.update({"aligned": args.aligned} if args.aligned else {})

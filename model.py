@@ -20,8 +20,50 @@ DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 
 
+# Added to errors about a Hub id that could not be loaded.
+OFFLINE_HINT = "; a model downloaded before loads offline with HF_HUB_OFFLINE=1"
+
+
 class ModelError(UserError):
     """A model or tokenizer that can't be loaded, reported without a traceback."""
+
+
+HUB_PROBE_SECONDS = 3.0  # how long the one check that the Hugging Face Hub is reachable may take
+
+
+def is_hub_id(name: str) -> bool:
+    """Does `name` (a --model, --dataset, ... value) name something on the Hugging Face Hub, not a local path?"""
+    import re
+
+    return bool(name) and not os.path.exists(os.path.expanduser(name)) and bool(
+        re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.endswith((".json", ".jsonl", ".gz"))
+
+
+def offline_unless_hub_reachable(names, say=print) -> None:
+    """When some of `names` are Hub ids and the Hub can't be reached, switch this process to offline mode before
+    anything asks the Hub: copies already downloaded are used, and a missing one fails at once with a hint,
+    instead of a minute of retries. Skipped behind a proxy (a direct connection says nothing there) and when
+    offline mode is already on."""
+    import socket
+    from urllib.parse import urlparse
+
+    if not any(is_hub_id(name) for name in names) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return
+    if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return
+    except OSError:
+        pass
+    import huggingface_hub.constants
+    import datasets.config
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    say(f"note: the Hugging Face Hub ({endpoint.hostname}) can't be reached, so only copies already downloaded are "
+        "used (as with HF_HUB_OFFLINE=1); `--smoke` runs with no download at all")
 
 
 def get_device(requested: str = DEVICE):
@@ -95,8 +137,8 @@ def load_tokenizer(name_or_path: str = MODEL, flag: str = "--model", smoke_hint:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as err:
         raise ModelError(f"could not load the tokenizer of {name_or_path!r} ({type(err).__name__}: {err}). "
-                         f"Offline? Pass a local directory with {flag}{', or try --smoke' if smoke_hint else ''}."
-                         ) from None
+                         f"Offline? Pass a local directory with {flag}{', or try --smoke' if smoke_hint else ''}"
+                         f"{OFFLINE_HINT if is_hub_id(name_or_path) else ''}.") from None
     return ready_tokenizer(tokenizer, name_or_path)
 
 
@@ -120,10 +162,8 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     import lora
 
     _check_local(name_or_path)
+    refuse_reward_model(name_or_path)
     if lora.is_adapter_dir(name_or_path):  # a LoRA run's output: its base with the adapter merged in
-        if lora.adapter_task(name_or_path) == "SEQ_CLS":
-            raise ModelError(f"{name_or_path} holds a reward model's LoRA adapter (reward.py --lora), not a causal "
-                             "language model: pass an SFT model here (a reward model goes to --reward-model)")
         model = lora.load_merged(name_or_path, lambda base: load_model(base, "pretrained", None, dtype))
         # Named by the adapter dir, not its base: a copy made from the name (TRL's RLOO reference) is this model.
         model.name_or_path = model.config._name_or_path = os.path.abspath(os.path.expanduser(name_or_path))
@@ -135,9 +175,32 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
         else:
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
     except Exception as err:
-        hint = " It holds no weights: add --init scratch." if _has_config_only(name_or_path) else ""
+        hint = " It holds no weights: add --init scratch." if _has_config_only(name_or_path) else (
+            f" Offline? Pass a local directory{OFFLINE_HINT}." if is_hub_id(name_or_path) else "")
         raise ModelError(f"could not load model {name_or_path!r} ({type(err).__name__}: {err}).{hint}") from None
     return _ready(model, tokenizer)
+
+
+def refuse_reward_model(path: str, flag: str = "") -> None:
+    """A reward model (reward.py's output, full or a LoRA adapter) where a causal LM goes is refused in one line:
+    loaded as a causal LM, its score head would be dropped and its answers would be noise."""
+    import json
+
+    import lora
+
+    directory = os.path.expanduser(path)
+    if lora.is_adapter_dir(directory):
+        what = "a reward model's LoRA adapter (reward.py --lora)" if lora.adapter_task(directory) == "SEQ_CLS" else ""
+    elif os.path.isfile(os.path.join(directory, "config.json")):
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
+            kinds = json.load(handle).get("architectures") or []
+        reward = [kind for kind in kinds if kind.endswith("ForSequenceClassification")]
+        what = f"a reward model ({reward[0]}, reward.py's output)" if reward else ""
+    else:
+        return
+    if what:
+        raise ModelError(f"{flag + ' ' if flag else ''}{path} holds {what}, not a causal language model: pass an SFT "
+                         "model here, train.py's or align.py's output (a reward model goes to --reward-model)")
 
 
 def _ready(model, tokenizer):
@@ -240,6 +303,19 @@ def _same_loss(model, own_forward, batch: dict) -> bool:
         model.train(was_training)
 
 
+def context_limit(config) -> int | None:
+    """The most tokens a model of this config reads at once (None where the config does not say)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def positions_from_mask(attention_mask):
+    """Position ids of left-padded rows as generate() numbers them: each row counts from 0 at its first real
+    token (padding gets 0; it is masked). GPT-2 and other models with learned absolute positions need them on
+    every forward over such rows: without them they number the padding too."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends an answer: the tokenizer's EOS and any others in the generation config (Llama 3)."""
     configured = model.generation_config.eos_token_id
@@ -250,11 +326,16 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def set_generation_ids(model, tokenizer) -> None:
     """EOS and pad ids in the config and generation config, so generation stops at EOS after saving.
 
-    The tokenizer's EOS is added to (never replaces) a list of stop ids that the model already has."""
+    The tokenizer's EOS is added to (never replaces) a list of stop ids that the model already has. Generation
+    reads the pad id from the generation config; the model config gets none where pad = EOS, so that a reward
+    model built on this model (a reward.py --lora adapter names it as its base) never reads its score at the
+    last token that is not EOS, the token before the answer's EOS, as Hugging Face's own forward would."""
     stops = stop_token_ids(model, tokenizer)
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = stops if len(stops) > 1 and cfg is model.generation_config else tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
+    model.config.pad_token_id = None if pad_is_eos else tokenizer.pad_token_id
 
 
 def _check_local(name_or_path: str) -> None:

@@ -17,7 +17,7 @@ def plot_loss_curve(log_history: list[dict], loss_before: float, path: str) -> N
     """Train and eval loss against step, with the base model's eval loss at step 0."""
     plt = pyplot()
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(0, loss_before)] + [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    evals = [(0, loss_before)] + [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and e["step"]]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 from datasetup import split_records  # noqa: F401  (the pairs' train/validation split: part of this API)
-from records import DataError, MalformedRow, is_placeholder_input, read_raw
+from records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw, say_left_out
 from templates import Template, bos_prefix, encode_prompt, format_prompt
 
 # The turn marker of Anthropic HH-RLHF dialogues; a dialogue's prompt ends with its last one.
@@ -28,8 +28,6 @@ HH_ASSISTANT = "\n\nAssistant:"
 PAIR_FIELDS = ("instruction", "input", "prompt", "chosen", "rejected")
 # How many problems a "no usable pairs" error quotes.
 SHOWN = 3
-# Skipped records named in a training script's output (all of them go to its run_config.json).
-SHOWN_SKIPPED = 5
 # Pairs tokenized per chunk; sets of 4 chunks or more show a progress bar.
 CHUNK = 5000
 
@@ -44,7 +42,7 @@ def _string_problem(record: dict, field: str, optional: bool = False) -> str | N
     if value is None:
         return None if optional else f"field '{field}' is missing"
     if not isinstance(value, str):
-        return f"field '{field}' is a {type(value).__name__}, not a string"
+        return f"field '{field}' is {a_kind(value)}, not a string"
     return None
 
 
@@ -82,7 +80,7 @@ def parse_pair(record: object) -> dict:
     if isinstance(record, MalformedRow):  # a JSONL line that did not parse, with its error
         raise MalformedPair(str(record))
     if not isinstance(record, dict):
-        raise MalformedPair(f"is a {type(record).__name__}, not an object")
+        raise MalformedPair(f"is {a_kind(record)}, not an object")
     form = pair_format(record)
     if form == "prompt" and record.get("instruction") is not None:
         raise MalformedPair("has both a 'prompt' and an 'instruction' field; give one of them")
@@ -208,9 +206,9 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
     for name, part in (("train", train), ("validation", held_out)):
         data[name], tokens = tokenize_pairs(part, tokenizer, template, max_length)
         too_long += len(tokens["too_long_dropped"])
-    _say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
+    say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
-    return _as_datasets(data, source, "pairs"), held_out, _run_report(report, too_long)
+    return _as_datasets(data, source, "pairs"), held_out, left_out_report(report, too_long)
 
 
 def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
@@ -241,21 +239,9 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
         data[name] = [{"prompt": text, "judge_prompt": pair_prompt(p, judge_template)}
                       for p, text, n in zip(part, texts, lengths) if n <= max_length]
         too_long += len(part) - len(data[name])
-    _say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "records", say)
+    say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "records", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out prompts")
-    return _as_datasets(data, source, "prompts"), held_out, _run_report(report, too_long)
-
-
-def _say_left_out(source: str, report: dict, too_long: int, why: str, what: str, say) -> None:
-    dropped = [f"{len(report['skipped'])} malformed (--skip-invalid)" if report["skipped"] else "",
-               f"{len(report['empty_dropped'])} with an empty {'answer' if what == 'pairs' else 'field'}"
-               if report["empty_dropped"] else "",
-               f"{len(report.get('equal_dropped', []))} with equal answers" if report.get("equal_dropped") else "",
-               f"{too_long} {why}" if too_long else ""]
-    dropped = [text for text in dropped if text]
-    say(f"{what.capitalize()}: {report['read']} read from {source}; left out: {', '.join(dropped) or 'none'}")
-    for problem in report["skipped"][:SHOWN_SKIPPED]:
-        say(f"  skipped {problem}")
+    return _as_datasets(data, source, "prompts"), held_out, left_out_report(report, too_long)
 
 
 def _as_datasets(data: dict, source: str, what: str) -> dict:
@@ -268,8 +254,3 @@ def _as_datasets(data: dict, source: str, what: str) -> dict:
     from datasets import Dataset
 
     return {name: Dataset.from_list(part) for name, part in data.items()}
-
-
-def _run_report(report: dict, too_long: int) -> dict:
-    return {"read": report["read"], "malformed": len(report["skipped"]), "empty": len(report["empty_dropped"]),
-            "equal": len(report.get("equal_dropped", [])), "too_long": too_long, "skipped": report["skipped"]}

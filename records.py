@@ -19,6 +19,12 @@ class DataError(UserError):
     """A problem with the user's data, reported without a traceback."""
 
 
+def a_kind(value: object) -> str:
+    """The JSON kind of a value, with its article, for messages: "an int", "a list", "a NoneType"."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def is_placeholder_input(text: str) -> bool:
     return bool(_PLACEHOLDER_INPUT.match(text.strip()))
 
@@ -58,7 +64,7 @@ def read_raw(source: str) -> list[tuple[str, object]]:
     except json.JSONDecodeError as err:
         raise DataError(f"{source}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(data, list):
-        raise DataError(f"{source}: expected a JSON list of records, found a {type(data).__name__}")
+        raise DataError(f"{source}: expected a JSON list of records, found {a_kind(data)}")
     return [(f"{source}: record {i}", record) for i, record in enumerate(data)]
 
 
@@ -70,7 +76,8 @@ def _read_hub(name: str) -> list[tuple[str, object]]:
     except Exception as err:  # network, auth, unknown id: all end the same way for the user
         raise DataError(
             f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Offline? Pass a local .json, .jsonl or .jsonl.gz file with --dataset."
+            "Offline? Pass a local .json, .jsonl or .jsonl.gz file with --dataset (a dataset downloaded before "
+            "loads offline with HF_HUB_OFFLINE=1)."
         ) from None
     return [(f"{name}: record {i}", record) for i, record in enumerate(data)]
 
@@ -84,14 +91,14 @@ def _problem(record: object) -> str | None:
     if isinstance(record, MalformedRow):
         return str(record)
     if not isinstance(record, dict):
-        return f"is a {type(record).__name__}, not an object"
+        return f"is {a_kind(record)}, not an object"
     for field in ("instruction", "output"):
         if field not in record or record[field] is None:
             return f"field '{field}' is missing"
         if not isinstance(record[field], str):
-            return f"field '{field}' is a {type(record[field]).__name__}, not a string"
+            return f"field '{field}' is {a_kind(record[field])}, not a string"
     if record.get("input") is not None and not isinstance(record["input"], str):
-        return f"field 'input' is a {type(record['input']).__name__}, not a string"
+        return f"field 'input' is {a_kind(record['input'])}, not a string"
     return None
 
 
@@ -128,3 +135,27 @@ def load_records(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
     report = {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "empty_details": empty_details,
               "placeholder_inputs": placeholders}
     return records, report
+
+
+# Skipped records named in a training script's output (all of them go to its run_config.json).
+SHOWN_SKIPPED = 5
+
+
+def say_left_out(source: str, report: dict, too_long: int, why: str, what: str, say, empty: str = "") -> None:
+    """One line of what was read from `source` and what was left out (malformed with --skip-invalid, `empty`, equal
+    answers, too long), then the first SHOWN_SKIPPED malformed records; a training script says it at start."""
+    empty_what = empty or ("an empty answer" if what == "pairs" else "an empty field")
+    dropped = [f"{len(report['skipped'])} malformed (--skip-invalid)" if report["skipped"] else "",
+               f"{len(report['empty_dropped'])} with {empty_what}" if report["empty_dropped"] else "",
+               f"{len(report.get('equal_dropped', []))} with equal answers" if report.get("equal_dropped") else "",
+               f"{too_long} {why}" if too_long else ""]
+    dropped = [text for text in dropped if text]
+    say(f"{what.capitalize()}: {report['read']} read from {source}; left out: {', '.join(dropped) or 'none'}")
+    for problem in report["skipped"][:SHOWN_SKIPPED]:
+        say(f"  skipped {problem}")
+
+
+def left_out_report(report: dict, too_long: int) -> dict:
+    """What run_config.json keeps of the data: counts read and left out, and every malformed record skipped."""
+    return {"read": report["read"], "malformed": len(report["skipped"]), "empty": len(report["empty_dropped"]),
+            "equal": len(report.get("equal_dropped", [])), "too_long": too_long, "skipped": report["skipped"]}

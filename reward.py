@@ -2,7 +2,7 @@
 
     python reward.py                   # distilgpt2-alpaca/ on Anthropic/hh-rlhf -> distilgpt2-alpaca-rm/
     python reward.py --smoke           # offline, after `python train.py --smoke`: smoke-run/reward/
-    python reward.py --score --prompt "Greet them." --input "cat dog" --answer "Hello, cat dog!"
+    python reward.py --score --prompt "Greet them." --input "cat dog owl" --answer "Hello, cat dog owl!"
     torchrun --nproc_per_node 2 reward.py   # DDP; `accelerate launch` works too
 
 The model scores prompt + answer + EOS at its final token and learns -log sigmoid(r_chosen - r_rejected).
@@ -95,8 +95,8 @@ def apply_smoke(args, explicit: set) -> None:
         if name not in explicit:
             setattr(args, name, value)
     args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
-    if "output_dir" not in explicit:
-        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "reward")
+    if "output_dir" not in explicit:  # a LoRA variant of its own, beside the full reward model that RLOO uses
+        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "reward-lora" if args.lora else "reward")
     if not args.score and not lora.is_model_dir(args.model):
         raise UserError(f"no smoke SFT model in {args.model}/: run `python train.py --smoke` first")
 
@@ -131,7 +131,6 @@ def main(args, explicit: set) -> None:
     import preferences
     import rundir
     import scoring
-    from cli import UserError
     from rmtrainer import RewardTrainer
     from templates import load_template
     from trainer import StopOnSignal, report_targets, write_template
@@ -140,6 +139,8 @@ def main(args, explicit: set) -> None:
     precision, why = model_lib.resolve_precision(args.precision, device)
     packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args.model, args.output_dir)
+    runner.fit_max_length(args, explicit, args.model, runner.model_positions(args.model),
+                          print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     config = {**vars(args), "device": device.type, "precision": precision,
               "command": shlex.join(["python", "reward.py", *sys.argv[1:]])}
@@ -152,8 +153,9 @@ def main(args, explicit: set) -> None:
         use_cpu=device.type == "cpu", ddp_backend="gloo" if device.type == "cpu" and distributed else None,
         report_to=report_targets(args.report_to, args.output_dir), remove_unused_columns=False,
         dataloader_pin_memory=device.type == "cuda",
-        ddp_find_unused_parameters=False,  # every weight is used: no extra graph pass under DDP
+        ddp_find_unused_parameters=None,  # set below: off where every trainable weight is used (no extra graph pass)
         activation_checkpointing=args.gradient_checkpointing)
+    runner.refuse_data_parallel(training_args, "reward.py")  # DataParallel would split score_index from its rows
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -165,9 +167,6 @@ def main(args, explicit: set) -> None:
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = model_lib.load_tokenizer(args.model)
-        limit = scoring.context_limit(lora.load_config(args.model))
-        if limit and args.max_length > limit:  # long pairs would crash inside the model
-            raise UserError(f"--max-length {args.max_length} is more than the {limit} positions of {args.model}")
         template = load_template(args.model)
         data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
                                                            tokenizer, template, args.max_length, say)
@@ -184,6 +183,9 @@ def main(args, explicit: set) -> None:
         model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                               args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
+    probe_batch = {k: v for k, v in scoring.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
+                   if not k.startswith("num_")}
+    runner.find_unused_parameters(model, lambda m: m(**probe_batch).logits.sum(), training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, data_report=report)
     if main_process:
@@ -227,8 +229,9 @@ def main(args, explicit: set) -> None:
     say(f"\nHeld-out pairwise accuracy {metrics['eval_accuracy_before']:.1%} -> {metrics['eval_accuracy_after']:.1%}"
         f" (loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}, mean margin "
         f"{metrics['eval_mean_margin_after']:+.3f}) on {metrics['eval_pairs']} pairs")
+    merged = f"; the merged full reward model in {os.path.join(args.output_dir, rundir.MERGED_DIR)}/" if args.merge else ""
     say(f"{metrics['pairs_per_second']:.1f} pairs/s on {device.type}; reward model, metrics.json and margins.png in "
-        f"{args.output_dir}/")
+        f"{args.output_dir}/{merged}")
 
 
 def plot_margins(before: dict, after: dict, metrics: dict, path: str) -> None:

@@ -36,9 +36,9 @@ class RewardTrainer(RunLayer, Trainer):
         from accelerate.utils import gather_object
 
         margins, started = [], time.perf_counter()
-        for batch in self.evaluation_batches(eval_dataset):
+        for batch, real in self.evaluation_batches(eval_dataset):
             scores = self.model(**batch).logits.float()
-            margins += (scores[0::2] - scores[1::2]).tolist()
+            margins += (scores[0::2] - scores[1::2])[:real].tolist()
         margins = gather_object(margins) if self.args.world_size > 1 else margins
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)

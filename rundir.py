@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import zipfile
 
@@ -95,6 +96,18 @@ def read_run_config(run_dir: str) -> dict | None:
     return read_json(run_file(run_dir, RUN_CONFIG_FILE))
 
 
+def starting_model(run_dir: str) -> str | None:
+    """The model a run started from, as its run_config.json names it: an align.py run's SFT model (sft_model), a
+    train.py run's --model (model_path: absolute for a local dir; older runs name it as given). None for a run
+    from random weights (--init scratch), or a dir without a run config."""
+    config = read_run_config(run_dir) or {}
+    if config.get("sft_model"):
+        return config["sft_model"]
+    if config.get("init") == "scratch":
+        return None
+    return config.get("model_path") or config.get("model")
+
+
 # ---------------------------------------------------------------- checkpoints
 def checkpoints(output_dir: str) -> list[str]:
     """checkpoint-N directories, newest first."""
@@ -110,14 +123,17 @@ def damaged_file(checkpoint: str) -> str | None:
 
     A save killed part-way lacks trainer_state.json, which the Trainer writes last; a full disk or a
     copy cut short leaves truncated files, found here without loading them: a safetensors file must be
-    as long as its header says, a torch .pt/.pth file must be a complete zip archive, JSON must parse.
+    as long as its header says, a torch .pt/.pth/.bin file must be a complete zip archive, JSON must parse.
     """
     if not os.path.isfile(os.path.join(checkpoint, STATE_FILE)):
         return STATE_FILE
     missing = _missing_file(checkpoint)
     if missing:
         return missing
-    for name in sorted(os.listdir(checkpoint)):
+    deepspeed = [name for name in os.listdir(checkpoint) if name.startswith(DEEPSPEED_STEP)
+                 and os.path.isdir(os.path.join(checkpoint, name))]
+    for name in sorted(os.listdir(checkpoint)) + [os.path.join(d, n) for d in deepspeed
+                                                   for n in sorted(os.listdir(os.path.join(checkpoint, d)))]:
         path = os.path.join(checkpoint, name)
         try:
             if name.endswith(".safetensors"):
@@ -138,10 +154,60 @@ def damaged_file(checkpoint: str) -> str | None:
     return None
 
 
-def _missing_file(checkpoint: str) -> str | None:
-    """A file resume needs that is not there: the weights (every shard of an index), the optimizer and
-    scheduler (without them the Trainer would quietly start both afresh)."""
+# What the Trainer writes into a checkpoint besides its weights, by launcher (Trainer._save_checkpoint and
+# _save_optimizer_and_scheduler, transformers 5.24), and what its resume reads back:
+DEEPSPEED_STEP = "global_step"  # DeepSpeed: global_stepN/ holds every rank's model and optimizer states ...
+DEEPSPEED_LATEST = "latest"  # ... and `latest`, written last by DeepSpeed, names it
+FSDP_MODEL = ("pytorch_model_fsdp.bin", "pytorch_model_fsdp_0")  # FSDP: the model, full (a file) or sharded (a dir)
+FSDP_OPTIMIZER = ("optimizer.bin", "optimizer_0")  # FSDP: the optimizer, full or sharded
+DCP_DONE = ".metadata"  # written last into a sharded (torch.distributed.checkpoint) dir
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"  # one process or DDP (FSDP: the scheduler too)
+
+
+def checkpoint_layout(checkpoint: str) -> str:
+    """Which launcher wrote `checkpoint`: "deepspeed", "fsdp" or "plain" (one process, DDP)."""
     names = set(os.listdir(checkpoint))
+    if DEEPSPEED_LATEST in names or any(name.startswith(DEEPSPEED_STEP) for name in names):
+        return "deepspeed"
+    return "fsdp" if names & {*FSDP_MODEL, *FSDP_OPTIMIZER} else "plain"
+
+
+def _missing_file(checkpoint: str) -> str | None:
+    """A file that resume needs and that is not there, in the checkpoint's layout. Without its optimizer or
+    scheduler state, the Trainer would quietly start both afresh at a later step.
+
+    - DeepSpeed: `latest` and the global_stepN/ it names, with model and optimizer states (the weights file
+      depends on the ZeRO stage and scheduler.pt on the DeepSpeed config: resume reads neither);
+    - FSDP: the model and the optimizer, each a file (FULL_STATE_DICT) or a finished sharded dir
+      (SHARDED_STATE_DICT), and scheduler.pt;
+    - one process or DDP: the weights (every shard of an index), optimizer.pt and scheduler.pt.
+    """
+    names = set(os.listdir(checkpoint))
+    layout = checkpoint_layout(checkpoint)
+    if layout == "deepspeed":
+        if DEEPSPEED_LATEST not in names:
+            return DEEPSPEED_LATEST
+        try:
+            with open(os.path.join(checkpoint, DEEPSPEED_LATEST), encoding="utf-8") as handle:
+                step = handle.read().strip()
+        except OSError:
+            return DEEPSPEED_LATEST
+        step_dir = os.path.join(checkpoint, step)
+        states = os.listdir(step_dir) if step.startswith(DEEPSPEED_STEP) and os.path.isdir(step_dir) else []
+        for kind in ("model_states.pt", "optim_states.pt"):
+            if not any(name.endswith(kind) for name in states):
+                return f"{step or DEEPSPEED_STEP + 'N'}/*{kind}"
+        # Each rank writes its optimizer shard (zero_pp_rank_R_...): ranks 0 to the run's world size - 1.
+        ranks = {int(match.group(1)) for name in states if (match := re.search(r"zero_pp_rank_(\d+)_.*_optim_states", name))}
+        world = (read_run_config(os.path.dirname(os.path.normpath(checkpoint))) or {}).get("world_size") or max(ranks) + 1
+        missing = sorted(set(range(world)) - ranks)
+        return f"{step}/the optimizer states of rank {missing[0]}" if missing else None
+    if layout == "fsdp":
+        for whole, sharded in (FSDP_MODEL, FSDP_OPTIMIZER):
+            if not (os.path.isfile(os.path.join(checkpoint, whole))
+                    or os.path.isfile(os.path.join(checkpoint, sharded, DCP_DONE))):
+                return f"{sharded}/{DCP_DONE}" if sharded in names else whole
+        return None if SCHEDULER_FILE in names else SCHEDULER_FILE
     index = next((n for n in names if n.endswith(".safetensors.index.json")), None)
     if index:
         try:
@@ -154,7 +220,7 @@ def _missing_file(checkpoint: str) -> str | None:
             return missing_shard
     elif not names & WEIGHT_FILES:
         return "model.safetensors"
-    return next((name for name in ("optimizer.pt", "scheduler.pt") if name not in names), None)
+    return next((name for name in (OPTIMIZER_FILE, SCHEDULER_FILE) if name not in names), None)
 
 
 def find_checkpoint(output_dir: str, warn=None) -> str | None:
@@ -184,16 +250,47 @@ def remove_incomplete_checkpoints(output_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- a run's identity and lifecycle
-def check_same_run(output_dir: str, config: dict, identity: tuple[str, ...]) -> None:
-    """Refuse to resume into an output dir that holds another run (one whose `identity` settings differ)."""
+# The settings of a run's length: a run may be extended (longer), never changed otherwise.
+LENGTH = ("max_steps", "epochs")
+
+
+def check_same_run(output_dir: str, config: dict, identity: tuple[str, ...]) -> bool:
+    """Refuse to resume into an output dir that holds another run (one whose `identity` settings differ). A run
+    made longer (a higher --max-steps or --epochs, all else the same) is the same run, extended: returns True
+    for it, and its run config keeps the lengths it had before (`extended`)."""
     saved = read_run_config(output_dir)
     if saved is None:
-        return
+        return False
     # A setting the saved run does not name was added to the script after it started: not a difference.
-    diffs = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in identity if saved.get(k, config[k]) != config[k]]
+    changed = [k for k in identity if saved.get(k, config[k]) != config[k]]
+    if changed and set(changed) <= set(LENGTH) and _longer(saved, config, output_dir):
+        config["extended"] = [*saved.get("extended", []), {"global_step": _last_step(output_dir),
+                                                           **{k: saved.get(k) for k in LENGTH}}]
+        return True
+    config.setdefault("extended", saved.get("extended", []))
+    diffs = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in changed]
     if diffs:
-        raise UserError(f"{output_dir}/ holds a different run ({'; '.join(diffs)}). Use another --output-dir, "
-                        "or --no-resume to start over in this one.")
+        finished = finished_step(output_dir) is not None
+        hint = ("Use another --output-dir: this one holds a finished model, which --no-resume would delete" if finished
+                else "Use another --output-dir, or --no-resume to start over in this one")
+        raise UserError(f"{output_dir}/ holds a different run ({'; '.join(diffs)}). {hint}.")
+
+
+def _last_step(output_dir: str) -> int:
+    """The step a run in `output_dir` reached: its final step if finished, else its newest checkpoint's."""
+    finished = finished_step(output_dir)
+    if finished is not None:
+        return finished
+    newest = find_checkpoint(output_dir)
+    return int(newest.rsplit("-", 1)[1]) if newest else 0
+
+
+def _longer(saved: dict, config: dict, output_dir: str) -> bool:
+    """Does `config` ask for more training than the saved run: more --max-steps than it had (or, set by its
+    epochs, than the step it reached), or more --epochs where both are set by epochs?"""
+    if config["max_steps"] > 0:
+        return config["max_steps"] > (saved["max_steps"] if saved["max_steps"] > 0 else _last_step(output_dir))
+    return saved["max_steps"] <= 0 and config["epochs"] > saved["epochs"]
 
 
 def finished_step(output_dir: str) -> int | None:

@@ -38,6 +38,12 @@ def run_script(module, validate, main) -> None:
     given = cli.explicit_dests(parser, sys.argv[1:])
     rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
     try:
+        refuse_launcher(os.path.basename(module.__file__))  # before anything loads
+        if not args.smoke:
+            from model import offline_unless_hub_reachable
+
+            offline_unless_hub_reachable([args.model, args.dataset], print if os.environ.get("RANK", "0") == "0"
+                                         else (lambda *a, **k: None))
         main(args, given)
     except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
         cli.fail(str(error), getattr(error, "code", 2))
@@ -104,6 +110,43 @@ def choose_packing(model, packing: str, explicit: bool, say, what: str, n: int, 
     return "none"
 
 
+# Config fields of a mixture of experts: a batch may route to only some experts, so some weights go unused.
+EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def find_unused_parameters(model, loss_of, training_args, say) -> None:
+    """DDP's find_unused_parameters: off where the graph of one real batch's loss (`loss_of(model)`, a forward to
+    a scalar) reaches every trainable parameter; on, with a note, for a model that leaves some out, or that routes
+    each batch to some of its experts. On, DDP walks the autograd graph at every step; off for a model that does
+    leave one out, it stops at the second step. Checked only when the run is distributed."""
+    if training_args.world_size < 2 or training_args.ddp_find_unused_parameters is not None:
+        return
+    config = getattr(model, "config", None)
+    if any((getattr(config, name, 0) or 0) > 1 for name in EXPERTS):
+        unused = ["experts"]
+    else:
+        reached = graph_leaves(loss_of(model))
+        unused = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+    training_args.ddp_find_unused_parameters = bool(unused)
+    if unused:
+        say(f"note: some parameters may get no gradient ({unused[0]}, ...), so DDP looks for unused parameters at "
+            "every step")
+
+
+def graph_leaves(loss) -> set[int]:
+    """The ids of the leaf tensors (parameters) that `loss`'s autograd graph reaches, found without a backward."""
+    seen, found, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: where a gradient would reach a leaf
+            found.add(id(node.variable))
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
 def refuse_data_parallel(training_args, script: str) -> None:
     """Plain `python` on a machine with several GPUs has Trainer split each batch with DataParallel, which
     the script's own forward passes (reference pass, evaluation, generation) do not go through."""
@@ -111,6 +154,82 @@ def refuse_data_parallel(training_args, script: str) -> None:
         raise rundir.UserError(f"this machine has {training_args.n_gpu} GPUs, and plain `python {script}` would "
                                f"split batches with DataParallel, which {script} does not support: run `torchrun "
                                f"--nproc_per_node {training_args.n_gpu} {script} ...` (or set CUDA_VISIBLE_DEVICES=0)")
+
+
+def fit_max_length(args, explicit: set, model: str, positions: int | None, say, reserve: int = 0) -> None:
+    """One rule for --max-length against the model's positions, in every training script. Left at its default,
+    it follows the model: the smaller of the default and the positions (less `reserve`, the --max-new-tokens that
+    RLOO adds to a prompt), with a note when lowered. Given explicitly, a value that does not fit is refused at
+    start, rather than a crash at the first long example in the middle of training."""
+    if not positions:  # a config that does not say (rotary models without a limit): nothing to check
+        return
+    room, also = positions - reserve, f" + --max-new-tokens {reserve}" if reserve else ""
+    if room < 1:
+        raise rundir.UserError(f"--max-new-tokens {reserve} leaves no room for a prompt in the {positions} positions "
+                               f"of {model}")
+    if args.max_length <= room:
+        return
+    if "max_length" in explicit:
+        raise rundir.UserError(f"--max-length {args.max_length}{also} is more than the {positions} positions of "
+                               f"{model}; use --max-length {room} or less")
+    why = (f"so that a prompt and --max-new-tokens {reserve} fit the {positions} positions of {model}" if reserve
+           else f"the {positions} positions of {model}")
+    say(f"note: --max-length lowered from {args.max_length} to {room}, {why}")
+    args.max_length = room
+
+
+def model_positions(name_or_path: str) -> int | None:
+    """The positions of a model (Hub id, dir, adapter dir or a config-only dir), None where its config says none.
+    A model that can't be read is left to the loading that follows, which says why."""
+    import lora
+    from model import context_limit
+
+    try:
+        return context_limit(lora.load_config(name_or_path))
+    except rundir.UserError:
+        raise
+    except Exception:
+        return None
+
+
+def launcher_problem(script: str, environ=None) -> str | None:
+    """Why the launcher's sharding can't run `script` (None when it can), read from what `accelerate launch` sets
+    from its config before any Trainer exists:
+
+    - DeepSpeed ZeRO-3 partitions the weights as they load, and each script's start-up checks and evaluations
+      run the model outside DeepSpeed's engine: refused everywhere (ZeRO-1 and 2 keep whole weights: fine);
+    - FSDP in align.py: DPO's reference pass and RLOO's sampling run the whole model in each process;
+    - FSDP with SHARDED_STATE_DICT (FSDP2's default) saves checkpoints with no model files, and no final model.
+    """
+    import json
+
+    environ = os.environ if environ is None else environ
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        path = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+        if stage is None and path.endswith(".json") and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                stage = json.load(handle).get("zero_optimization", {}).get("stage")
+        if str(stage) == "3":
+            return (f"DeepSpeed ZeRO-3 (your accelerate config) partitions the weights as they load, and {script}'s "
+                    "start-up checks and evaluations run the whole model outside DeepSpeed's engine: use zero_stage 1 "
+                    "or 2" + ("" if script == "align.py" else ", or FSDP") + " (or --lora for a model that does not fit)")
+    if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if script == "align.py":
+            return ("FSDP (your accelerate config) shards the weights, and align.py's DPO reference pass and RLOO "
+                    "sampling run the whole model in each process: use DDP (torchrun), or DeepSpeed zero_stage 1 or 2")
+        version = environ.get("FSDP_VERSION", "1")
+        kind = environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT")
+        if kind.upper() != "FULL_STATE_DICT":
+            return (f"FSDP with {kind.upper()} (your accelerate config{', FSDP2' if version == '2' else ''}) saves no "
+                    f"model files, so {script} would end without a model: set fsdp_state_dict_type: FULL_STATE_DICT")
+    return None
+
+
+def refuse_launcher(script: str) -> None:
+    problem = launcher_problem(script)
+    if problem:
+        raise rundir.UserError(problem)
 
 
 def model_path(path: str) -> str:
@@ -143,24 +262,33 @@ def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], re
             if main_process and rundir.clear_run(output_dir):
                 say(f"--no-resume: deleted the checkpoints and results of the earlier run in {output_dir}/")
             return None
-        rundir.check_same_run(output_dir, config, identity)
+        extended = rundir.check_same_run(output_dir, config, identity)
         step = rundir.finished_step(output_dir)
-        if step is not None:
-            raise RunStop(f"{output_dir}/ already holds this finished run (step {step}); nothing to do. "
-                          "--no-resume trains it again from the start.", code=0)
+        if step is not None and not extended:
+            raise RunStop(f"{output_dir}/ already holds this finished run (step {step}); nothing to do. A higher "
+                          "--max-steps or --epochs continues it; --no-resume trains it again from the start.", code=0)
         checkpoint = rundir.find_checkpoint(output_dir, warn=say)
+        if extended and main_process and step is not None:  # its results are those of the shorter run: gone
+            os.remove(os.path.join(output_dir, rundir.METRICS_FILE))
+    if extended:
+        longer = ", ".join(f"--{name.replace('_', '-')} {config[name]}" for name in rundir.LENGTH
+                           if config[name] != config["extended"][-1][name])
+        say(f"Extending the run in {output_dir}/ (step {config['extended'][-1]['global_step']}) to {longer}; the "
+            "learning-rate schedule is stretched over the new length")
     if checkpoint:
         say(f"Resuming from {checkpoint} (--no-resume to start over)")
     return checkpoint
 
 
 def evaluate_once(trainer, prefix: str, checkpoint: str | None, output_dir: str, main_process: bool) -> dict:
-    """trainer.evaluate() with metric prefix `prefix`, kept in PREFIX_eval.json so a resumed run reuses it."""
+    """trainer.evaluate() before training, its metrics named PREFIX_... and kept in eval_PREFIX.json so a resumed
+    run reuses them. They are logged as the later evaluations are (eval/loss in TensorBoard), at step 0."""
     path = os.path.join(output_dir, f"eval_{prefix}.json")
     saved = rundir.read_json(path) if checkpoint else None
     if saved is not None:
         return saved
-    metrics = trainer.evaluate(metric_key_prefix=prefix)
+    metrics = {f"{prefix}{key[len('eval'):]}" if key.startswith("eval_") else key: value
+               for key, value in trainer.evaluate(metric_key_prefix="eval").items()}
     if main_process:
         rundir.write_json(path, metrics)
     return metrics

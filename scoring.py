@@ -23,6 +23,7 @@ import torch
 import lora
 from cli import UserError
 from collate import PACKING_MODES, pack_bins
+from model import context_limit  # noqa: F401  (part of this API: the reward model's context)
 from templates import encode_prompt
 
 
@@ -164,6 +165,7 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
 
     if lora.is_adapter_dir(path) and lora.adapter_task(path) == "SEQ_CLS":  # a reward.py --lora run
         rm = lora.load_merged(path, reward_model_from)  # the SFT body, the adapters and the trained score head
+        without_pad_id(rm)  # (the SFT body's config may have pad = EOS; --merge saves this model)
         rm = enable_score_index(rm).to(device or "cpu").eval()
         return rm, model_lib.load_tokenizer(path, flag=flag), load_template(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -225,11 +227,6 @@ def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_
         raise UserError(f"answer {too_long[0]}: prompt + answer is {len(sequences[too_long[0]])} tokens, more than "
                         f"the reward model's {limit}")
     return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
-
-
-def context_limit(config) -> int | None:
-    """The most tokens a model of this config reads at once (None where the config does not say)."""
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def pairwise_stats(margins) -> dict:

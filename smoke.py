@@ -5,8 +5,8 @@ random-weight base model under `smoke-run/`, fine-tunes it, and `python inferenc
 shows that it learnt to follow the instructions. The tasks are checkable by exact match, so the
 tests can tell whether the loss mask, the EOS and the shared template really work.
 
-One task is left undecided on purpose: "Greet them." is answered politely ("Hello, cat dog!") or
-casually ("hey cat dog"), 50/50. The preference pairs of `python reward.py --smoke` prefer the polite
+One task is left undecided on purpose: "Greet them." is answered politely ("Hello, cat dog owl!") or
+casually ("hey cat dog owl"), 50/50. The preference pairs of `python reward.py --smoke` prefer the polite
 style there, and elsewhere the correct answer over a wrong one, so the later steps have something to learn.
 """
 

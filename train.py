@@ -31,7 +31,7 @@ LR = 1e-4  # peak learning rate of AdamW
 LR_SCHEDULER = "cosine"  # learning-rate schedule: cosine|linear|constant|constant_with_warmup
 WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in [0, 1)
 WEIGHT_DECAY = 0.0  # AdamW weight decay; >= 0
-MAX_LENGTH = 512  # tokens per example; the response is cut, never the prompt
+MAX_LENGTH = 512  # tokens per example, at most the model's positions (the default is lowered to fit them); the response is cut, never the prompt
 VAL_SIZE = 0.02  # validation records: a count (>= 1) or a fraction in (0, 1)
 EVAL_STEPS = 500  # evaluate every N optimizer steps; >= 1
 SAVE_STEPS = 500  # write checkpoint-N/ every N optimizer steps; >= 1
@@ -41,7 +41,7 @@ SEED = 42  # seed of the data split, the shuffling and the initial weights
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (collate.py); auto picks the fastest
 ORDER = "random"  # random|length: batch order; length groups similar lengths (less padding, but learns less)
-TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (default: response + EOS only)
+TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (off: the response and its EOS only)
 LORA = False  # train LoRA adapters (peft) beside the frozen weights instead of every weight; saves the adapter
 LORA_R = 16  # --lora: rank of each adapter; >= 1
 LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
@@ -106,16 +106,43 @@ def apply_smoke(args, explicit: set) -> None:
     args.init = "pretrained"
 
 
-def use_saved_settings(args, explicit: set) -> None:
+def use_saved_settings(args, explicit: set) -> set:
     """--dataset DIR from `datasetup.py --save`: its template, max length, prompt loss and split size, unless
-    given as flags."""
+    given as flags. Returns the settings it took from there (given ones, not defaults)."""
     import datacache
 
+    taken = set()
     if datacache.is_saved_dir(args.dataset):
         saved = datacache.saved_settings(args.dataset)
         for name in ("template", "max_length", "train_on_prompt", "val_size"):
             if name not in explicit and saved.get(name) is not None:
                 setattr(args, name, saved[name])
+                taken.add(name)
+    return taken
+
+
+def fit_max_length(args, given: set, say) -> None:
+    """--max-length against the positions of the model to train (runner.fit_max_length's rule). The smoke base
+    model is written later, by the run itself, from smoke.MODEL_CONFIG."""
+    import smoke
+
+    fresh_smoke = args.smoke and not args.lora
+    positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else runner.model_positions(args.model)
+    runner.fit_max_length(args, given, args.model, positions, say)
+
+
+def data_report(args, report: dict, data, say) -> dict | None:
+    """Says what was read and left out (malformed records under --skip-invalid, empty instructions or outputs,
+    prompts longer than --max-length); returns it for run_config.json. None for a datasetup.py --save dir, whose
+    records were read (and reported) when it was made."""
+    from records import left_out_report, say_left_out
+
+    if "read" not in report:
+        return None
+    too_long = sum(report["records_per_split"].values()) - len(data["train"]) - len(data["validation"])
+    say_left_out(args.dataset, report, too_long, f"whose prompt alone is longer than --max-length {args.max_length}",
+                 "records", say, empty="an empty instruction or output")
+    return {**left_out_report(report, too_long), "empty_details": report["empty_details"]}
 
 
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
@@ -144,9 +171,11 @@ def main(args, explicit: set) -> None:
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
     packing, attn = resolve_packing(args.packing, device, precision)
-    use_saved_settings(args, explicit)
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    fit_max_length(args, explicit | use_saved_settings(args, explicit), say)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
     config = {**vars(args), "device": device.type, "precision": precision,
+              "model_path": runner.model_path(args.model),  # the base model of inference.py and evaluation.py
               "command": shlex.join(["python", "train.py", *sys.argv[1:]])}
 
     training_args = TrainingArguments(
@@ -161,7 +190,7 @@ def main(args, explicit: set) -> None:
         report_to=report_targets(args.report_to, args.output_dir),
         dataloader_pin_memory=device.type == "cuda", prediction_loss_only=True,
         activation_checkpointing=args.gradient_checkpointing,
-        ddp_find_unused_parameters=False if args.lora else None,  # every adapter is used: no extra graph pass
+        ddp_find_unused_parameters=None,  # set below: off where every trainable weight is used (no extra graph pass)
         train_sampling_strategy="group_by_length" if args.order == "length" else "random")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
@@ -183,6 +212,7 @@ def main(args, explicit: set) -> None:
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                                   args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
                                                   loaded)
+    left_out = data_report(args, report, data, say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} validation examples"
         f" ({'cached' if report.get('from_cache') else 'tokenized'})")
     torch.manual_seed(args.seed)
@@ -200,8 +230,10 @@ def main(args, explicit: set) -> None:
         model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
                               args.lora_target, seed=args.seed)
     say(f"Parameters: {lora.describe(model)}{' (LoRA)' if args.lora else ''}")
+    probe_batch = {k: v for k, v in SFTCollator(tokenizer.pad_token_id, packing)(probe).items() if k != "num_real_tokens"}
+    runner.find_unused_parameters(model, lambda m: m(**probe_batch).loss, training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
-                  world_size=training_args.world_size, response_only_logits=sparse)
+                  world_size=training_args.world_size, response_only_logits=sparse, data_report=left_out)
     if report.get("held_out") is not None:
         config["held_out_sha256"] = rundir.records_sha256(report["held_out"])
         if checkpoint:  # a Hub dataset that changed since the run began would silently change its split
@@ -247,8 +279,9 @@ def main(args, explicit: set) -> None:
         return
     say(f"\nEval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}  (perplexity "
         f"{metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity_after']:.2f})")
+    merged = f"; the merged full weights in {os.path.join(args.output_dir, rundir.MERGED_DIR)}/" if args.merge else ""
     say(f"{metrics['train_tokens_per_second']:.0f} real tokens/s on {device.type}; model, metrics.json and "
-        f"loss_curve.png in {args.output_dir}/")
+        f"loss_curve.png in {args.output_dir}/{merged}")
 
 
 def run(args, explicit: set) -> None:

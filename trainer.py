@@ -123,23 +123,34 @@ class RunLayer:
     # ---------------------------------------------------------------- evaluation
     def evaluation_batches(self, dataset=None):
         """This process's share of `dataset` (default: the eval set), every world_size-th example so none is
-        counted twice, as batches ready for the model. While they are consumed the model is in eval mode,
-        under no_grad and the run's autocast; consume them all (the training mode comes back at the end)."""
+        counted twice, as (batch ready for the model, real) pairs: the first `real` examples of the batch are the
+        share's, the rest padding. Every process gets the same number of batches, since under FSDP each forward
+        is a collective that waits for every process: a share one example short is filled up with a copy of an
+        example (blank_example: one that carries no loss), which the figures must leave out. While the batches
+        are consumed the model is in eval mode, under no_grad and the run's autocast; consume them all (the
+        training mode comes back at the end)."""
         from torch.utils.data import DataLoader
 
         dataset = dataset if dataset is not None else self.eval_dataset
-        shard = dataset.select(range(self.args.process_index, len(dataset), self.args.world_size))
+        rank, world, size = self.args.process_index, self.args.world_size, self.args.per_device_eval_batch_size
+        mine = range(rank, len(dataset), world)
+        examples = [dataset[i] for i in mine]
+        examples += [self.blank_example(dataset[0])] * (-(-len(dataset) // world) - len(examples))
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self.accelerator.autocast():
-                for batch in DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
-                                        collate_fn=self.data_collator):
+                for start, batch in zip(range(0, len(examples), size),
+                                        DataLoader(examples, batch_size=size, collate_fn=self.data_collator)):
                     for key in self.COUNTS:
                         batch.pop(key, None)
-                    yield self._prepare_inputs(batch)
+                    yield self._prepare_inputs(batch), max(0, min(size, len(mine) - start))
         finally:
             self.model.train(was_training)
+
+    def blank_example(self, example: dict) -> dict:
+        """A padding example for evaluation_batches: `example`, left out of the figures by the consumer."""
+        return example
 
     def report_evaluation(self, metrics: dict) -> dict:
         """Log evaluation metrics and tell the callbacks, as Trainer.evaluate does; returns them. The model is in
@@ -166,15 +177,19 @@ class InstructTrainer(RunLayer, Trainer):
     """The SFT Trainer: the run layer, and the evaluation loss as the mean over all response tokens, as
     evaluation.py reports it, not a mean of batch means (which would change with --batch-size)."""
 
+    def blank_example(self, example: dict) -> dict:
+        return {**example, "labels": [-100] * len(example["labels"])}  # no loss: adds nothing to the sums
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         """The mean loss over every response token of the validation split, at any batch size and number of
         processes: each process takes every world_size-th example (none twice, unlike a padded sampler),
         and the summed losses and token counts are added up once at the end."""
         sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         started = time.perf_counter()
-        for batch in self.evaluation_batches(eval_dataset):
+        for batch, _ in self.evaluation_batches(eval_dataset):
             n = (batch["labels"][:, 1:] != -100).sum()  # the model's loss is the mean over these tokens
-            sums += torch.stack([self.model(**batch).loss.double() * n, n.double()])
+            loss = self.model(**batch).loss.double()
+            sums += torch.stack([loss * n if n > 0 else torch.zeros_like(loss), n.double()])
         sums = self.accelerator.reduce(sums, reduction="sum")
         return self.report_evaluation({f"{metric_key_prefix}_loss": float(sums[0] / sums[1].clamp(min=1)),
                                        f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)})

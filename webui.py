@@ -29,6 +29,10 @@ RANGES = {"temperature": (0.05, 2.0), "top_p": (0.05, 1.0), "top_k": (0, 200), "
           "repetition_penalty": (0.5, 2.0), "no_repeat_ngram_size": (0, 10)}
 
 
+# A model's name stays on one line (cut with an ellipsis), so the columns' answer boxes and status lines align.
+PAGE_CSS = ".model-name p { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; margin: 0; }"
+
+
 def free_port(host: str) -> int:
     """A port on `host` that nothing listens on now."""
     try:
@@ -55,14 +59,17 @@ def load_models(paths: dict, device) -> tuple[dict, dict]:
 
 def example_records(finetuned: str) -> list[dict]:
     """Up to MAX_EXAMPLES held-out records of the run that `finetuned` came from (its run_config.json, or
-    its SFT model's for an align.py run); none when it names no split."""
+    its SFT model's for an align.py run), as many kinds of instruction as there are (kinds told apart by their
+    first two words) before a second of any kind; none when the run names no split."""
     from datasetup import held_out_records
 
     try:
         records, _ = held_out_records(finetuned)
     except (UserError, OSError, KeyError, ValueError):
         return []
-    return records[:MAX_EXAMPLES]
+    kind = lambda record: " ".join(record["instruction"].split()[:2])  # noqa: E731
+    firsts = list({kind(record): record for record in reversed(records)}.values())[::-1]
+    return (firsts + [record for record in records if record not in firsts])[:MAX_EXAMPLES]
 
 
 def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_tokens, repetition_penalty,
@@ -131,12 +138,15 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
 
     from templates import format_prompt
 
-    if not instruction.strip():
-        raise gr.Error("The instruction is empty: type one (the input is optional).", duration=8, print_exception=False)
+    problem = "" if instruction.strip() else "The instruction is empty: type one (the input is optional)."
     try:
         gen_kwargs = settings(**decoding)
     except UserError as error:
-        raise gr.Error(str(error), duration=8, print_exception=False) from None
+        problem = problem or str(error)
+    if problem:  # one message, and the columns keep what they show (an error would also mark each of them red)
+        gr.Warning(problem, duration=8)
+        yield [gr.skip()] * (2 * len(roles))
+        return
     prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
     shown = {role: ["", f"Could not load this model: {errors[role]}" if role in errors else "waiting ..."]
              for role in roles}
@@ -170,7 +180,7 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
         with gr.Row():
             with gr.Column(scale=3):
                 instruction = gr.Textbox(label="Instruction", lines=2, elem_id="instruction",
-                                         placeholder="Give three tips for staying healthy.")
+                                         placeholder="Type an instruction, or click a held-out prompt below")
                 input_box = gr.Textbox(label="Input (optional)", lines=2, elem_id="input")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -190,10 +200,11 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
                 seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
         sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_p, top_k])
         outputs = []
-        with gr.Row():
+        with gr.Row(equal_height=True):
             for role in roles:
-                with gr.Column():
-                    outputs.append(gr.Textbox(label=f"{ROLES[role]}: {names[role]}", lines=8, interactive=False,
+                with gr.Column():  # every column alike: a one-line title, an answer box of fixed height, a status
+                    gr.Markdown(f"**{ROLES[role]}**: `{names[role]}`", elem_classes="model-name")
+                    outputs.append(gr.Textbox(show_label=False, lines=8, max_lines=8, interactive=False,
                                               elem_id=f"answer-{role}"))
                     outputs.append(gr.Markdown(f"Could not load this model: {errors[role]}" if role in errors
                                                else "", elem_id=f"status-{role}"))
@@ -219,13 +230,16 @@ def serve(args, paths: dict, template, device) -> None:
         raise UserError("--web needs Gradio: pip install -r requirements.txt")
     port = args.port or free_port(args.host)
     models, errors = load_models(paths, device)
+    if not models:  # a page with nothing to answer: say why at once, instead of serving it
+        raise UserError("no model could be loaded, so there is no page to serve: "
+                        + "; ".join(f"{ROLES[role].lower()}: {why}" for role, why in errors.items()))
     for role, why in errors.items():
         print(f"{ROLES[role]} model not loaded (its column says why): {why}", flush=True)
     examples = example_records(args.finetuned if os.path.isdir(args.finetuned) else paths.get("aligned", ""))
     page = build_page(models, errors, paths, template, examples, args)
     try:
         page.queue().launch(server_name=args.host, server_port=port, share=False, inbrowser=False, quiet=True,
-                            show_error=True, prevent_thread_lock=True)
+                            show_error=True, prevent_thread_lock=True, css=PAGE_CSS)
     except OSError as error:
         raise UserError(f"--host {args.host} --port {port}: can't serve there (in use, or not allowed: {error}); "
                         "pick another --port, or leave it out for a free one") from None

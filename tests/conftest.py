@@ -87,3 +87,14 @@ def smoke_aligned(smoke_reward):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[method] = result.stdout
     return work, outputs
+
+
+@pytest.fixture(scope="session")
+def smoke_lora(smoke_trained):
+    """stdout of `python train.py --smoke --lora --merge` (about a minute), run in the smoke_trained directory:
+    LoRA on the smoke SFT model teaches it a new task, into smoke-run/lora/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke", "--lora", "--merge"],
+                            cwd=smoke_trained, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -15,15 +15,22 @@ from conftest import shared_path
 from templates import encode_prompt, format_prompt
 
 
-def tiny_policy(tmp_path, tokenizer, dropout=0.0):
-    """A saved tiny GPT-2 with the tokenizer's vocabulary (random weights: enough to check tokens and losses)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
+    """A saved tiny GPT-2 (or OPT) with the tokenizer's vocabulary (random weights: enough to check tokens and
+    losses)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
-    model = GPT2LMHeadModel(config)
+    if family == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                         num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=1024,
+                                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, dropout=dropout,
+                                         attention_dropout=dropout))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=1024,
+                                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                           resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     model.save_pretrained(tmp_path / "policy")
     tokenizer.save_pretrained(tmp_path / "policy")
     return model_lib.load_model(str(tmp_path / "policy"), "pretrained", tokenizer)
@@ -123,7 +130,7 @@ def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
     assert theirs != pytest.approx(math.log(2), rel=1e-3)
 
 
-def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None):
+def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2"):
     from datasets import Dataset
 
     import aligntrainer
@@ -139,7 +146,7 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
             return [0.0] * len(completions)
 
         judge.score = lambda records, answers: [0.0] * len(answers)
-    policy = tiny_policy(tmp_path, tokenizer, dropout)
+    policy = tiny_policy(tmp_path, tokenizer, dropout, family)
     return aligntrainer.build_trainer(args, policy, tokenizer, config, {"train": data, "validation": data}, judge, [],
                                       None), prompts
 
@@ -166,6 +173,60 @@ def test_both_methods_train_without_dropout(tmp_path, gpt2_tokenizer, method):
     assert rates and set(rates) == {0.0}
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_rloo_scores_each_sampled_token_at_the_position_it_was_sampled_at(tmp_path, gpt2_tokenizer, family):
+    """TRL left-pads the prompts and scores prompt + answer without position ids, so GPT-2 and OPT would number the
+    padding too. Our per-token log-probs of a left-padded row equal those of the same row alone, and generate's own
+    (its logits at the sampling temperature) of the tokens it sampled."""
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    records, _ = real_pairs(3)
+    records = [records[0], records[2]]  # prompts of different lengths: the shorter one is left-padded
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, family=family)
+    prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+    width = max(map(len, prompt_ids))
+    assert min(map(len, prompt_ids)) < width
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompt_ids])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+    model = trainer.model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=trainer.temperature,
+                             top_k=0, max_new_tokens=6, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        answers = out.sequences[:, width:]
+        assert tok.eos_token_id not in answers.tolist()  # (random weights: every sampled token is scored)
+        sampled = (torch.stack(out.logits, 1).double() / trainer.temperature).log_softmax(-1)
+        sampled = sampled.gather(-1, answers[..., None]).squeeze(-1)
+        padded, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([ids, answers], 1), torch.cat([mask, torch.ones_like(answers)], 1), answers.shape[1])
+        alone = torch.cat([trainer._get_per_token_logps_and_entropies(
+            model, torch.tensor([p + a]), torch.ones(1, len(p) + len(a), dtype=torch.long), len(a))[0]
+            for p, a in zip(prompt_ids, answers.tolist())])
+    torch.testing.assert_close(padded.double(), alone.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded.double(), sampled, rtol=1e-4, atol=1e-4)
+
+
+def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, gpt2_tokenizer):
+    """The held-out greedy answers are inference.py's (its generate, the model's own generation config, fp32 even
+    under bf16 autocast), and the KL's samples come from TRL's own training sampler, which turns off what the
+    model's generation config adds (here a no-repeat n-gram size that would change the samples)."""
+    from transformers import GenerationConfig
+
+    import inference
+
+    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    records, _ = real_pairs(2)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records)
+    held_out = [{"prompt": p} for p in prompts]
+    ours = trainer.greedy_answers(held_out)
+    theirs = inference.generate(trainer.model, tok, prompts, {"max_new_tokens": 4, "do_sample": False}, raw=True)
+    assert ours == theirs and all("raw_text" in answer for answer in ours)
+    plain = trainer.sampled_answers(held_out)
+    trainer.model.generation_config = GenerationConfig(**{**trainer.model.generation_config.to_dict(),
+                                                          "no_repeat_ngram_size": 1})
+    assert trainer.sampled_answers(held_out) == plain
+
+
 def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_alone(tmp_path, gpt2_tokenizer):
     """The held-out KL sums k3 = exp(d) - d - 1 (d = log ref - log pi) over each sampled answer's tokens, with
     both models' log-probs at the sampling temperature, as a plain full-vocabulary computation gives it; the
@@ -178,8 +239,8 @@ def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_al
             parameter.add_(torch.randn_like(parameter) * 0.05)
     held_out = [{"prompt": p} for p in prompts]
     state = torch.get_rng_state()
-    answers = trainer.answers(held_out, do_sample=True)
-    assert torch.equal(torch.get_rng_state(), state) and answers == trainer.answers(held_out, do_sample=True)
+    answers = trainer.sampled_answers(held_out)
+    assert torch.equal(torch.get_rng_state(), state) and answers == trainer.sampled_answers(held_out)
     kl = trainer.kl_to_reference(held_out, answers)
     expected = []
     for prompt, answer in zip(prompts, answers):
@@ -190,7 +251,7 @@ def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_al
         d = logps[1] - logps[0]
         expected.append(float((d.exp() - d - 1).sum()))
     assert kl == pytest.approx(expected, rel=1e-4) and min(kl) > 0
-    assert trainer.kl_to_reference(held_out, trainer.answers(held_out, do_sample=True)) == kl
+    assert trainer.kl_to_reference(held_out, trainer.sampled_answers(held_out)) == kl
     no_reference, _ = rloo_trainer(tmp_path / "b0", tok, records, beta=0.0)
     assert no_reference.ref_model is None and no_reference.kl_to_reference(held_out, answers) == [None, None]
 
@@ -243,3 +304,23 @@ def test_plain_python_on_several_gpus_is_refused_with_the_torchrun_command():
     runner.refuse_data_parallel(SimpleNamespace(n_gpu=1), "align.py")
     with pytest.raises(UserError, match=r"4 GPUs.*DataParallel.*`torchrun --nproc_per_node 4 align.py \.\.\.`"):
         runner.refuse_data_parallel(SimpleNamespace(n_gpu=4), "align.py")
+
+
+def test_dpo_with_few_steps_scores_only_the_pairs_it_will_see():
+    """--max-steps 3 of 8 pairs uses 24 pairs: the reference pass before training scores those, not all 100 (on
+    the HH pairs, 193 s of a 264 s run went to pairs never used). A longer run's pairs begin with a shorter one's."""
+    from datasets import Dataset
+
+    import align
+
+    train = Dataset.from_list([{"n": i} for i in range(100)])
+    said = []
+    args = SimpleNamespace(max_steps=3, batch_size=8, seed=0)
+    three = align.pairs_the_run_sees(args, train, 1, said.append)["n"]
+    assert len(three) == 24 and said == ["DPO: --max-steps 3 trains on 24 of the 100 training pairs (drawn with "
+                                         "--seed), so the reference pass scores those only"]
+    assert set(three) < set(align.pairs_the_run_sees(SimpleNamespace(max_steps=4, batch_size=8, seed=0), train, 1,
+                                                     said.append)["n"])
+    assert len(align.pairs_the_run_sees(args, train, 2, said.append)) == 48  # every process's batches
+    assert len(align.pairs_the_run_sees(SimpleNamespace(max_steps=-1, batch_size=8, seed=0), train, 1, said.append)) == 100
+    assert len(align.pairs_the_run_sees(SimpleNamespace(max_steps=20, batch_size=8, seed=0), train, 1, said.append)) == 100

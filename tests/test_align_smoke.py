@@ -185,7 +185,10 @@ def test_no_run_overwrites_another_scripts_output(smoke_aligned):
                       "--reward-model", "smoke-run/model", "--output-dir", "x")
     assert wrong.returncode == 2 and "not a reward model" in wrong.stderr and "Traceback" not in wrong.stderr
     long = run_align(work, "--smoke", "--max-length", "1000", "--output-dir", "too-long")
-    assert long.returncode == 2 and "--max-length (1000) is more than the 256 positions" in long.stderr
+    assert long.returncode == 2 and "--max-length 1000 is more than the 256 positions" in long.stderr
+    long = run_align(work, "--smoke", "--method", "rloo", "--max-length", "240", "--output-dir", "too-long")
+    assert long.returncode == 2 and ("--max-length 240 + --max-new-tokens 24 is more than the 256 positions of "
+                                     "smoke-run/model; use --max-length 232 or less") in long.stderr
 
 
 def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_aligned):

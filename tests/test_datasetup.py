@@ -121,10 +121,10 @@ def write(tmp_path, name, text):
 @pytest.mark.parametrize("name,text,expected", [
     ("d.json", '[{"instruction": "a", "output": "b"},', "d.json: malformed JSON at line 1"),
     ("d.json", '{"instruction": "a"}', "d.json: expected a JSON list of records"),
-    ("d.json", '[{"instruction": "a", "output": "b"}, 7]', "d.json: record 1: is a int, not an object"),
+    ("d.json", '[{"instruction": "a", "output": "b"}, 7]', "d.json: record 1: is an int, not an object"),
     ("d.json", '[{"instruction": "a"}]', "d.json: record 0: field 'output' is missing"),
-    ("d.json", '[{"instruction": 3, "output": "b"}]', "d.json: record 0: field 'instruction' is a int, not a string"),
-    ("d.json", '[{"instruction": "a", "input": 5, "output": "b"}]', "record 0: field 'input' is a int"),
+    ("d.json", '[{"instruction": 3, "output": "b"}]', "d.json: record 0: field 'instruction' is an int, not a string"),
+    ("d.json", '[{"instruction": "a", "input": 5, "output": "b"}]', "record 0: field 'input' is an int"),
     ("d.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "a"}\n',
      "d.jsonl: record 1 (line 3): field 'output' is missing"),
     ("d.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n', "d.jsonl: record 1 (line 2): malformed JSON"),

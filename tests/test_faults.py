@@ -99,6 +99,26 @@ def test_a_finished_run_started_again_changes_nothing(workdir):
     assert load_json(out / "metrics.json")["global_step"] == 6
 
 
+def test_a_finished_run_is_extended_by_a_higher_max_steps(workdir):
+    """A higher --max-steps continues a finished run from its last checkpoint instead of being refused (the only way
+    was to start over); run_config.json keeps the length it had. A lower one is another run, refused."""
+    out = workdir / "extended"
+    args = [*FAST, "--save-steps", "2", "--save-total-limit", "2", "--output-dir", str(out)]
+    assert run_train(workdir, *args, "--max-steps", "4").returncode == 0
+    longer = run_train(workdir, *args, "--max-steps", "6")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert f"Extending the run in {out}/ (step 4) to --max-steps 6" in longer.stdout
+    assert f"Resuming from {out / 'checkpoint-4'}" in longer.stdout
+    assert load_json(out / "metrics.json")["global_step"] == 6
+    config = load_json(out / "run_config.json")
+    assert config["max_steps"] == 6 and config["extended"] == [{"global_step": 4, "max_steps": 4, "epochs": 9.0}]
+    again = run_train(workdir, *args, "--max-steps", "6")
+    assert again.returncode == 0 and "already holds this finished run (step 6)" in again.stdout
+    shorter = run_train(workdir, *args, "--max-steps", "5")
+    assert shorter.returncode == 2 and "holds a different run (max_steps: 6 there, 5 now)" in shorter.stderr
+    assert "this one holds a finished model, which --no-resume would delete" in shorter.stderr
+
+
 @pytest.mark.parametrize("damaged,state", [("model.safetensors", "damaged (truncated?)"),
                                            ("optimizer.pt", "damaged (truncated?)"), ("scheduler.pt", "missing")])
 def test_a_damaged_checkpoint_is_skipped_with_a_warning(workdir, damaged, state):
@@ -271,3 +291,79 @@ def test_a_save_dir_from_an_older_version_says_so(tmp_path, tiny_tokenizer):
     (tmp_path / "sft_meta.json").write_text(json.dumps({"template": "seed", "max_length": 64}))
     with pytest.raises(rundir.UserError, match="made by an older version of datasetup.py; make it again"):
         datacache.load_saved(str(tmp_path), tiny_tokenizer, "seed", 64, False)
+
+
+# ---------------------------------------------------------------- checkpoints as each launcher writes them
+def write_checkpoint(directory, files: dict) -> None:
+    """A checkpoint dir whose files have real formats: torch zips (.pt/.pth/.bin), safetensors, JSON, text."""
+    from safetensors.torch import save_file
+
+    for name, kind in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "torch":
+            torch.save({"state": torch.zeros(3)}, path)
+        elif kind == "safetensors":
+            save_file({"w": torch.zeros(3)}, str(path))
+        elif kind == "json":
+            path.write_text("{}")
+        else:
+            path.write_text(kind)
+
+
+# Each launcher's checkpoint, file by file as transformers 5.24's Trainer._save_checkpoint writes it (read from its
+# source, since DeepSpeed and FSDP need GPUs): the Trainer's files, then the launcher's optimizer (and model) state.
+COMMON = {"trainer_state.json": "json", "run_totals.json": "json", "training_args.bin": "torch"}
+LAYOUTS = {
+    "one process or DDP": {"model.safetensors": "safetensors", "config.json": "json", "optimizer.pt": "torch",
+                           "scheduler.pt": "torch", "rng_state_0.pth": "torch", "rng_state_1.pth": "torch"},
+    "DeepSpeed ZeRO-2": {"model.safetensors": "safetensors", "config.json": "json", "latest": "global_step10",
+                         "zero_to_fp32.py": "# DeepSpeed's recovery script",
+                         "global_step10/mp_rank_00_model_states.pt": "torch",
+                         "global_step10/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": "torch",
+                         "global_step10/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": "torch",
+                         "rng_state_0.pth": "torch", "rng_state_1.pth": "torch"},
+    "DeepSpeed ZeRO-3, weights not gathered": {
+        "config.json": "json", "latest": "global_step10", "scheduler.pt": "torch",
+        "global_step10/zero_pp_rank_0_mp_rank_00_model_states.pt": "torch",
+        "global_step10/zero_pp_rank_1_mp_rank_00_model_states.pt": "torch",
+        "global_step10/zero_pp_rank_0_mp_rank_00_optim_states.pt": "torch",
+        "global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt": "torch", "rng_state_0.pth": "torch"},
+    "FSDP, FULL_STATE_DICT": {"model.safetensors": "safetensors", "config.json": "json",
+                              "pytorch_model_fsdp.bin": "torch", "optimizer.bin": "torch", "scheduler.pt": "torch",
+                              "rng_state_0.pth": "torch", "rng_state_1.pth": "torch"},
+    "FSDP, SHARDED_STATE_DICT": {"pytorch_model_fsdp_0/.metadata": "dcp", "pytorch_model_fsdp_0/__0_0.distcp": "x",
+                                 "optimizer_0/.metadata": "dcp", "optimizer_0/__0_0.distcp": "x",
+                                 "scheduler.pt": "torch", "rng_state_0.pth": "torch"},
+}
+# What resume can't do without, per layout: taken away, the checkpoint is skipped, naming it.
+NEEDED = {"one process or DDP": ["optimizer.pt", "scheduler.pt", "model.safetensors"],
+          "DeepSpeed ZeRO-2": ["latest", "global_step10/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                               "global_step10/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+          "DeepSpeed ZeRO-3, weights not gathered": ["global_step10/zero_pp_rank_1_mp_rank_00_optim_states.pt"],
+          "FSDP, FULL_STATE_DICT": ["optimizer.bin", "pytorch_model_fsdp.bin", "scheduler.pt"],
+          "FSDP, SHARDED_STATE_DICT": ["optimizer_0/.metadata", "pytorch_model_fsdp_0/.metadata", "scheduler.pt"]}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_finds_the_checkpoint_every_launcher_writes(tmp_path, layout):
+    """A complete checkpoint in any launcher's layout is resumed from; one without what resume reads (the
+    optimizer and model states in the launcher's own files) is skipped, naming the missing file. Before, only
+    optimizer.pt counted, so DeepSpeed and FSDP runs silently started again from step 0."""
+    (tmp_path / "run_config.json").write_text(json.dumps({"world_size": 2}))  # each run writes one
+    write_checkpoint(tmp_path / "checkpoint-5", {**COMMON, **LAYOUTS["one process or DDP"]})
+    write_checkpoint(tmp_path / "checkpoint-10", {**COMMON, **LAYOUTS[layout]})
+    assert rundir.find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    for needed in NEEDED[layout]:
+        path = tmp_path / "checkpoint-10" / needed
+        saved = path.read_bytes()
+        path.unlink()
+        warnings = []
+        assert rundir.find_checkpoint(str(tmp_path), warnings.append) == str(tmp_path / "checkpoint-5"), needed
+        assert warnings and "is missing; using an older checkpoint" in warnings[0], warnings
+        path.write_bytes(saved)
+        path.write_bytes(saved[: len(saved) // 2])  # cut short: skipped too, where the format shows it
+        if needed.endswith((".pt", ".bin", ".safetensors")):
+            assert rundir.find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5"), needed
+        path.write_bytes(saved)
+    assert rundir.find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")

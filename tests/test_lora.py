@@ -95,12 +95,10 @@ def held_out_exact_match(model_dir, records) -> float:
     return sum(smoke.is_right(r, a["text"]) for r, a in zip(records, answers)) / len(records)
 
 
-def test_lora_teaches_the_smoke_sft_model_a_new_task_and_keeps_the_old_ones(smoke_trained):
+def test_lora_teaches_the_smoke_sft_model_a_new_task_and_keeps_the_old_ones(smoke_trained, smoke_lora):
     """`train.py --smoke --lora`: adapters on the smoke SFT model learn a task its data never had ("Give the
     first word.") to >= 90% exact match on held-out prompts, while the old tasks stay within 5 points."""
-    result = run_train(smoke_trained, "--smoke", "--lora", "--merge")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trainable of" in result.stdout and "(LoRA)" in result.stdout
+    assert "trainable of" in smoke_lora and "(LoRA)" in smoke_lora
     out, sft = smoke_trained / "smoke-run" / "lora", smoke_trained / "smoke-run" / "model"
     new = [r for r in rundir.read_records(str(out / rundir.HELD_OUT_FILE)) if r["instruction"] == smoke.NEW_TASK]
     old = [r for r in rundir.read_records(str(sft / rundir.HELD_OUT_FILE)) if r["instruction"] != smoke.GREETING]
@@ -110,10 +108,8 @@ def test_lora_teaches_the_smoke_sft_model_a_new_task_and_keeps_the_old_ones(smok
     assert load_json(out / "metrics.json")["train_runtime_s"] < 180
 
 
-def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes(smoke_trained):
-    out = smoke_trained / "smoke-run" / "lora"  # written by the test above (run again here when run alone)
-    if not (out / "metrics.json").exists():
-        assert run_train(smoke_trained, "--smoke", "--lora", "--merge").returncode == 0
+def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes(smoke_trained, smoke_lora):
+    out = smoke_trained / "smoke-run" / "lora"
     for name in ("adapter_model.safetensors", "adapter_config.json", "sft_template.json", "metrics.json",
                  "merged/model.safetensors", "merged/config.json", "merged/sft_template.json"):
         assert (out / name).exists(), name
@@ -246,6 +242,16 @@ def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(
     prompts = [format_prompt({"instruction": smoke.GREETING, "input": "cat dog"}, adapter[2])] * 2
     scores = [scoring.score_texts(rm, tok, prompts, ["Hello, cat dog!", "hey cat dog"]) for rm, tok, _ in (adapter, merged)]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0][0] != scores[0][1]
+    # Hugging Face's own forward (the last token that is not pad_token_id) reads the score where reward.py does, on
+    # the merged model and on the adapter dir (whose base is the SFT model, saved without pad = EOS).
+    from transformers import AutoModelForSequenceClassification
+
+    ids = torch.tensor([scoring.answer_ids(adapter[1], prompts[0], "Hello, cat dog!")])
+    for path in (out / "merged", out):  # (the adapter's base is the SFT model, whose config has no num_labels)
+        hf = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).eval()
+        assert hf.config.pad_token_id is None
+        with torch.no_grad():
+            assert float(hf(ids).logits[0, 0]) == pytest.approx(scores[0][0], abs=1e-5), path
 
 
 def test_an_adapter_dir_that_cannot_serve_is_refused_in_one_line(tmp_path):

@@ -119,11 +119,11 @@ OTHER = "\n\nHuman: Hi.\n\nAssistant:"
      "d.json: record 1: field 'rejected' has no '\\n\\nAssistant:' turn"),
     ("d.json", json.dumps([{"instruction": "a", "rejected": "b"}]), "d.json: record 0: field 'chosen' is missing"),
     ("d.json", json.dumps([{"prompt": "p", "chosen": 3, "rejected": "b"}]),
-     "d.json: record 0: field 'chosen' is a int, not a string"),
+     "d.json: record 0: field 'chosen' is an int, not a string"),
     ("d.json", json.dumps([{"prompt": ["p"], "chosen": "a", "rejected": "b"}]), "record 0: field 'prompt' is a list"),
-    ("d.json", json.dumps([dict(ALPACA, input=5)]), "d.json: record 0: field 'input' is a int, not a string"),
+    ("d.json", json.dumps([dict(ALPACA, input=5)]), "d.json: record 0: field 'input' is an int, not a string"),
     ("d.json", json.dumps([dict(ALPACA, prompt="p")]), "record 0: has both a 'prompt' and an 'instruction' field"),
-    ("d.json", json.dumps([ALPACA, 7]), "d.json: record 1: is a int, not an object"),
+    ("d.json", json.dumps([ALPACA, 7]), "d.json: record 1: is an int, not an object"),
     ("d.jsonl", jsonl(ALPACA) + '{"chosen": \n', "d.jsonl: record 1 (line 2): malformed JSON"),
 ])
 def test_malformed_records_name_file_record_line_and_field(tmp_path, name, text, expected):

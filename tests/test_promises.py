@@ -150,6 +150,9 @@ def test_sampling_settings_without_sample_are_refused():
     greedy = argparse.Namespace(sample=False)
     with pytest.raises(UserError, match="--temperature, --top-p only apply when sampling; add --sample"):
         inference.check_sampling_flags(greedy, {"temperature", "top_p", "seed"})
+    with pytest.raises(UserError, match=r"--temperature only applies when sampling; add --sample \(greedy decoding "
+                                        r"ignores it\)"):
+        inference.check_sampling_flags(greedy, {"temperature"})
     inference.check_sampling_flags(greedy, {"seed", "max_new_tokens"})
     inference.check_sampling_flags(argparse.Namespace(sample=True), {"temperature"})
 

@@ -18,3 +18,19 @@ def test_ci_runs_the_readme_test_command():
     command = "python -m pytest -q"
     assert f"\n{command}\n" in README
     assert f"\n{command}" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_directory_the_readme_writes_is_git_ignored():
+    """A real-architecture run is over 1 GB: `git add .` after following the README must not pick one up."""
+    import re
+    import subprocess
+
+    import align
+    import reward
+
+    written = set(re.findall(r"--output-dir ([\w./-]+)", README)) | {"smoke-run", "tokenized"}
+    written |= {module.OUTPUT_DIR for module in (train, reward, align)}
+    written -= {"/mnt/tiny/run"}  # (a tmpfs mounted for the full-disk trial, outside the checkout)
+    for directory in sorted(written):
+        result = subprocess.run(["git", "check-ignore", "-q", f"{directory.rstrip('/')}/model.safetensors"], cwd=ROOT)
+        assert result.returncode == 0, f"{directory}/ is not in .gitignore"

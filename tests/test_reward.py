@@ -17,6 +17,7 @@ import preferences
 import scoring
 from conftest import ROOT, shared_path
 from rmtrainer import pairwise_loss
+from transformers import AutoModelForSequenceClassification
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TEXTS = [("### Instruction:\nName a color.\n\n### Response:\n", "Blue."),
@@ -172,6 +173,10 @@ def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
     shown = run_reward(work, "--smoke", "--score", "--prompt", smoke.GREETING, "--input", names, "--answer", polite)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"{scores[0]:+9.4f}  answer: {polite!r}" in shown.stdout
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()  # Hugging Face's own forward, no score_index
+    with torch.no_grad():
+        assert float(hf(torch.tensor([scoring.answer_ids(tok, prompt, polite)])).logits[0, 0]) == pytest.approx(
+            scores[0], abs=1e-5)
     pairs = work / "pairs-to-score.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in smoke.make_pairs(20, seed=5)))
     ranked = run_reward(work, "--smoke", "--score", "--prompts-file", str(pairs))

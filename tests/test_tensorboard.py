@@ -38,6 +38,9 @@ def test_the_training_loss_reaches_tensorboard(smoke_trained, script):
     assert [step for step, _ in written] == [step for step, _ in losses] == [2, 4]
     assert [value for _, value in written] == pytest.approx([value for _, value in losses], rel=1e-6)
     assert not (smoke_trained / "runs").exists()  # (transformers' default for logs before training)
+    before = json.loads((out / "eval_before.json").read_text())
+    first = {"train.py": "loss", "reward.py": "accuracy", "align.py": "accuracy"}[script]
+    assert scalars(out)[f"eval/{first}"][0] == (0, pytest.approx(before[f"before_{first}"], rel=1e-6))  # step 0
 
 
 @pytest.mark.parametrize("value,expected", [

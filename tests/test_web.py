@@ -91,6 +91,8 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
         assert record["instruction"] in browser.page_source  # among the held-out example prompts
         find(By.CSS_SELECTOR, "#generate").click()  # nothing typed yet
         wait.until(lambda b: "The instruction is empty" in b.page_source)
+        assert "Error" not in "".join(element.text for element in find(By.CSS_SELECTOR, ".gradio-container")
+                                      .find_elements(By.CSS_SELECTOR, "#answer-base, #answer-finetuned"))
         box.send_keys(record["instruction"])
         find(By.CSS_SELECTOR, "#input textarea").send_keys(record["input"])
         find(By.CSS_SELECTOR, "#generate").click()
@@ -132,6 +134,23 @@ def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
     stream = webui.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 512, "do_sample": False}, 42)
     next(stream)
     stream.close()  # the page went away: generation stops, its thread ends (no hang, no error)
+
+
+def test_the_example_prompts_cover_every_kind_of_instruction(smoke_trained):
+    import webui
+
+    examples = webui.example_records(str(smoke_trained / "smoke-run" / "model"))
+    kinds = {" ".join(r["instruction"].split()[:2]) for r in examples}
+    assert len(examples) == webui.MAX_EXAMPLES and len(kinds) == 7 and smoke.GREETING in kinds
+
+
+def test_a_page_with_no_model_to_load_is_refused_at_start(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--web", "--base", str(tmp_path / "none"),
+                             "--finetuned", str(tmp_path / "nothing")], cwd=tmp_path, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.startswith("error: no model could be loaded, so there is no page to serve: base: ")
+    assert "Serving" not in result.stdout
 
 
 def test_a_port_in_use_is_one_line(smoke_trained):
