@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-import runner
+from tuning.runs import runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir): the policy starts from it, and it is the reference
@@ -43,7 +43,7 @@ SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split, the shuffling and the sampling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
-PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (pairlogps.py); auto = rows, or flat with FlashAttention
+PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (sequence_logps.py); auto = rows, or flat with FlashAttention
 LORA = False  # train LoRA adapters (peft) on the SFT model instead of every weight; the reference is it without them
 LORA_R = 16  # --lora: rank of each adapter; >= 1
 LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
@@ -65,8 +65,8 @@ IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs"
 
 
 def validate_args(args) -> None:
-    import lora
-    from cli import check_all
+    from tuning.models import lora
+    from tuning.cli import check_all
     from datasetup import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
@@ -98,8 +98,8 @@ def validate_args(args) -> None:
 
 def apply_defaults(args, explicit: set) -> None:
     """--smoke's preset (except for flags given on the command line), then the method's beta and lr."""
-    import smoke
-    from cli import UserError
+    from tuning import smoke
+    from tuning.cli import UserError
 
     if args.smoke:
         clash = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "reward_model") if name in explicit]
@@ -122,9 +122,9 @@ def apply_defaults(args, explicit: set) -> None:
 
 def check_dirs(args) -> None:
     """The SFT (and reward) model dirs hold finished models, and the output dir is neither of them."""
-    import lora
-    import rundir
-    from cli import UserError
+    from tuning.models import lora
+    from tuning import rundir
+    from tuning.cli import UserError
 
     for flag, path in (("--model", args.model), ("--reward-model", args.reward_model)):
         if path and os.path.realpath(path) == os.path.realpath(args.output_dir):
@@ -149,10 +149,10 @@ def check_dirs(args) -> None:
 def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict], dict]:
     """({"train", "validation"} Datasets, the held-out records as read, report): DPO's pairs tokenized as SFT
     tokenized them, or RLOO's prompts formatted with the SFT template (and the reward model's)."""
-    import preferences
-    from cli import UserError
-    from scoring import context_limit
-    from templates import encode_prompt
+    from tuning.data import preferences
+    from tuning.cli import UserError
+    from tuning.models.scoring import context_limit
+    from tuning.data.templates import encode_prompt
 
     if args.method == "dpo":
         return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
@@ -189,11 +189,11 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
     packed pairs, or, for RLOO, the language-model loss of a prompt."""
     import torch
 
-    import pairlogps
-    from templates import encode_prompt
+    from tuning.models import sequence_logps
+    from tuning.data.templates import encode_prompt
 
     if args.method == "dpo":
-        batch = pairlogps.model_inputs(pairlogps.PairCollator(tokenizer.pad_token_id, packing)(
+        batch = sequence_logps.model_inputs(sequence_logps.PairCollator(tokenizer.pad_token_id, packing)(
             runner.probe_examples(data["train"])))
         return lambda model: model(**batch).logits.sum()
     ids = torch.tensor([encode_prompt(tokenizer, data["train"][0]["prompt"])])
@@ -201,14 +201,14 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
 
 
 def main(args, explicit: set) -> None:
-    import alignreport
-    import aligntrainer
-    import lora
+    from tuning.preference import align_report
+    from tuning.preference import align_trainers
+    from tuning.models import lora
     import model as model_lib
-    import pairlogps
-    import rundir
-    from templates import load_template
-    from trainer import StopOnSignal, write_template
+    from tuning.models import sequence_logps
+    from tuning import rundir
+    from tuning.data.templates import load_template
+    from tuning.runs.trainer import StopOnSignal, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -221,7 +221,7 @@ def main(args, explicit: set) -> None:
                           reserve=args.max_new_tokens if args.method == "rloo" else 0)
     config = {**vars(args), "device": device.type, "precision": precision, "sft_model": runner.model_path(args.model),
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
-    training_args = aligntrainer.trl_config(args, device, precision)
+    training_args = align_trainers.trl_config(args, device, precision)
     runner.refuse_data_parallel(training_args, "align.py")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
@@ -232,13 +232,13 @@ def main(args, explicit: set) -> None:
     judge = None
     with training_args.main_process_first(desc="preparing data"):
         if args.smoke:
-            import smoke
+            from tuning import smoke
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = model_lib.load_tokenizer(args.model)
         template = load_template(args.model)
         if args.method == "rloo":
-            judge = aligntrainer.Judge(args.reward_model, device, args.batch_size * args.num_generations,
+            judge = align_trainers.Judge(args.reward_model, device, args.batch_size * args.num_generations,
                                        args.missing_eos_penalty)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
         if args.method == "dpo":
@@ -246,16 +246,16 @@ def main(args, explicit: set) -> None:
     policy = model_lib.load_model(args.model, "pretrained", tokenizer)
     if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
         probe = runner.probe_examples(data["train"])
-        packing = runner.choose_packing(pairlogps.enable_sequence_logps(policy), packing, "packing" in explicit,
+        packing = runner.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
                                         say, "answer log-probs", len(probe),
-                                        lambda: pairlogps.packed_logps_match(policy, probe, tokenizer.pad_token_id))
+                                        lambda: sequence_logps.packed_logps_match(policy, probe, tokenizer.pad_token_id))
         if attn and packing == "flat":
             policy.set_attn_implementation(attn)
         config["packing"] = packing
         say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
         policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
-                               args.lora_target, seed=args.seed)  # in either method (aligntrainer.trl_config)
+                               args.lora_target, seed=args.seed)  # in either method (align_trainers.trl_config)
     say(f"Parameters: {lora.describe(policy)}{' (LoRA: the reference is the SFT model, adapters off)' if args.lora else ''}")
     runner.find_unused_parameters(policy, probe_loss(args, data, tokenizer, packing), training_args, say)
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
@@ -265,7 +265,7 @@ def main(args, explicit: set) -> None:
         rundir.write_json(os.path.join(args.output_dir, rundir.RUN_CONFIG_FILE), config)
 
     stopper = StopOnSignal(announce=main_process)
-    trainer = aligntrainer.build_trainer(args, policy, tokenizer, training_args, data, judge, [stopper],
+    trainer = align_trainers.build_trainer(args, policy, tokenizer, training_args, data, judge, [stopper],
                                          lambda directory: write_template(directory, template), packing)
     if not checkpoint:
         say("Evaluating the SFT model on the held-out set ...")
@@ -281,14 +281,14 @@ def main(args, explicit: set) -> None:
             write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
         if main_process:
             write_template(args.output_dir, template)
-            metrics.update(alignreport.summary(args, trainer, before, after, metrics), device=device.type,
+            metrics.update(align_report.summary(args, trainer, before, after, metrics), device=device.type,
                            precision=precision, world_size=training_args.world_size,
                            peak_memory_mb=trainer.peak_memory_mb())
-            alignreport.plot(args, before, after, os.path.join(args.output_dir, "before_after.png"))
+            align_report.plot(args, before, after, os.path.join(args.output_dir, "before_after.png"))
             rundir.write_json(os.path.join(args.output_dir, rundir.METRICS_FILE), metrics)  # last: the run is finished
     runner.finish(trainer)
     if main_process:
-        for line in alignreport.report_lines(args, metrics):
+        for line in align_report.report_lines(args, metrics):
             say(line)
 
 

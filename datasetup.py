@@ -13,11 +13,11 @@ import random
 import time
 import numpy as np
 
-import datacache
-import rundir
-from cli import UserError
-from records import DataError, is_placeholder_input, load_records, read_raw  # noqa: F401  (part of this API)
-from templates import TEMPLATES, Template, bos_prefix, encode_prompt, format_prompt, template_of  # noqa: F401
+from tuning.data import tokencache
+from tuning import rundir
+from tuning.cli import UserError
+from tuning.data.records import DataError, is_placeholder_input, load_records, read_raw  # noqa: F401  (part of this API)
+from tuning.data.templates import TEMPLATES, Template, bos_prefix, encode_prompt, format_prompt, template_of  # noqa: F401
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
@@ -112,11 +112,11 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
     """
     import datasets
 
-    if datacache.is_saved_dir(source):
-        return datacache.load_saved(source, tokenizer, template, max_length, train_on_prompt)
+    if tokencache.is_saved_dir(source):
+        return tokencache.load_saved(source, tokenizer, template, max_length, train_on_prompt)
     records, report = loaded or load_records(source, skip_invalid)
     train, val = split_records(records, val_size, seed)
-    cache = datacache.cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
+    cache = tokencache.cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
     report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)},
                   held_out=val)
     if os.path.isfile(os.path.join(cache, "dataset_dict.json")):
@@ -126,7 +126,7 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
     dsd = datasets.DatasetDict(train=tokenize_records(train, *args, desc="Tokenizing train"),
                                validation=tokenize_records(val, *args, desc="Tokenizing validation"))
     report["from_cache"] = False
-    datacache.save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
+    tokencache.save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
     return dsd, report
 
 
@@ -208,7 +208,7 @@ def val_size_problems(val_size) -> list[str]:
 
 
 def validate_args(args) -> None:
-    from cli import check_all
+    from tuning.cli import check_all
 
     problems = []
     if args.max_length < 2:
@@ -221,13 +221,13 @@ def main(args) -> None:
     from model import load_tokenizer
 
     # Records first: a bad file is reported before any tokenizer download.
-    loaded = None if datacache.is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
+    loaded = None if tokencache.is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
                                    args.seed, args.train_on_prompt, args.skip_invalid, loaded)
     print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
     if args.save:
-        datacache.save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt, report.get("held_out"))
+        tokencache.save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt, report.get("held_out"))
         model_hint = "" if args.tokenizer == TOKENIZER else f" with a --model whose tokenizer is {args.tokenizer}"
         print(f"Saved tokenized DatasetDict to {args.save}. Use: python train.py --dataset {args.save}{model_hint};"
               " it reads the template, --max-length and --train-on-prompt from there.")
@@ -237,7 +237,7 @@ def main(args) -> None:
 if __name__ == "__main__":
     import sys
 
-    import cli
+    from tuning import cli
 
     parsed = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), validate_args)
     try:

@@ -110,8 +110,8 @@ def rewards(reward_model: str, device, records: list[dict], answers: dict, batch
     """Each role's reward-model scores of its answers (as decoded, unstripped: as align.py scores them), the
     prompts formatted with the RM's template. Each distinct (prompt, answer) text is scored once, so two roles'
     identical answers get the very same score, a tie, whatever batch shapes they would have been scored in."""
-    import scoring
-    from templates import format_prompt
+    from tuning.models import scoring
+    from tuning.data.templates import format_prompt
 
     rm, tokenizer, template = scoring.load_reward_model(reward_model, device)
     prompts = [format_prompt(r, template) for r in records]
@@ -128,7 +128,7 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
     import torch
     import torch.nn.functional as F
 
-    from collate import SFTCollator
+    from tuning.data.collate import SFTCollator
     from datasetup import tokenize_example
 
     # The same tokens and loss mask as training; examples whose prompt alone is too long carry no loss.
@@ -234,7 +234,7 @@ def plot_report(path: str, report: dict) -> None:
 
 
 def validate_args(args) -> None:
-    from cli import check_all
+    from tuning.cli import check_all
 
     check_all([f"--{k.replace('_', '-')} must be >= {low} (got {getattr(args, k)})"
                for k, low in (("limit", 0), ("num_generations", 1), ("num_samples", 0), ("max_new_tokens", 1),
@@ -243,7 +243,7 @@ def validate_args(args) -> None:
 
 def check_base(args, config: dict, explicit: set) -> None:
     """A run trained from random weights (--init scratch) has no base model to compare with."""
-    from cli import UserError
+    from tuning.cli import UserError
 
     if args.only == "both" and config.get("init") == "scratch" and "base" not in explicit:
         raise UserError(f"{args.finetuned} was trained from random weights (--init scratch), so there is no base "
@@ -251,11 +251,11 @@ def check_base(args, config: dict, explicit: set) -> None:
 
 
 def main(args, explicit: set) -> dict:
-    import smoke
+    from tuning import smoke
     from datasetup import held_out_records
     from inference import load_template, require_finetuned
     from model import get_device, offline_unless_hub_reachable
-    from rundir import read_run_config, starting_model, write_json
+    from tuning.rundir import read_run_config, starting_model, write_json
 
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
@@ -304,6 +304,6 @@ def main(args, explicit: set) -> dict:
 
 
 if __name__ == "__main__":
-    import cli
+    from tuning import cli
 
     cli.run(sys.modules[__name__], main, validate_args)

@@ -4,7 +4,7 @@
     python inference.py --prompt "Summarize this." --input "Some text ..." --sample --temperature 0.7
     python inference.py --prompts-file prompts.jsonl --json > answers.jsonl
     python inference.py --smoke          # the tiny model from `python train.py --smoke`, on held-out prompts
-    python inference.py --web            # a local web page: type prompts, read the answers side by side (webui.py)
+    python inference.py --web            # a local web page: type prompts, read the answers side by side (web.py)
 
 Prompts are formatted with the template saved with the fine-tuned model, exactly as in training.
 """
@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from cli import UserError
-from templates import load_template  # noqa: F401  (the saved template; tests and scripts use it from here)
+from tuning.cli import UserError
+from tuning.data.templates import load_template  # noqa: F401  (the saved template; tests and scripts use it from here)
 
 # ---- settings (each has a flag: MAX_NEW_TOKENS -> --max-new-tokens) ----
 BASE = "distilgpt2"  # Hub id or local directory of the model before fine-tuning
@@ -46,7 +46,7 @@ PORT = 0  # --web: the port to serve on; 0 = a free one (printed)
 
 def read_prompts(path: str) -> list[dict]:
     """Records {instruction, input[, output]} from .json/.jsonl records or a text file of instructions."""
-    from records import DataError, read_raw
+    from tuning.data.records import DataError, read_raw
 
     if not os.path.isfile(path):
         raise UserError(f"--prompts-file {path}: file not found")
@@ -70,8 +70,8 @@ def read_prompts(path: str) -> list[dict]:
 
 def require_finetuned(path: str, role: str = "finetuned") -> None:
     """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
-    import lora
-    import rundir
+    from tuning.models import lora
+    from tuning import rundir
 
     if lora.is_model_dir(path):
         return
@@ -92,7 +92,7 @@ def load_for_generation(name_or_path: str, device, role: str):
     """(model, tokenizer) in eval mode, tokenizer padding on the left for batched generation."""
     from transformers import AutoModelForCausalLM
 
-    import lora
+    from tuning.models import lora
     import model as model_lib
 
     if role in ("finetuned", "aligned"):
@@ -133,7 +133,7 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
     from tqdm.auto import tqdm
 
     from model import stop_token_ids
-    from templates import encode_prompt
+    from tuning.data.templates import encode_prompt
 
     stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
     torch.manual_seed(seed)
@@ -163,7 +163,7 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
 
 def smoke_prompts() -> list[dict]:
     """The held-out validation records of the smoke run, rebuilt from its run_config.json."""
-    import smoke
+    from tuning import smoke
     from datasetup import held_out_records
 
     model_dir = os.path.join(smoke.OUTPUT_DIR, "model")
@@ -186,7 +186,7 @@ def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
 
 
 def validate_args(args) -> None:
-    from cli import check_all
+    from tuning.cli import check_all
 
     problems = []
     if args.max_new_tokens < 1:
@@ -225,10 +225,10 @@ def check_web_flags(args, explicit: set) -> None:
 
 
 def main(args, explicit: set) -> None:
-    import smoke
+    from tuning import smoke
     from model import get_device, offline_unless_hub_reachable
-    from rundir import starting_model
-    from templates import format_prompt
+    from tuning.rundir import starting_model
+    from tuning.data.templates import format_prompt
 
     check_sampling_flags(args, explicit)
     check_web_flags(args, explicit)
@@ -252,9 +252,9 @@ def main(args, explicit: set) -> None:
     roles.update({"aligned": args.aligned} if args.aligned else {})
     template = load_template(args.finetuned if os.path.isdir(args.finetuned) else "", args.template)
     if args.web:  # the page reports a model that can't load in its column
-        import webui
+        from tuning.generation import web
 
-        return webui.serve(args, roles, template, device)
+        return web.serve(args, roles, template, device)
     for role in ("finetuned", "aligned"):
         if role in roles:
             require_finetuned(roles[role], role)
@@ -297,6 +297,6 @@ def main(args, explicit: set) -> None:
 
 
 if __name__ == "__main__":
-    import cli
+    from tuning import cli
 
     cli.run(sys.modules[__name__], main, validate_args)

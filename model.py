@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from cli import UserError
+from tuning.cli import UserError
 
 # ---- settings (each has a flag: INIT -> --init) ----
 MODEL = "distilgpt2"  # Hub id or local directory of a causal LM (or of a config.json with --init scratch)
@@ -159,7 +159,7 @@ def load_model(name_or_path: str = MODEL, init: str = INIT, tokenizer=None, dtyp
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import lora
+    from tuning.models import lora
 
     _check_local(name_or_path)
     refuse_reward_model(name_or_path)
@@ -186,7 +186,7 @@ def refuse_reward_model(path: str, flag: str = "") -> None:
     loaded as a causal LM, its score head would be dropped and its answers would be noise."""
     import json
 
-    import lora
+    from tuning.models import lora
 
     directory = os.path.expanduser(path)
     if lora.is_adapter_dir(directory):
@@ -355,7 +355,7 @@ def count_parameters(model) -> int:
 if __name__ == "__main__":
     import sys
 
-    import cli
+    from tuning import cli
 
     args = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
     try:

@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-import runner
+from tuning.runs import runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir); its body and template start the reward model
@@ -57,8 +57,8 @@ IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max
 
 
 def validate_args(args) -> None:
-    import lora
-    from cli import check_all
+    from tuning.models import lora
+    from tuning.cli import check_all
     from datasetup import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
@@ -84,9 +84,9 @@ def validate_args(args) -> None:
 
 def apply_smoke(args, explicit: set) -> None:
     """--smoke: the smoke SFT model, pairs and settings, except for flags given on the command line."""
-    import lora
-    import smoke
-    from cli import UserError
+    from tuning.models import lora
+    from tuning import smoke
+    from tuning.cli import UserError
 
     clash = [f"--{name.replace('_', '-')}" for name in ("model", "dataset") if name in explicit]
     if clash:
@@ -104,9 +104,9 @@ def apply_smoke(args, explicit: set) -> None:
 def check_dirs(model: str, output_dir: str) -> None:
     """A clear message when the SFT directory holds no finished model (Hub ids other than the default pass
     through), and never an output dir that is the SFT model's own."""
-    import lora
-    import rundir
-    from cli import UserError
+    from tuning.models import lora
+    from tuning import rundir
+    from tuning.cli import UserError
 
     if os.path.realpath(model) == os.path.realpath(output_dir):
         raise UserError(f"--output-dir {output_dir} is the SFT model's directory (--model); the reward model "
@@ -126,14 +126,14 @@ def check_dirs(model: str, output_dir: str) -> None:
 def main(args, explicit: set) -> None:
     from transformers import TrainingArguments
 
-    import lora
+    from tuning.models import lora
     import model as model_lib
-    import preferences
-    import rundir
-    import scoring
-    from rmtrainer import RewardTrainer
-    from templates import load_template
-    from trainer import StopOnSignal, report_targets, write_template
+    from tuning.data import preferences
+    from tuning import rundir
+    from tuning.models import scoring
+    from tuning.preference.reward_trainer import RewardTrainer
+    from tuning.data.templates import load_template
+    from tuning.runs.trainer import StopOnSignal, report_targets, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -163,7 +163,7 @@ def main(args, explicit: set) -> None:
     say(f"Device: {device.type} x {training_args.world_size}; precision: {precision} ({why})")
     with training_args.main_process_first(desc="preparing data"):
         if args.smoke:
-            import smoke
+            from tuning import smoke
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = model_lib.load_tokenizer(args.model)
@@ -236,7 +236,7 @@ def main(args, explicit: set) -> None:
 
 def plot_margins(before: dict, after: dict, metrics: dict, path: str) -> None:
     """margins.png: histograms of the held-out margins r(chosen) - r(rejected), before and after training."""
-    from plots import plot_before_after
+    from tuning.runs.plots import plot_before_after
 
     tied = all(margin == 0 for margin in before["before_margins"])  # the new zero head: 50%, ties counted half
     plot_before_after(before["before_margins"], after["eval_margins"], path,
@@ -250,8 +250,8 @@ def plot_margins(before: dict, after: dict, metrics: dict, path: str) -> None:
 def score_main(args) -> None:
     """--score: print the reward model's score of each answer (and, for pairs, which one it prefers)."""
     import model as model_lib
-    import scoring
-    from preferences import pair_prompt
+    from tuning.models import scoring
+    from tuning.data.preferences import pair_prompt
 
     device = model_lib.get_device(args.device)
     rm, tokenizer, template = scoring.load_reward_model(args.output_dir, device, flag="--output-dir")

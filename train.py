@@ -14,8 +14,8 @@ import os
 import shlex
 import sys
 
-import runner
-from runner import probe_examples, resolve_packing  # noqa: F401  (part of this script's API)
+from tuning.runs import runner
+from tuning.runs.runner import probe_examples, resolve_packing  # noqa: F401  (part of this script's API)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2"  # Hub id or local directory of the causal LM to fine-tune
@@ -63,8 +63,8 @@ IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prom
 
 
 def validate_args(args) -> None:
-    import lora
-    from cli import check_all
+    from tuning.models import lora
+    from tuning.cli import check_all
     from datasetup import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
@@ -84,8 +84,8 @@ def validate_args(args) -> None:
 
 def apply_smoke(args, explicit: set) -> None:
     """--smoke: the offline preset's model, data and settings, except for flags given on the command line."""
-    import smoke
-    from cli import UserError
+    from tuning import smoke
+    from tuning.cli import UserError
 
     clash = [f"--{name.replace('_', '-')}" for name in ("model", "init", "dataset") if name in explicit]
     if clash:
@@ -109,11 +109,11 @@ def apply_smoke(args, explicit: set) -> None:
 def use_saved_settings(args, explicit: set) -> set:
     """--dataset DIR from `datasetup.py --save`: its template, max length, prompt loss and split size, unless
     given as flags. Returns the settings it took from there (given ones, not defaults)."""
-    import datacache
+    from tuning.data import tokencache
 
     taken = set()
-    if datacache.is_saved_dir(args.dataset):
-        saved = datacache.saved_settings(args.dataset)
+    if tokencache.is_saved_dir(args.dataset):
+        saved = tokencache.saved_settings(args.dataset)
         for name in ("template", "max_length", "train_on_prompt", "val_size"):
             if name not in explicit and saved.get(name) is not None:
                 setattr(args, name, saved[name])
@@ -124,7 +124,7 @@ def use_saved_settings(args, explicit: set) -> set:
 def fit_max_length(args, given: set, say) -> None:
     """--max-length against the positions of the model to train (runner.fit_max_length's rule). The smoke base
     model is written later, by the run itself, from smoke.MODEL_CONFIG."""
-    import smoke
+    from tuning import smoke
 
     fresh_smoke = args.smoke and not args.lora
     positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else runner.model_positions(args.model)
@@ -135,7 +135,7 @@ def data_report(args, report: dict, data, say) -> dict | None:
     """Says what was read and left out (malformed records under --skip-invalid, empty instructions or outputs,
     prompts longer than --max-length); returns it for run_config.json. None for a datasetup.py --save dir, whose
     records were read (and reported) when it was made."""
-    from records import left_out_report, say_left_out
+    from tuning.data.records import left_out_report, say_left_out
 
     if "read" not in report:
         return None
@@ -147,7 +147,7 @@ def data_report(args, report: dict, data, say) -> dict | None:
 
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
     """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
-    from collate import packed_loss_matches
+    from tuning.data.collate import packed_loss_matches
 
     return runner.choose_packing(model, packing, explicit, say, "loss", len(examples),
                                  lambda: packed_loss_matches(model, examples, pad_id))
@@ -157,14 +157,14 @@ def main(args, explicit: set) -> None:
     import torch
     from transformers import TrainingArguments
 
-    import datacache
+    from tuning.data import tokencache
     import datasetup
-    import lora
+    from tuning.models import lora
     import model as model_lib
-    import rundir
-    from collate import SFTCollator
-    from plots import plot_loss_curve
-    from trainer import InstructTrainer, StopOnSignal, report_targets, write_template
+    from tuning import rundir
+    from tuning.data.collate import SFTCollator
+    from tuning.runs.plots import plot_loss_curve
+    from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets, write_template
 
     device = model_lib.get_device(args.device)
     precision, why = model_lib.resolve_precision(args.precision, device)
@@ -200,13 +200,13 @@ def main(args, explicit: set) -> None:
 
     with training_args.main_process_first(desc="preparing data"):
         if args.smoke:
-            import smoke
+            from tuning import smoke
 
             smoke.prepare(os.path.dirname(args.model))
             if args.lora:
                 smoke.prepare_lora(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
-        loaded = None if datacache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
+        loaded = None if tokencache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
                                                                                           args.skip_invalid)
         tokenizer = model_lib.load_tokenizer(args.model, smoke_hint=True)
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,

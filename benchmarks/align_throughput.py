@@ -50,7 +50,7 @@ def _setup(workdir: str, n: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import model as model_lib
-    import preferences
+    from tuning.data import preferences
 
     tokenizer = model_lib.load_tokenizer(MODEL)
     torch.manual_seed(0)
@@ -81,7 +81,7 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
     import torch
     from datasets import Dataset
 
-    import aligntrainer
+    from tuning.preference import align_trainers
     import model as model_lib
 
     workdir = tempfile.mkdtemp()
@@ -91,7 +91,7 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
     if row == "trl":
         from trl import DPOConfig, DPOTrainer
 
-        import preferences
+        from tuning.data import preferences
 
         data = Dataset.from_list([{"prompt": preferences.pair_prompt(p, "seed"), "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in pairs])
@@ -102,11 +102,11 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
         trainer = DPOTrainer(model=policy, args=config, train_dataset=data, processing_class=tokenizer)
     else:
         args = _args(workdir, "dpo", epochs=1.0)
-        config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
+        config = align_trainers.trl_config(args, torch.device("cpu"), precision)
         config.disable_tqdm, config.eval_strategy = True, "no"
         config.gradient_checkpointing = row == "checkpointed"
         data = {"train": Dataset.from_list(tokens), "validation": None}
-        trainer = aligntrainer.build_trainer(args, policy, tokenizer, config, data, None, [], None)
+        trainer = align_trainers.build_trainer(args, policy, tokenizer, config, data, None, [], None)
     trainer.train()
     seconds = time.perf_counter() - started
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -119,11 +119,11 @@ def run_rloo_row(precision: str, steps: int) -> dict:
     import torch
     from datasets import Dataset
 
-    import aligntrainer
+    from tuning.preference import align_trainers
     import model as model_lib
-    import preferences
-    import scoring
-    from trainer import write_template
+    from tuning.data import preferences
+    from tuning.models import scoring
+    from tuning.runs.trainer import write_template
 
     workdir = tempfile.mkdtemp()
     path, tokenizer, pairs, _ = _setup(workdir, BATCH_SIZE * (steps + 1))
@@ -135,14 +135,14 @@ def run_rloo_row(precision: str, steps: int) -> dict:
     tokenizer.save_pretrained(os.path.join(workdir, "rm"))
     write_template(os.path.join(workdir, "rm"), "seed")
     args = _args(workdir, "rloo", max_steps=steps)
-    config = aligntrainer.trl_config(args, torch.device("cpu"), precision)
+    config = align_trainers.trl_config(args, torch.device("cpu"), precision)
     config.disable_tqdm, config.eval_strategy = True, "no"
-    judge = aligntrainer.Judge(os.path.join(workdir, "rm"), torch.device("cpu"), BATCH_SIZE * args.num_generations,
+    judge = align_trainers.Judge(os.path.join(workdir, "rm"), torch.device("cpu"), BATCH_SIZE * args.num_generations,
                                args.missing_eos_penalty)
     prompts = [preferences.pair_prompt(p, "seed") for p in pairs]
     data = {"train": Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts]), "validation": None}
     policy = model_lib.load_model(path, "pretrained", tokenizer)
-    trainer = aligntrainer.build_trainer(args, policy, tokenizer, config, data, judge, [], None)
+    trainer = align_trainers.build_trainer(args, policy, tokenizer, config, data, judge, [], None)
     ends, generating = [], []
 
     class Timer(__import__("transformers").TrainerCallback):

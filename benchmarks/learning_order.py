@@ -33,7 +33,7 @@ def score(workdir: str, run: str) -> dict:
 
     import datasetup
     import inference
-    import smoke
+    from tuning import smoke
 
     model_dir = os.path.join(workdir, run)
     held_out, _ = datasetup.held_out_records(model_dir)
@@ -78,6 +78,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    import cli
+    from tuning import cli
 
     main(cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None))

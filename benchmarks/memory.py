@@ -84,12 +84,12 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     from transformers import TrainingArguments
 
     import datasetup
-    import lora
+    from tuning.models import lora
     import model as model_lib
     import train
-    from collate import SFTCollator
-    from runner import probe_examples
-    from trainer import InstructTrainer
+    from tuning.data.collate import SFTCollator
+    from tuning.runs.runner import probe_examples
+    from tuning.runs.trainer import InstructTrainer
 
     path = model_dir(name, int(mode.split("@")[1]) if "@" in mode else None)
     tokenizer = model_lib.load_tokenizer(path)
@@ -180,7 +180,7 @@ def summarize(results: list[dict], estimates: dict) -> str:
 
 
 def main(args) -> None:
-    import lora as lora_lib
+    from tuning.models import lora as lora_lib
     import model as model_lib
 
     precision, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))

@@ -41,7 +41,7 @@ LABELS = {"default": "project default (reward.py: packed rows, score at the EOS)
 
 def _pairs(tokenizer, n):
     """The first n usable pairs that fit MAX_LENGTH: (pair dicts, their tokens)."""
-    import preferences
+    from tuning.data import preferences
 
     pairs, _ = preferences.load_pairs(DATASET, skip_invalid=True)
     tokenized, report = preferences.tokenize_pairs(pairs, tokenizer, "seed", MAX_LENGTH)
@@ -53,7 +53,7 @@ def _reward_model():
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    import scoring
+    from tuning.models import scoring
 
     torch.manual_seed(0)  # the same random weights in every row; dropout off in every row (TRL's default too)
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(MODEL, num_labels=1))
@@ -77,7 +77,7 @@ def run_row(row: str, precision: str, n: int) -> dict:
         from datasets import Dataset
         from trl import RewardConfig, RewardTrainer
 
-        import preferences
+        from tuning.data import preferences
 
         data = Dataset.from_list([{"prompt": preferences.pair_prompt(p, "seed"), "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in pairs])
@@ -88,8 +88,8 @@ def run_row(row: str, precision: str, n: int) -> dict:
     else:
         from transformers import TrainingArguments
 
-        import scoring
-        from rmtrainer import RewardTrainer
+        from tuning.models import scoring
+        from tuning.preference.reward_trainer import RewardTrainer
 
         counter = Counting(scoring.ScoreCollator(tokenizer.pad_token_id, "rows" if row == "default" else "none"))
         trainer = RewardTrainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),

@@ -87,7 +87,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
 
     import datasetup
     import model as model_lib
-    from collate import SFTCollator
+    from tuning.data.collate import SFTCollator
 
     torch.manual_seed(0)
     tokenizer = model_lib.load_tokenizer(MODEL)
@@ -115,7 +115,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
     else:
         from transformers import TrainingArguments
 
-        from trainer import InstructTrainer
+        from tuning.runs.trainer import InstructTrainer
 
         data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
         mode = "rows" if row in ("packed", "default") else "none"
@@ -286,7 +286,7 @@ def script_main(module, settings: tuple[str, ...], run_worker) -> None:
     """A benchmark's command line: its flags parsed, and `settings` copied to its constants so that they rule
     every row; with --worker ROW:PRECISION, `run_worker(row, precision, flags)` runs here and its result is
     printed as JSON (run_workers reads it), otherwise module.main(flags) runs every row."""
-    import cli
+    from tuning import cli
 
     parsed = cli.parse_or_exit(cli.build_parser(module), lambda a: None)
     vars(module).update({name.upper(): getattr(parsed, name) for name in settings})

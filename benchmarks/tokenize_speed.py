@@ -42,6 +42,6 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    import cli
+    from tuning import cli
 
     main(cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None))

@@ -24,7 +24,7 @@ def shared_path(*parts) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    import smoke
+    from tuning import smoke
 
     texts = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in smoke.make_records(300)]
     texts += ["### Instruction:\n### Input:\n### Response:\nBelow is an instruction that describes a task."]

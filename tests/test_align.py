@@ -10,9 +10,9 @@ import torch
 
 import datasetup
 import model as model_lib
-import preferences
+from tuning.data import preferences
 from conftest import shared_path
-from templates import encode_prompt, format_prompt
+from tuning.data.templates import encode_prompt, format_prompt
 
 
 def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
@@ -37,18 +37,18 @@ def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
 
 
 def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0):
-    import aligntrainer
+    from tuning.preference import align_trainers
 
     policy = tiny_policy(tmp_path, tokenizer, dropout)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=2, lr=1e-3, warmup_ratio=0.0,
                            eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.1, method="dpo", gradient_checkpointing=False, lora=False, report_to="none",
                            batch_size=len(pairs))
-    config = aligntrainer.trl_config(args, torch.device("cpu"), "fp32")
+    config = align_trainers.trl_config(args, torch.device("cpu"), "fp32")
     tokens, _ = preferences.tokenize_pairs(pairs, tokenizer, "seed", 1024)
     from datasets import Dataset
 
     data = {"train": Dataset.from_list(tokens), "validation": Dataset.from_list(tokens)}
-    return aligntrainer.build_trainer(args, policy, tokenizer, config, data, None, [], None)
+    return align_trainers.build_trainer(args, policy, tokenizer, config, data, None, [], None)
 
 
 def real_pairs(count=4):
@@ -88,21 +88,21 @@ def test_dpo_trains_on_the_sft_tokens_of_a_real_record(tmp_path, gpt2_tokenizer)
 def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
     """Packing changes the layout, not the numbers: each answer's log-prob is the same padded, in packed rows,
     in one flat row, and alone."""
-    import pairlogps
+    from tuning.models import sequence_logps
 
     tok = model_lib.ready_tokenizer(gpt2_tokenizer)
     _, pairs = real_pairs()
     tokens, _ = preferences.tokenize_pairs(pairs, tok, "seed", 1024)
-    model = pairlogps.enable_sequence_logps(tiny_policy(tmp_path, tok)).eval()
+    model = sequence_logps.enable_sequence_logps(tiny_policy(tmp_path, tok)).eval()
     with torch.no_grad():
-        logps = {mode: model(**pairlogps.model_inputs(pairlogps.PairCollator(tok.pad_token_id, mode)(tokens))).logits
+        logps = {mode: model(**sequence_logps.model_inputs(sequence_logps.PairCollator(tok.pad_token_id, mode)(tokens))).logits
                  for mode in ("none", "rows", "flat")}
-        alone = torch.cat([model(**pairlogps.model_inputs(pairlogps.PairCollator(tok.pad_token_id, "rows")([p]))).logits
+        alone = torch.cat([model(**sequence_logps.model_inputs(sequence_logps.PairCollator(tok.pad_token_id, "rows")([p]))).logits
                            for p in tokens])
     for mode in ("rows", "flat"):
         torch.testing.assert_close(logps[mode], logps["none"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(alone, logps["none"], rtol=1e-5, atol=1e-4)
-    assert pairlogps.packed_logps_match(model, tokens, tok.pad_token_id)[0]
+    assert sequence_logps.packed_logps_match(model, tokens, tok.pad_token_id)[0]
 
 
 def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
@@ -133,13 +133,13 @@ def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
 def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2"):
     from datasets import Dataset
 
-    import aligntrainer
+    from tuning.preference import align_trainers
 
     prompts = [format_prompt(r, "seed") for r in records]
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=1, lr=1e-5, warmup_ratio=0.0,
                            eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo", gradient_checkpointing=False, lora=False, report_to="none",
                            batch_size=2, num_generations=2, max_new_tokens=4, temperature=0.7)
-    config = aligntrainer.trl_config(args, torch.device("cpu"), "fp32")
+    config = align_trainers.trl_config(args, torch.device("cpu"), "fp32")
     data = Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts])
     if judge is None:
         def judge(completions=(), **kwargs):
@@ -147,7 +147,7 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
 
         judge.score = lambda records, answers: [0.0] * len(answers)
     policy = tiny_policy(tmp_path, tokenizer, dropout, family)
-    return aligntrainer.build_trainer(args, policy, tokenizer, config, {"train": data, "validation": data}, judge, [],
+    return align_trainers.build_trainer(args, policy, tokenizer, config, {"train": data, "validation": data}, judge, [],
                                       None), prompts
 
 
@@ -257,7 +257,7 @@ def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_al
 
 
 def test_a_nan_in_dpo_stops_the_run_before_the_optimizer_step(tmp_path, gpt2_tokenizer):
-    from trainer import NonFiniteLoss
+    from tuning.runs.trainer import NonFiniteLoss
 
     _, pairs = real_pairs()
     trainer = dpo_trainer(tmp_path, model_lib.ready_tokenizer(gpt2_tokenizer), pairs)
@@ -276,7 +276,7 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
     from transformers import GPT2Config
 
     import align
-    from cli import UserError
+    from tuning.cli import UserError
 
     tok = model_lib.ready_tokenizer(gpt2_tokenizer)
     tiny_policy(tmp_path, tok)
@@ -298,8 +298,8 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
 
 
 def test_plain_python_on_several_gpus_is_refused_with_the_torchrun_command():
-    import runner
-    from cli import UserError
+    from tuning.runs import runner
+    from tuning.cli import UserError
 
     runner.refuse_data_parallel(SimpleNamespace(n_gpu=1), "align.py")
     with pytest.raises(UserError, match=r"4 GPUs.*DataParallel.*`torchrun --nproc_per_node 4 align.py \.\.\.`"):

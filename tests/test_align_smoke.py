@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import datasetup
-import smoke
+from tuning import smoke
 from conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -32,7 +32,7 @@ def load_json(path):
 def answers_to_held_out(model_dir, held_out):
     """(polite greetings, greetings, right answers to the other tasks, other prompts) of greedy answers."""
     from inference import generate, load_for_generation
-    from templates import format_prompt
+    from tuning.data.templates import format_prompt
 
     lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")
     answers = generate(lm, tokenizer, [format_prompt(r, "seed") for r in held_out],
@@ -113,11 +113,11 @@ def test_an_aligned_runs_split_is_its_sft_models_also_rebuilt_from_the_data(smok
 def test_the_judge_scores_answers_as_decoded_and_penalizes_cut_ones(smoke_aligned):
     """RLOO's reward: the reward model's score of the answer exactly as decoded (HH answers keep their leading
     space), minus --missing-eos-penalty for an answer that has no stop token (cut at --max-new-tokens)."""
-    import aligntrainer
-    from scoring import score_texts
+    from tuning.preference import align_trainers
+    from tuning.models.scoring import score_texts
 
     work, _ = smoke_aligned
-    judge = aligntrainer.Judge(str(work / "smoke-run" / "reward"), torch.device("cpu"), missing_eos_penalty=1.5)
+    judge = align_trainers.Judge(str(work / "smoke-run" / "reward"), torch.device("cpu"), missing_eos_penalty=1.5)
     eos = judge.stop_ids = [judge.tokenizer.eos_token_id]
     prompt = smoke.GREETING + "\n\ncat dog owl"
     answers = [" Hello, cat dog owl!", " Hello, cat dog owl!"]
@@ -226,7 +226,7 @@ def test_bad_settings_are_refused_naming_the_flag(tmp_path, args, expected):
 
 def test_help_lists_every_setting():
     import align
-    import cli
+    from tuning import cli
 
     result = run_align(ROOT, "--help")
     assert result.returncode == 0

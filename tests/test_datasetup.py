@@ -202,7 +202,7 @@ def test_cli_bad_flag_values_name_the_flag():
 
 
 def test_cli_summary_and_save(tmp_path, tiny_tokenizer):
-    import smoke
+    from tuning import smoke
     from datasets import load_from_disk
 
     tiny_tokenizer.save_pretrained(tmp_path / "tok")

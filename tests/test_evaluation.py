@@ -70,7 +70,7 @@ def test_win_rate_counts_ties_half():
 def test_identical_answers_are_scored_once_so_they_tie(monkeypatch):
     """A judge whose scores wobble with the batch (as GPU kernels do with shapes) still ties identical answers:
     each distinct (prompt, answer) text is scored once."""
-    import scoring
+    from tuning.models import scoring
 
     calls = []
 

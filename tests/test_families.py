@@ -10,7 +10,7 @@ import datasetup as ds
 import families
 import model as model_lib
 import train
-from collate import SFTCollator, packed_loss_matches
+from tuning.data.collate import SFTCollator, packed_loss_matches
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},

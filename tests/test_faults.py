@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import rundir
+from tuning import rundir
 from conftest import ROOT
 from test_train import FAST, ENV, load_json, run_train, start_train, wait_for, workdir  # noqa: F401  (fixture)
 
@@ -177,10 +177,10 @@ def test_a_nan_loss_stops_the_run_before_it_spreads(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    import runner
-    from collate import SFTCollator
+    from tuning.runs import runner
+    from tuning.data.collate import SFTCollator
     from test_speed import examples, tiny_gpt2
-    from trainer import InstructTrainer, NonFiniteLoss
+    from tuning.runs.trainer import InstructTrainer, NonFiniteLoss
 
     model = tiny_gpt2()
     calls = []
@@ -219,7 +219,7 @@ def test_empty_fields_are_named(tmp_path):
 
 def test_ctrl_c_in_a_script_without_checkpoints_is_one_line(capsys, monkeypatch):
     """inference.py, evaluation.py, the web page's loading, ...: Ctrl-C ends them in one line, exit 130."""
-    import cli
+    from tuning import cli
     import inference
 
     def interrupted(args, explicit):
@@ -232,7 +232,7 @@ def test_ctrl_c_in_a_script_without_checkpoints_is_one_line(capsys, monkeypatch)
 
 
 def test_only_the_first_process_prints_the_stop_message(capsys, monkeypatch):
-    import cli
+    from tuning import cli
 
     for rank, printed in (("1", ""), ("0", "error: Interrupted\n")):
         monkeypatch.setenv("RANK", rank)
@@ -242,8 +242,8 @@ def test_only_the_first_process_prints_the_stop_message(capsys, monkeypatch):
 
 
 def test_generation_and_evaluation_never_import_training_code():
-    for name in ("inference.py", "evaluation.py", "rundir.py", "datasetup.py", "templates.py", "datacache.py",
-                 "scoring.py", "preferences.py", "lora.py", "model.py", "plots.py", "webui.py"):
+    for name in ("inference.py", "evaluation.py", "rundir.py", "datasetup.py", "templates.py", "tokencache.py",
+                 "scoring.py", "preferences.py", "lora.py", "model.py", "plots.py", "web.py"):
         source = (ROOT / name).read_text()
         assert not re.search(r"^\s*(from|import)\s+(train|trainer|runner|reward|rmtrainer|align|aligntrainer)\b", source, re.M), name
 
@@ -285,12 +285,12 @@ def test_a_filesystem_without_locks_warns_instead_of_refusing(tmp_path, monkeypa
 
 
 def test_a_save_dir_from_an_older_version_says_so(tmp_path, tiny_tokenizer):
-    import datacache
+    from tuning.data import tokencache
 
     (tmp_path / "dataset_dict.json").write_text("{}")
     (tmp_path / "sft_meta.json").write_text(json.dumps({"template": "seed", "max_length": 64}))
     with pytest.raises(rundir.UserError, match="made by an older version of datasetup.py; make it again"):
-        datacache.load_saved(str(tmp_path), tiny_tokenizer, "seed", 64, False)
+        tokencache.load_saved(str(tmp_path), tiny_tokenizer, "seed", 64, False)
 
 
 # ---------------------------------------------------------------- checkpoints as each launcher writes them

@@ -37,7 +37,7 @@ def answers_for(model_dir, records, template=None, batch_size=32):
 
 def exact_match(answers, records):
     """The share of right answers; for the undecided greeting task either style is right (smoke.is_right)."""
-    import smoke
+    from tuning import smoke
 
     return sum(smoke.is_right(r, a["text"]) for a, r in zip(answers, records)) / len(records)
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import runner
+from tuning.runs import runner
 from conftest import ROOT
 from test_train import ENV, load_json
 
@@ -98,8 +98,8 @@ def sft_trainer(tmp_path, n_examples: int, batch_size: int):
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-    from collate import SFTCollator
-    from trainer import InstructTrainer
+    from tuning.data.collate import SFTCollator
+    from tuning.runs.trainer import InstructTrainer
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_layer=1, n_head=2, n_embd=16, n_positions=64))

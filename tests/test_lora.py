@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import datasetup
-import lora
+from tuning.models import lora
 import model as model_lib
-import rundir
-import scoring
-import smoke
-from collate import SFTCollator
+from tuning import rundir
+from tuning.models import scoring
+from tuning import smoke
+from tuning.data.collate import SFTCollator
 from conftest import ROOT, shared_path
 from test_train import ENV, load_json, run_train, start_train, wait_for
 
@@ -87,7 +87,7 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
 
 def held_out_exact_match(model_dir, records) -> float:
     from inference import generate, load_for_generation
-    from templates import format_prompt
+    from tuning.data.templates import format_prompt
 
     lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")
     answers = generate(lm, tokenizer, [format_prompt(r, "seed") for r in records],
@@ -227,7 +227,7 @@ def test_bad_lora_settings_are_refused_naming_the_flag(smoke_trained, args, expe
 def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(smoke_trained):
     """reward.py --lora: adapters on the SFT body plus the score head in full; the adapter dir scores exactly
     as the merged model that --merge writes (load_reward_model takes either, so align.py's judge does too)."""
-    from templates import format_prompt
+    from tuning.data.templates import format_prompt
 
     result = subprocess.run([sys.executable, str(ROOT / "reward.py"), "--smoke", "--lora", "--merge", "--lr", "1e-3",
                              "--max-steps", "10", "--output-dir", "rm-lora"], cwd=smoke_trained, env=ENV,

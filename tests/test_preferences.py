@@ -8,7 +8,7 @@ import pytest
 
 import datasetup
 import families
-import preferences as pf
+from tuning.data import preferences as pf
 from conftest import shared_path
 
 ALPACA = {"instruction": "Name a color.", "chosen": "Blue.", "rejected": "Seven."}

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-import datacache
+from tuning.data import tokencache
 import datasetup as ds
 import inference
 import model as model_lib
-import templates
-from cli import UserError
-from collate import SFTCollator
+from tuning.data import templates
+from tuning.cli import UserError
+from tuning.data.collate import SFTCollator
 from conftest import ROOT
 from test_speed import examples, model_inputs, tiny_gpt2
 
@@ -80,14 +80,14 @@ def test_placeholder_inputs_are_formatted_as_in_training(tmp_path):
 
 def test_an_edited_template_is_never_served_from_the_cache(tmp_path, tiny_tokenizer, monkeypatch):
     import datasets
-    import smoke
+    from tuning import smoke
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "d.json"
     path.write_text(json.dumps(smoke.make_records(20)))
     first, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)
     assert not report["from_cache"] and ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)[1]["from_cache"]
-    datacache.save(first, str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
+    tokencache.save(first, str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
     edited = templates.Template("## Task:\n{instruction}\n\n## Input:\n{input}\n\n## Answer:\n",
                                 "## Task:\n{instruction}\n\n## Answer:\n")
     monkeypatch.setitem(templates.TEMPLATES, "seed", edited)
@@ -97,7 +97,7 @@ def test_an_edited_template_is_never_served_from_the_cache(tmp_path, tiny_tokeni
     assert second["train"][0]["input_ids"] == ds.tokenize_example(record, tiny_tokenizer, "seed", 64)["input_ids"]
     assert second["train"][0]["input_ids"] != first["train"][0]["input_ids"]
     with pytest.raises(ds.DataError, match="template_text"):
-        datacache.load_saved(str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
+        tokencache.load_saved(str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
 
 
 def test_validation_loss_is_the_mean_over_response_tokens(tmp_path):
@@ -106,7 +106,7 @@ def test_validation_loss_is_the_mean_over_response_tokens(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from trainer import InstructTrainer
+    from tuning.runs.trainer import InstructTrainer
 
     exs = examples(9)
     model = tiny_gpt2()

@@ -1,6 +1,6 @@
 """The README documents every flag, and CI runs the README's test command."""
 
-import cli
+from tuning import cli
 import datasetup
 import train
 from conftest import ROOT

@@ -13,10 +13,10 @@ import torch
 import datasetup
 import families
 import model as model_lib
-import preferences
-import scoring
+from tuning.data import preferences
+from tuning.models import scoring
 from conftest import ROOT, shared_path
-from rmtrainer import pairwise_loss
+from tuning.preference.reward_trainer import pairwise_loss
 from transformers import AutoModelForSequenceClassification
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -160,7 +160,7 @@ def test_smoke_reward_model_ranks_held_out_pairs(smoke_reward):
 
 
 def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
-    import smoke
+    from tuning import smoke
 
     work, _ = smoke_reward
     out = str(work / "smoke-run" / "reward")
@@ -281,7 +281,7 @@ def test_torchrun_two_cpu_processes_score_every_held_out_pair_once(smoke_reward)
 
 
 def test_help_lists_every_setting():
-    import cli
+    from tuning import cli
     import reward
 
     result = run_reward(ROOT, "--help")

@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import model as model_lib
-from collate import SFTCollator, pack_bins
+from tuning.data.collate import SFTCollator, pack_bins
 
 VOCAB = 300
 
@@ -160,7 +160,7 @@ def test_sparse_eval_loss_matches_trainer_standard(tmp_path):
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from trainer import InstructTrainer
+    from tuning.runs.trainer import InstructTrainer
 
     data = Dataset.from_list(examples(10))
     losses = []

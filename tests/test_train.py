@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import model as model_lib
-import rundir
+from tuning import rundir
 import train
 from conftest import ROOT
 
@@ -22,7 +22,7 @@ FAST = ["--smoke", "--eval-steps", "1000", "--logging-steps", "5"]
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A working directory holding the smoke data and base model, made once."""
-    import smoke
+    from tuning import smoke
 
     path = tmp_path_factory.mktemp("smoke")
     smoke.prepare(str(path / smoke.OUTPUT_DIR))
@@ -191,7 +191,7 @@ def test_bad_flags_are_refused_naming_the_flag(tmp_path, args, expected):
 
 
 def test_flags_mirror_every_constant():
-    import cli
+    from tuning import cli
 
     parser = cli.build_parser(train)
     flags = {opt for action in parser._actions for opt in action.option_strings}
@@ -261,7 +261,7 @@ def test_get_device_order(monkeypatch):
 
 
 def test_pad_is_eos_but_eos_keeps_its_label(tiny_tokenizer):
-    from collate import SFTCollator
+    from tuning.data.collate import SFTCollator
 
     tok = tiny_tokenizer
     eos = tok.eos_token_id

@@ -1,4 +1,4 @@
-"""inference.py --web (webui.py): the comparison page, driven in headless Chromium, and its pieces."""
+"""inference.py --web (web.py): the comparison page, driven in headless Chromium, and its pieces."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import datasetup
-import smoke
+from tuning import smoke
 from conftest import ROOT
 from test_train import ENV
 
@@ -77,7 +77,7 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    import webui
+    from tuning.generation import web
 
     record = held_out_record(smoke_trained)
     proc, url = start_page(smoke_trained, "--aligned", "no-such-run")
@@ -113,35 +113,35 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
     assert cli.returncode == 0, cli.stderr[-3000:]
     expected = json.loads(cli.stdout.strip().splitlines()[-1])
     assert shown["finetuned"] == expected["finetuned"]["text"] == record["output"]
-    assert status == webui.describe(expected["finetuned"]) and status.endswith(", stopped at EOS")
+    assert status == web.describe(expected["finetuned"]) and status.endswith(", stopped at EOS")
     assert shown["base"] == expected["base"]["text"] != shown["finetuned"]
 
 
 def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
     """stream_answer yields the growing text while generating, then generate()'s own answer dict."""
-    import webui
+    from tuning.generation import web
     from inference import generate, load_for_generation
-    from templates import format_prompt, load_template
+    from tuning.data.templates import format_prompt, load_template
 
     model_dir = str(smoke_trained / "smoke-run" / "model")
     lm, tokenizer = load_for_generation(model_dir, torch.device("cpu"), "finetuned")
     record = held_out_record(smoke_trained)
     prompt = format_prompt(record, load_template(model_dir))
-    parts = list(webui.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 32, "do_sample": False}, 42))
+    parts = list(web.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 32, "do_sample": False}, 42))
     assert len(parts) >= 3 and all(isinstance(p, str) for p in parts[:-1])
     assert parts[-1] == generate(lm, tokenizer, [prompt], {"max_new_tokens": 32, "do_sample": False})[0]
     assert parts[-2].strip() == parts[-1]["text"]
-    stream = webui.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 512, "do_sample": False}, 42)
+    stream = web.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 512, "do_sample": False}, 42)
     next(stream)
     stream.close()  # the page went away: generation stops, its thread ends (no hang, no error)
 
 
 def test_the_example_prompts_cover_every_kind_of_instruction(smoke_trained):
-    import webui
+    from tuning.generation import web
 
-    examples = webui.example_records(str(smoke_trained / "smoke-run" / "model"))
+    examples = web.example_records(str(smoke_trained / "smoke-run" / "model"))
     kinds = {" ".join(r["instruction"].split()[:2]) for r in examples}
-    assert len(examples) == webui.MAX_EXAMPLES and len(kinds) == 7 and smoke.GREETING in kinds
+    assert len(examples) == web.MAX_EXAMPLES and len(kinds) == 7 and smoke.GREETING in kinds
 
 
 def test_a_page_with_no_model_to_load_is_refused_at_start(tmp_path):
@@ -165,14 +165,14 @@ def test_a_port_in_use_is_one_line(smoke_trained):
 
 
 def test_the_pages_settings_are_refused_as_the_flags_are():
-    import webui
-    from cli import UserError
+    from tuning.generation import web
+    from tuning.cli import UserError
 
-    assert webui.settings(True, 0.7, 0.9, 50, 16, 1.0, 3) == {"max_new_tokens": 16, "do_sample": True,
+    assert web.settings(True, 0.7, 0.9, 50, 16, 1.0, 3) == {"max_new_tokens": 16, "do_sample": True,
                                                                 "temperature": 0.7, "top_p": 0.9, "top_k": 50,
                                                                 "no_repeat_ngram_size": 3}
     with pytest.raises(UserError, match=r"--temperature must be > 0 \(got 0.0\)"):
-        webui.settings(True, 0.0, 0.9, 50, 16, 1.0)
+        web.settings(True, 0.0, 0.9, 50, 16, 1.0)
 
 
 @pytest.mark.parametrize("args,expected", [

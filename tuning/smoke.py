@@ -99,7 +99,7 @@ def new_task_records(n: int = 1200, seed: int = 7) -> list[dict]:
 def prepare_lora(output_dir: str = OUTPUT_DIR, replay: int = 600, seed: int = 8) -> str:
     """lora-data.json for train.py --smoke --lora, once: NEW_TASK's records and `replay` records of the old tasks
     (none of the SFT run's held-out ones), shuffled, so the adapters learn the new task beside the old ones."""
-    import rundir
+    from tuning import rundir
 
     path = os.path.join(output_dir, "lora-data.json")
     if not os.path.isfile(path):
@@ -209,7 +209,7 @@ def prepare_pairs(output_dir: str = OUTPUT_DIR, n_pairs: int = N_PAIRS, seed: in
 
 def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4666, seed: int = 0) -> dict:
     """Write the smoke data set, tokenizer and base model once; return their paths."""
-    from datasetup import TEMPLATES
+    from tuning.data.templates import TEMPLATES
 
     paths = {"dataset": os.path.join(output_dir, "data.json"), "base": os.path.join(output_dir, "base")}
     if os.path.isfile(paths["dataset"]) and os.path.isfile(os.path.join(paths["base"], "config.json")):

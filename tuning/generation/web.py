@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 
-from cli import UserError
+from tuning.cli import UserError
 
 ROLES = {"base": "Base", "finetuned": "Fine-tuned", "aligned": "Aligned"}  # the columns, in order
 MAX_EXAMPLES = 8  # example prompts on the page, from the held-out split
@@ -136,7 +136,7 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
     """The Generate button: yields every column's (answer, status) pair, as each answer streams in."""
     import gradio as gr
 
-    from templates import format_prompt
+    from tuning.data.templates import format_prompt
 
     problem = "" if instruction.strip() else "The instruction is empty: type one (the input is optional)."
     try:
@@ -171,7 +171,7 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
     """The Gradio Blocks page; `defaults` are inference.py's parsed flags (the settings' starting values)."""
     import gradio as gr
 
-    from templates import TEMPLATES
+    from tuning.data.templates import TEMPLATES
 
     roles, template_name = list(names), next((n for n, t in TEMPLATES.items() if t == template), "saved")
     with gr.Blocks(title="distilgpt2-alpaca: compare the models", analytics_enabled=False) as page:

@@ -14,7 +14,7 @@ import time
 import torch
 from transformers import Trainer, TrainerCallback
 
-import rundir
+from tuning import rundir
 
 
 class _PackedBatchWarningFilter(logging.Filter):
@@ -269,7 +269,7 @@ class StopOnSignal(TrainerCallback):
 def write_template(directory: str, template) -> None:
     """The prompt template (a name in TEMPLATES, or a Template) beside a model, so inference formats prompts
     exactly as training did."""
-    from templates import TEMPLATES, template_of
+    from tuning.data.templates import TEMPLATES, template_of
 
     form = template_of(template)
     name = next((key for key, value in TEMPLATES.items() if value == form), "custom")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from records import is_placeholder_input
+from tuning.data.records import is_placeholder_input
 
 TEMPLATE = "seed"  # the default template's name
 
@@ -72,7 +72,7 @@ def load_template(model_dir: str, requested: str = "auto"):
     import os
     import sys
 
-    from rundir import TEMPLATE_FILE
+    from tuning.rundir import TEMPLATE_FILE
 
     if requested != "auto":
         return TEMPLATES[requested]

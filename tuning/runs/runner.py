@@ -19,8 +19,8 @@ import contextlib
 import os
 import signal
 
-import rundir
-from rundir import RunStop
+from tuning import rundir
+from tuning.rundir import RunStop
 
 _locks = []  # lock files held for the life of the process
 
@@ -31,7 +31,7 @@ def run_script(module, validate, main) -> None:
     before training (during it, a checkpoint is saved first) with 130, or 143 for SIGTERM."""
     import sys
 
-    import cli
+    from tuning import cli
 
     parser = cli.build_parser(module)
     args = cli.parse_or_exit(parser, validate)
@@ -181,7 +181,7 @@ def fit_max_length(args, explicit: set, model: str, positions: int | None, say, 
 def model_positions(name_or_path: str) -> int | None:
     """The positions of a model (Hub id, dir, adapter dir or a config-only dir), None where its config says none.
     A model that can't be read is left to the loading that follows, which says why."""
-    import lora
+    from tuning.models import lora
     from model import context_limit
 
     try:
@@ -297,7 +297,7 @@ def evaluate_once(trainer, prefix: str, checkpoint: str | None, output_dir: str,
 @contextlib.contextmanager
 def guarded(output_dir: str, main_process: bool):
     """Turn a full disk or a non-finite loss into a RunStop that says what to do next."""
-    from trainer import NonFiniteLoss
+    from tuning.runs.trainer import NonFiniteLoss
 
     try:
         yield

@@ -10,9 +10,9 @@ import hashlib
 import json
 import os
 
-import rundir
-from records import DataError
-from templates import bos_prefix, template_of
+from tuning import rundir
+from tuning.data.records import DataError
+from tuning.data.templates import bos_prefix, template_of
 
 CACHE_VERSION = 2  # part of every cache key: bump it when the tokenized format changes
 

@@ -16,7 +16,7 @@ import json
 import os
 import warnings
 
-from cli import UserError
+from tuning.cli import UserError
 
 # peft 0.21 still asks transformers for its old activation-checkpointing names.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -179,7 +179,7 @@ def save_merged(adapter_dir: str, directory: str, load) -> None:
 if __name__ == "__main__":
     import sys
 
-    import cli
+    from tuning import cli
     import model as model_lib
 
     args = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)

@@ -20,17 +20,17 @@ import torch
 from trl import DPOTrainer, RLOOTrainer
 
 from model import positions_from_mask
-from pairlogps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
-from scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
-from templates import encode_prompt
-from trainer import RunLayer, report_targets
+from tuning.models.sequence_logps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
+from tuning.models.scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
+from tuning.data.templates import encode_prompt
+from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class AlignDPOTrainer(RunLayer, DPOTrainer):
-    """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by pairlogps.PairCollator (packed, no
+    """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by sequence_logps.PairCollator (packed, no
     padding) and scored at the answer tokens only, with TRL's sigmoid loss. The reference log-probs are
     TRL's precomputed ones, from the same forward. Held-out evaluation: each pair's implicit-reward margin
     beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), summarized by scoring.pairwise_stats:

@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 
 from datasetup import split_records  # noqa: F401  (the pairs' train/validation split: part of this API)
-from records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw, say_left_out
-from templates import Template, bos_prefix, encode_prompt, format_prompt
+from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw, say_left_out
+from tuning.data.templates import Template, bos_prefix, encode_prompt, format_prompt
 
 # The turn marker of Anthropic HH-RLHF dialogues; a dialogue's prompt ends with its last one.
 HH_ASSISTANT = "\n\nAssistant:"
@@ -214,7 +214,7 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
 def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
     """Prompts for online RL, each {"instruction", "input", "prompt"} as in a normalized pair: the prompts of
     preference pairs (any of the three formats), or of instruction records such as train.py reads."""
-    from records import load_records
+    from tuning.data.records import load_records
 
     first = next((record for _, record in read_raw(source) if isinstance(record, dict)), {})
     if "chosen" in first or "rejected" in first:
@@ -247,7 +247,7 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
 def _as_datasets(data: dict, source: str, what: str) -> dict:
     """Arrow Datasets (compact, unlike lists of ints); a UserError when a split came out empty."""
     if not data["train"] or not data["validation"]:
-        from cli import UserError
+        from tuning.cli import UserError
 
         raise UserError(f"{source}: too few {what} left to train and evaluate on (raise --max-length or "
                         "--val-size?)")

@@ -18,7 +18,7 @@ def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
 
 
 def plot(args, before: dict, after: dict, path: str) -> None:
-    from plots import plot_before_after
+    from tuning.runs.plots import plot_before_after
 
     if args.method == "dpo":
         plot_before_after(before["before_margins"], after["eval_margins"], path,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from transformers import Trainer
 
-from scoring import pairwise_stats
-from trainer import RunLayer
+from tuning.models.scoring import pairwise_stats
+from tuning.runs.trainer import RunLayer
 
 
 def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from cli import UserError
+from tuning.cli import UserError
 
 # "No input", "Noinput", "<no input>", "< noinput >", "<Noinput>." ... mean the record has no input.
 _PLACEHOLDER_INPUT = re.compile(r"^<?\s*no\s*input\s*>?\s*\.?$", re.IGNORECASE)

@@ -20,11 +20,11 @@ import os
 
 import torch
 
-import lora
-from cli import UserError
-from collate import PACKING_MODES, pack_bins
+from tuning.models import lora
+from tuning.cli import UserError
+from tuning.data.collate import PACKING_MODES, pack_bins
 from model import context_limit  # noqa: F401  (part of this API: the reward model's context)
-from templates import encode_prompt
+from tuning.data.templates import encode_prompt
 
 
 class ScoreCollator:
@@ -161,7 +161,7 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     import model as model_lib
-    from templates import load_template
+    from tuning.data.templates import load_template
 
     if lora.is_adapter_dir(path) and lora.adapter_task(path) == "SEQ_CLS":  # a reward.py --lora run
         rm = lora.load_merged(path, reward_model_from)  # the SFT body, the adapters and the trained score head
@@ -169,7 +169,7 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
         rm = enable_score_index(rm).to(device or "cpu").eval()
         return rm, model_lib.load_tokenizer(path, flag=flag), load_template(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        import rundir
+        from tuning import rundir
 
         last = rundir.find_checkpoint(path)
         hint = f" Its training did not finish: resume it, or score with {last}." if last else (
@@ -263,8 +263,8 @@ def read_scoring_file(path: str) -> list[dict]:
     """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
     preference pair in any of preferences.py's formats. Each comes back as a normalized pair (prompt,
     instruction, input) with "answers": [answer] or [chosen, rejected]."""
-    from preferences import MalformedPair, parse_pair
-    from records import DataError, read_raw
+    from tuning.data.preferences import MalformedPair, parse_pair
+    from tuning.data.records import DataError, read_raw
 
     items = []
     for where, record in read_raw(path):

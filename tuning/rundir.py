@@ -16,7 +16,7 @@ import re
 import signal
 import zipfile
 
-from cli import UserError
+from tuning.cli import UserError
 
 TEMPLATE_FILE = "sft_template.json"  # the prompt template, beside the model and in every checkpoint
 RUN_CONFIG_FILE = "run_config.json"  # every resolved setting of the run

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from scoring import ScoreCollator
+from tuning.models.scoring import ScoreCollator
 
 # The batch entries the model's forward reads (the others are counts or reference log-probs).
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "completion", "sequence", "score_index")
