@@ -151,7 +151,7 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     tokenized them, or RLOO's prompts formatted with the SFT template (and the reward model's)."""
     from tuning.data import preferences
     from tuning.cli import UserError
-    from tuning.models.scoring import context_limit
+    from tuning.models.loading import context_limit
     from tuning.data.templates import encode_prompt
 
     if args.method == "dpo":
@@ -204,14 +204,14 @@ def main(args, explicit: set) -> None:
     from tuning.preference import align_report
     from tuning.preference import align_trainers
     from tuning.models import lora
-    import model as model_lib
+    from tuning.models import devices, loading
     from tuning.models import sequence_logps
     from tuning import rundir
     from tuning.data.templates import load_template
     from tuning.runs.trainer import StopOnSignal, write_template
 
-    device = model_lib.get_device(args.device)
-    precision, why = model_lib.resolve_precision(args.precision, device)
+    device = devices.get_device(args.device)
+    precision, why = devices.resolve_precision(args.precision, device)
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
     packing, attn = runner.resolve_packing(args.packing, device, precision)
@@ -235,7 +235,7 @@ def main(args, explicit: set) -> None:
             from tuning import smoke
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
-        tokenizer = model_lib.load_tokenizer(args.model)
+        tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
         if args.method == "rloo":
             judge = align_trainers.Judge(args.reward_model, device, args.batch_size * args.num_generations,
@@ -243,7 +243,7 @@ def main(args, explicit: set) -> None:
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
         if args.method == "dpo":
             data["train"] = pairs_the_run_sees(args, data["train"], training_args.world_size, say)
-    policy = model_lib.load_model(args.model, "pretrained", tokenizer)
+    policy = loading.load_model(args.model, "pretrained", tokenizer)
     if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
         probe = runner.probe_examples(data["train"])
         packing = runner.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
@@ -273,11 +273,11 @@ def main(args, explicit: set) -> None:
     with runner.guarded(args.output_dir, main_process):
         runner.train(trainer, stopper, checkpoint, args.output_dir)
         after = trainer.evaluate()
-        model_lib.set_generation_ids(trainer.model, tokenizer)
+        loading.set_generation_ids(trainer.model, tokenizer)
         trainer.save_model(args.output_dir)
         metrics = runner.run_metrics(trainer)  # a collective: every process must reach it
         if main_process and args.merge:
-            lora.save_merged(args.output_dir, os.path.join(args.output_dir, rundir.MERGED_DIR), model_lib.load_model)
+            lora.save_merged(args.output_dir, os.path.join(args.output_dir, rundir.MERGED_DIR), loading.load_model)
             write_template(os.path.join(args.output_dir, rundir.MERGED_DIR), template)
         if main_process:
             write_template(args.output_dir, template)

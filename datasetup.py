@@ -218,7 +218,7 @@ def validate_args(args) -> None:
 
 def main(args) -> None:
     start = time.perf_counter()
-    from model import load_tokenizer
+    from tuning.models.loading import load_tokenizer
 
     # Records first: a bad file is reported before any tokenizer download.
     loaded = None if tokencache.is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)

@@ -254,7 +254,8 @@ def main(args, explicit: set) -> dict:
     from tuning import smoke
     from datasetup import held_out_records
     from inference import load_template, require_finetuned
-    from model import get_device, offline_unless_hub_reachable
+    from tuning.models.devices import get_device
+    from tuning.models.loading import offline_unless_hub_reachable
     from tuning.rundir import read_run_config, starting_model, write_json
 
     if args.smoke:

@@ -93,23 +93,23 @@ def load_for_generation(name_or_path: str, device, role: str):
     from transformers import AutoModelForCausalLM
 
     from tuning.models import lora
-    import model as model_lib
+    from tuning.models import loading
 
     if role in ("finetuned", "aligned"):
         require_finetuned(name_or_path, role)
     flag = f"--{role}"
-    model_lib.refuse_reward_model(name_or_path, flag)
-    tokenizer = model_lib.load_tokenizer(name_or_path, flag=flag)
+    loading.refuse_reward_model(name_or_path, flag)
+    tokenizer = loading.load_tokenizer(name_or_path, flag=flag)
     tokenizer.padding_side = "left"
     try:
-        lm = (model_lib.load_model(name_or_path) if lora.is_adapter_dir(name_or_path)  # base + adapter, merged
+        lm = (loading.load_model(name_or_path) if lora.is_adapter_dir(name_or_path)  # base + adapter, merged
               else AutoModelForCausalLM.from_pretrained(name_or_path)).to(device).eval()
     except UserError:
         raise
     except Exception as err:
         raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
                         f"Offline? Pass a local directory with {flag}.") from None
-    model_lib.set_generation_ids(lm, tokenizer)
+    loading.set_generation_ids(lm, tokenizer)
     return lm, tokenizer
 
 
@@ -132,7 +132,7 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
     import torch
     from tqdm.auto import tqdm
 
-    from model import stop_token_ids
+    from tuning.models.loading import stop_token_ids
     from tuning.data.templates import encode_prompt
 
     stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
@@ -226,7 +226,8 @@ def check_web_flags(args, explicit: set) -> None:
 
 def main(args, explicit: set) -> None:
     from tuning import smoke
-    from model import get_device, offline_unless_hub_reachable
+    from tuning.models.devices import get_device
+    from tuning.models.loading import offline_unless_hub_reachable
     from tuning.rundir import starting_model
     from tuning.data.templates import format_prompt
 

@@ -127,7 +127,7 @@ def main(args, explicit: set) -> None:
     from transformers import TrainingArguments
 
     from tuning.models import lora
-    import model as model_lib
+    from tuning.models import devices, loading
     from tuning.data import preferences
     from tuning import rundir
     from tuning.models import scoring
@@ -135,8 +135,8 @@ def main(args, explicit: set) -> None:
     from tuning.data.templates import load_template
     from tuning.runs.trainer import StopOnSignal, report_targets, write_template
 
-    device = model_lib.get_device(args.device)
-    precision, why = model_lib.resolve_precision(args.precision, device)
+    device = devices.get_device(args.device)
+    precision, why = devices.resolve_precision(args.precision, device)
     packing, attn = runner.resolve_packing(args.packing, device, precision)
     check_dirs(args.model, args.output_dir)
     runner.fit_max_length(args, explicit, args.model, runner.model_positions(args.model),
@@ -166,7 +166,7 @@ def main(args, explicit: set) -> None:
             from tuning import smoke
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))
-        tokenizer = model_lib.load_tokenizer(args.model)
+        tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
         data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
                                                            tokenizer, template, args.max_length, say)
@@ -249,11 +249,11 @@ def plot_margins(before: dict, after: dict, metrics: dict, path: str) -> None:
 
 def score_main(args) -> None:
     """--score: print the reward model's score of each answer (and, for pairs, which one it prefers)."""
-    import model as model_lib
+    from tuning.models import devices
     from tuning.models import scoring
     from tuning.data.preferences import pair_prompt
 
-    device = model_lib.get_device(args.device)
+    device = devices.get_device(args.device)
     rm, tokenizer, template = scoring.load_reward_model(args.output_dir, device, flag="--output-dir")
     items = scoring.read_scoring_file(args.prompts_file) if args.prompts_file else [
         {"instruction": args.prompt, "input": args.input, "prompt": None, "answers": [args.answer]}]

@@ -160,14 +160,14 @@ def main(args, explicit: set) -> None:
     from tuning.data import tokencache
     import datasetup
     from tuning.models import lora
-    import model as model_lib
+    from tuning.models import devices, loading, response_logits
     from tuning import rundir
     from tuning.data.collate import SFTCollator
     from tuning.runs.plots import plot_loss_curve
     from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets, write_template
 
-    device = model_lib.get_device(args.device)
-    precision, why = model_lib.resolve_precision(args.precision, device)
+    device = devices.get_device(args.device)
+    precision, why = devices.resolve_precision(args.precision, device)
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
     packing, attn = resolve_packing(args.packing, device, precision)
@@ -208,7 +208,7 @@ def main(args, explicit: set) -> None:
         # Records first: a bad data file is reported before any model download.
         loaded = None if tokencache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
                                                                                           args.skip_invalid)
-        tokenizer = model_lib.load_tokenizer(args.model, smoke_hint=True)
+        tokenizer = loading.load_tokenizer(args.model, smoke_hint=True)
         data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                                   args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
                                                   loaded)
@@ -216,13 +216,13 @@ def main(args, explicit: set) -> None:
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} validation examples"
         f" ({'cached' if report.get('from_cache') else 'tokenized'})")
     torch.manual_seed(args.seed)
-    model = model_lib.load_model(args.model, args.init, tokenizer)
+    model = loading.load_model(args.model, args.init, tokenizer)
     model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
     # Checked on a few real training examples: packing keeps them apart, and response-only logits give the
     # model's own loss; otherwise the plain path is used.
     probe = probe_examples(data["train"])
     packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
-    sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
+    sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't
         model.set_attn_implementation(attn)
     say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
@@ -264,7 +264,7 @@ def main(args, explicit: set) -> None:
             write_template(args.output_dir, args.template)
             if args.merge:
                 merged = os.path.join(args.output_dir, rundir.MERGED_DIR)
-                lora.save_merged(args.output_dir, merged, model_lib.load_model)
+                lora.save_merged(args.output_dir, merged, loading.load_model)
                 write_template(merged, args.template)
             metrics.update({
                 "eval_loss_before": before["before_loss"], "eval_loss_after": after["eval_loss"],

@@ -49,10 +49,10 @@ def _setup(workdir: str, n: int):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import model as model_lib
+    from tuning.models import loading
     from tuning.data import preferences
 
-    tokenizer = model_lib.load_tokenizer(MODEL)
+    tokenizer = loading.load_tokenizer(MODEL)
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL))
     policy.save_pretrained(os.path.join(workdir, "policy"))
@@ -82,12 +82,12 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
     from datasets import Dataset
 
     from tuning.preference import align_trainers
-    import model as model_lib
+    from tuning.models import loading
 
     workdir = tempfile.mkdtemp()
     path, tokenizer, pairs, tokens = _setup(workdir, n)
     started = time.perf_counter()
-    policy = model_lib.load_model(path, "pretrained", tokenizer)
+    policy = loading.load_model(path, "pretrained", tokenizer)
     if row == "trl":
         from trl import DPOConfig, DPOTrainer
 
@@ -120,7 +120,7 @@ def run_rloo_row(precision: str, steps: int) -> dict:
     from datasets import Dataset
 
     from tuning.preference import align_trainers
-    import model as model_lib
+    from tuning.models import loading
     from tuning.data import preferences
     from tuning.models import scoring
     from tuning.runs.trainer import write_template
@@ -141,7 +141,7 @@ def run_rloo_row(precision: str, steps: int) -> dict:
                                args.missing_eos_penalty)
     prompts = [preferences.pair_prompt(p, "seed") for p in pairs]
     data = {"train": Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts]), "validation": None}
-    policy = model_lib.load_model(path, "pretrained", tokenizer)
+    policy = loading.load_model(path, "pretrained", tokenizer)
     trainer = align_trainers.build_trainer(args, policy, tokenizer, config, data, judge, [], None)
     ends, generating = [], []
 

@@ -85,22 +85,22 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
 
     import datasetup
     from tuning.models import lora
-    import model as model_lib
+    from tuning.models import loading, response_logits
     import train
     from tuning.data.collate import SFTCollator
     from tuning.runs.runner import probe_examples
     from tuning.runs.trainer import InstructTrainer
 
     path = model_dir(name, int(mode.split("@")[1]) if "@" in mode else None)
-    tokenizer = model_lib.load_tokenizer(path)
+    tokenizer = loading.load_tokenizer(path)
     torch.manual_seed(0)
-    model = model_lib.load_model(path, "scratch", tokenizer)
+    model = loading.load_model(path, "scratch", tokenizer)
     model.config.use_cache = False
     records = datasetup.load_records(DATASET)[0][:n_records]
     data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
     probe = probe_examples(data)
     packing = train.choose_packing(model, probe, "rows", False, tokenizer.pad_token_id, lambda *a: None)
-    sparse = model_lib.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
+    sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if mode.startswith("lora"):
         model = lora.add_lora(model, path, LORA_R, 2.0 * LORA_R, 0.05, seed=0)
     trainable, total = lora.parameter_counts(model)
@@ -181,9 +181,9 @@ def summarize(results: list[dict], estimates: dict) -> str:
 
 def main(args) -> None:
     from tuning.models import lora as lora_lib
-    import model as model_lib
+    from tuning.models import devices
 
-    precision, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
+    precision, _ = devices.resolve_precision("auto", devices.get_device("cpu"))
     names = ("distilgpt2",) if args.quick else ALL_MODELS if args.models == "all" else tuple(args.models.split(","))
     settings = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_SETTINGS]
     results, estimates = [], {}

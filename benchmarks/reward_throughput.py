@@ -63,9 +63,9 @@ def _reward_model():
 
 def run_row(row: str, precision: str, n: int) -> dict:
     """Train one epoch with one row's settings; the figures exclude the first (warm-up) step."""
-    import model as model_lib
+    from tuning.models import loading
 
-    tokenizer = model_lib.load_tokenizer(MODEL)
+    tokenizer = loading.load_tokenizer(MODEL)
     pairs, tokens = _pairs(tokenizer, n)
     model = _reward_model()
     model.config.pad_token_id = tokenizer.pad_token_id

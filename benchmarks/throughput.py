@@ -86,12 +86,12 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
     import torch
 
     import datasetup
-    import model as model_lib
+    from tuning.models import loading, response_logits
     from tuning.data.collate import SFTCollator
 
     torch.manual_seed(0)
-    tokenizer = model_lib.load_tokenizer(MODEL)
-    model = model_lib.load_model(MODEL, "scratch", tokenizer)
+    tokenizer = loading.load_tokenizer(MODEL)
+    model = loading.load_model(MODEL, "scratch", tokenizer)
     model.config.use_cache = False
     records = _records(n_records)
     bf16 = precision == "bf16"
@@ -122,7 +122,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
         counter = Counting(SFTCollator(tokenizer.pad_token_id, mode, MAX_LENGTH if row == "pad_max" else None))
         if row == "default":
             probe = [data[i] for i in range(min(4, len(data)))]  # checked on a batch, as train.py does
-            model_lib.enable_response_only_logits(model, counter.collator(probe))
+            response_logits.enable_response_only_logits(model, counter.collator(probe))
         targs = TrainingArguments(**common, remove_unused_columns=False, prediction_loss_only=True,
                                   train_sampling_strategy="group_by_length" if row == "length_grouped" else "random")
         trainer = InstructTrainer(model=model, args=targs, train_dataset=data, data_collator=counter,
@@ -225,7 +225,7 @@ def summarize(results: list[dict], precisions: list[str], auto: str) -> str:
 
 def plan(requested_rows: str, all_rows: tuple, requested_precisions: str) -> tuple[tuple, list[str], str]:
     """(rows, precisions, what --precision auto picks): "all" and "auto" resolved; TRL rows dropped without trl."""
-    import model as model_lib
+    from tuning.models import devices
 
     rows = all_rows if requested_rows == "all" else tuple(requested_rows.split(","))
     try:
@@ -233,7 +233,7 @@ def plan(requested_rows: str, all_rows: tuple, requested_precisions: str) -> tup
     except ImportError:
         rows = tuple(r for r in rows if not r.startswith("trl"))
         print("trl is not installed (pip install -r requirements-dev.txt): skipping its rows")
-    auto, _ = model_lib.resolve_precision("auto", model_lib.get_device("cpu"))
+    auto, _ = devices.resolve_precision("auto", devices.get_device("cpu"))
     precisions = (["fp32", "bf16"] if auto == "bf16" else ["fp32"]) if requested_precisions == "auto" \
         else requested_precisions.split(",")
     return rows, precisions, auto

@@ -28,7 +28,7 @@ def main(args) -> None:
 
     datasets.disable_progress_bars()
     import datasetup
-    from model import load_tokenizer
+    from tuning.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     timings = []

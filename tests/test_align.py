@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import datasetup
-import model as model_lib
+from tuning.models import loading
 from tuning.data import preferences
 from conftest import shared_path
 from tuning.data.templates import encode_prompt, format_prompt
@@ -33,7 +33,7 @@ def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
                                            resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     model.save_pretrained(tmp_path / "policy")
     tokenizer.save_pretrained(tmp_path / "policy")
-    return model_lib.load_model(str(tmp_path / "policy"), "pretrained", tokenizer)
+    return loading.load_model(str(tmp_path / "policy"), "pretrained", tokenizer)
 
 
 def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0):
@@ -73,7 +73,7 @@ def sequences_of(batch):
 def test_dpo_trains_on_the_sft_tokens_of_a_real_record(tmp_path, gpt2_tokenizer):
     """The batches TRL's DPOTrainer trains on hold our tokenization (template, answer, EOS), not its own: each
     chosen sequence is SFT's example, and its completion mask is SFT's loss mask (the response and EOS)."""
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, pairs = real_pairs()
     trainer = dpo_trainer(tmp_path, tok, pairs)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -90,7 +90,7 @@ def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
     in one flat row, and alone."""
     from tuning.models import sequence_logps
 
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     _, pairs = real_pairs()
     tokens, _ = preferences.tokenize_pairs(pairs, tok, "seed", 1024)
     model = sequence_logps.enable_sequence_logps(tiny_policy(tmp_path, tok)).eval()
@@ -112,7 +112,7 @@ def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     _, pairs = real_pairs()
     trainer = dpo_trainer(tmp_path, tok, pairs)
     before = trainer.evaluate(metric_key_prefix="before")
@@ -152,7 +152,7 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
 
 
 def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records)
     assert trainer.reward_funcs[0].stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # for the EOS penalty
@@ -165,7 +165,7 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
 def test_both_methods_train_without_dropout(tmp_path, gpt2_tokenizer, method):
     """The log-probs the loss compares are the policy's own: dropout off, though the model was saved with it."""
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, pairs = real_pairs(2)
     trainer = (dpo_trainer(tmp_path, tok, pairs, dropout=0.1) if method == "dpo"
                else rloo_trainer(tmp_path, tok, records, dropout=0.1)[0])
@@ -178,7 +178,7 @@ def test_rloo_scores_each_sampled_token_at_the_position_it_was_sampled_at(tmp_pa
     """TRL left-pads the prompts and scores prompt + answer without position ids, so GPT-2 and OPT would number the
     padding too. Our per-token log-probs of a left-padded row equal those of the same row alone, and generate's own
     (its logits at the sampling temperature) of the tokens it sampled."""
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(3)
     records = [records[0], records[2]]  # prompts of different lengths: the shorter one is left-padded
     trainer, prompts = rloo_trainer(tmp_path, tok, records, family=family)
@@ -214,7 +214,7 @@ def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, 
 
     import inference
 
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records)
     held_out = [{"prompt": p} for p in prompts]
@@ -231,7 +231,7 @@ def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_al
     """The held-out KL sums k3 = exp(d) - d - 1 (d = log ref - log pi) over each sampled answer's tokens, with
     both models' log-probs at the sampling temperature, as a plain full-vocabulary computation gives it; the
     evaluation's seeded sampling leaves training's random state as it was; --beta 0 has no KL to report."""
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records, beta=0.05)
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_a_nan_in_dpo_stops_the_run_before_the_optimizer_step(tmp_path, gpt2_tok
     from tuning.runs.trainer import NonFiniteLoss
 
     _, pairs = real_pairs()
-    trainer = dpo_trainer(tmp_path, model_lib.ready_tokenizer(gpt2_tokenizer), pairs)
+    trainer = dpo_trainer(tmp_path, loading.ready_tokenizer(gpt2_tokenizer), pairs)
     with torch.no_grad():
         trainer.model.transformer.h[0].mlp.c_fc.bias[0] = float("nan")  # after the reference pass
     with pytest.raises(NonFiniteLoss, match=r"became nan at step 1"):
@@ -278,7 +278,7 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
     import align
     from tuning.cli import UserError
 
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     tiny_policy(tmp_path, tok)
     records = json.loads(shared_path("data", "alpaca_5000.json").read_text())[:20]
     (tmp_path / "prompts.json").write_text(json.dumps(records))

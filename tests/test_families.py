@@ -8,7 +8,7 @@ import torch
 
 import datasetup as ds
 import families
-import model as model_lib
+from tuning.models import loading, response_logits
 import train
 from tuning.data.collate import SFTCollator, packed_loss_matches
 
@@ -25,7 +25,7 @@ OWN_LOSS_REPRODUCED = {"gpt2": True, "llama": True, "qwen2": True, "opt": True, 
 
 def build(family):
     lm, tok, bos = families.build(family)
-    return lm, model_lib.ready_tokenizer(tok, family), bos
+    return lm, loading.ready_tokenizer(tok, family), bos
 
 
 def examples(tokenizer):
@@ -36,7 +36,7 @@ def examples(tokenizer):
 def test_template_tokens_begin_with_the_right_bos(family, tmp_path):
     _, tok, expected = families.build(family)
     tok.save_pretrained(tmp_path)
-    tok = model_lib.load_tokenizer(str(tmp_path))  # as train.py and inference.py load it
+    tok = loading.load_tokenizer(str(tmp_path))  # as train.py and inference.py load it
     ids = ds.encode_prompt(tok, ds.format_prompt(RECORDS[0], "seed"))
     assert ids[:len(expected)] == expected
     if not expected and tok.bos_token_id is not None:
@@ -56,7 +56,7 @@ def test_packing_is_kept_apart_or_refused(family):
     assert chosen == ("rows" if same else "none")
     assert bool(notes) != same  # a fallback is always explained
     if not same:
-        with pytest.raises(model_lib.UserError, match="--packing rows: .* use --packing none"):
+        with pytest.raises(loading.UserError, match="--packing rows: .* use --packing none"):
             train.choose_packing(lm, exs, "rows", True, tok.pad_token_id, print)
 
 
@@ -66,7 +66,7 @@ def test_response_only_logits_give_the_models_own_loss_and_gradients(family):
     mode = "rows" if PACKING_KEEPS_APART[family] else "none"
     batch = {k: v for k, v in SFTCollator(tok.pad_token_id, mode)(examples(tok)).items() if k != "num_real_tokens"}
     sparse = copy.deepcopy(own)
-    enabled = model_lib.enable_response_only_logits(sparse, batch)
+    enabled = response_logits.enable_response_only_logits(sparse, batch)
     assert enabled == OWN_LOSS_REPRODUCED[family]
     own.train(), sparse.train()
     loss_own, loss_sparse = own(**batch).loss, sparse(**batch).loss
@@ -87,16 +87,16 @@ def test_configs_that_transform_logits_are_known_without_a_forward():
     """Soft-capping at 30 changes random-weight logits too little to see, so the config decides first."""
     from transformers import GPT2Config, Gemma2Config, GraniteConfig
 
-    assert model_lib.transforms_logits(Gemma2Config(final_logit_softcapping=30.0))
-    assert not model_lib.transforms_logits(Gemma2Config(final_logit_softcapping=None))
-    assert model_lib.transforms_logits(GraniteConfig(logits_scaling=8.0))
-    assert not model_lib.transforms_logits(GraniteConfig(logits_scaling=1.0))
-    assert not model_lib.transforms_logits(GPT2Config())
+    assert response_logits.transforms_logits(Gemma2Config(final_logit_softcapping=30.0))
+    assert not response_logits.transforms_logits(Gemma2Config(final_logit_softcapping=None))
+    assert response_logits.transforms_logits(GraniteConfig(logits_scaling=8.0))
+    assert not response_logits.transforms_logits(GraniteConfig(logits_scaling=1.0))
+    assert not response_logits.transforms_logits(GPT2Config())
 
 
 @pytest.mark.parametrize("family", [f for f, same in OWN_LOSS_REPRODUCED.items() if not same])
 def test_the_forward_check_alone_catches_transformed_logits(family, monkeypatch):
-    monkeypatch.setattr(model_lib, "LOGIT_TRANSFORMS", {})  # as for a family whose config says nothing
+    monkeypatch.setattr(response_logits, "LOGIT_TRANSFORMS", {})  # as for a family whose config says nothing
     lm, tok, _ = build(family)
     batch = SFTCollator(tok.pad_token_id, "none")(examples(tok))
-    assert not model_lib.enable_response_only_logits(lm, batch)
+    assert not response_logits.enable_response_only_logits(lm, batch)

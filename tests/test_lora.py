@@ -10,7 +10,7 @@ import torch
 
 import datasetup
 from tuning.models import lora
-import model as model_lib
+from tuning.models import loading, response_logits
 from tuning import rundir
 from tuning.models import scoring
 from tuning import smoke
@@ -63,7 +63,7 @@ def test_fresh_adapters_change_nothing_and_train_only_themselves_or_the_reward_h
 def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_checkpointing(gpt2_tokenizer):
     """The model's own padded loss equals the loss of the path train.py --lora --gradient-checkpointing runs:
     response-only logits, packed rows, a peft model, activations recomputed; and the adapters get gradients."""
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     records = json.loads(shared_path("data", "alpaca_5000.json").read_text())[:6]
     examples = [datasetup.tokenize_example(r, tok, "seed", 256) for r in records]
     model = tiny("gpt2")
@@ -71,7 +71,7 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
     with torch.no_grad():
         own = float(model(**SFTCollator(tok.pad_token_id, "none")(examples)).loss)
     packed = SFTCollator(tok.pad_token_id, "rows")(examples)
-    assert model_lib.enable_response_only_logits(model, packed)
+    assert response_logits.enable_response_only_logits(model, packed)
     wrapped = lora.add_lora(model, "base", 4, 8.0, 0.0, seed=0)
     model.activation_checkpointing_enable()
     wrapped.train()
@@ -116,8 +116,8 @@ def test_a_lora_run_saves_the_adapter_merges_and_loads_wherever_a_model_dir_goes
     assert not (out / "model.safetensors").exists()
     config = load_json(out / "adapter_config.json")
     assert config["base_model_name_or_path"] == str(smoke_trained / "smoke-run" / "model") and config["r"] == 16
-    tok = model_lib.load_tokenizer(str(out))
-    adapter, merged = model_lib.load_model(str(out), tokenizer=tok), model_lib.load_model(str(out / "merged"))
+    tok = loading.load_tokenizer(str(out))
+    adapter, merged = loading.load_model(str(out), tokenizer=tok), loading.load_model(str(out / "merged"))
     ids = torch.tensor([tok("Give the first word.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(adapter.eval()(ids).logits, merged.eval()(ids).logits)
@@ -263,10 +263,10 @@ def test_an_adapter_dir_that_cannot_serve_is_refused_in_one_line(tmp_path):
                                                                           "base_model_name_or_path": base}))
         return str(tmp_path / name)
 
-    with pytest.raises(model_lib.ModelError, match=r"holds a reward model's LoRA adapter \(reward.py --lora\), not a"):
-        model_lib.load_model(adapter("rm", "SEQ_CLS", str(tmp_path)))
+    with pytest.raises(loading.ModelError, match=r"holds a reward model's LoRA adapter \(reward.py --lora\), not a"):
+        loading.load_model(adapter("rm", "SEQ_CLS", str(tmp_path)))
     with pytest.raises(lora.LoraError, match=r"was trained on /nowhere/sft, which is not there any more: put that"):
-        model_lib.load_model(adapter("moved", "CAUSAL_LM", "/nowhere/sft"))
+        loading.load_model(adapter("moved", "CAUSAL_LM", "/nowhere/sft"))
     with pytest.raises(lora.LoraError, match="which is not there any more"):
         lora.load_config(str(tmp_path / "moved"))
     with pytest.raises(scoring.UserError, match=r"no reward model there \(config.json missing\). It holds a causal LM's"):

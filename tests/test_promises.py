@@ -13,7 +13,7 @@ import torch
 from tuning.data import tokencache
 import datasetup as ds
 import inference
-import model as model_lib
+from tuning.models import loading, response_logits
 from tuning.data import templates
 from tuning.cli import UserError
 from tuning.data.collate import SFTCollator
@@ -28,7 +28,7 @@ def test_a_data_parallel_replica_computes_with_its_own_weights(monkeypatch):
     replicate_module = sys.modules["torch.nn.parallel.replicate"]
     model = tiny_gpt2()
     batch = model_inputs(SFTCollator(0, "none")(examples()))
-    assert model_lib.enable_response_only_logits(model, batch)
+    assert response_logits.enable_response_only_logits(model, batch)
     torch.manual_seed(1)
     noise = [0.5 * torch.randn_like(p) for p in model.parameters()]
     shifted = copy.deepcopy(model)
@@ -55,16 +55,16 @@ def test_every_stop_id_of_the_model_ends_an_answer(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.padding_side = "left"
     prompt = ds.format_prompt({"instruction": "Count the words.", "input": "cat dog"})
-    model_lib.set_generation_ids(lm, tok)
+    loading.set_generation_ids(lm, tok)
     ids = torch.tensor([ds.encode_prompt(tok, prompt)])
     first_token = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                               do_sample=False)[0, -1].item()
     assert first_token != tok.eos_token_id
     assert not inference.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]["stopped_at_eos"]
     lm.generation_config.eos_token_id = [first_token, 7]
-    model_lib.set_generation_ids(lm, tok)
+    loading.set_generation_ids(lm, tok)
     assert lm.generation_config.eos_token_id == [tok.eos_token_id, first_token, 7]
-    assert model_lib.stop_token_ids(lm, tok) == [tok.eos_token_id, first_token, 7]
+    assert loading.stop_token_ids(lm, tok) == [tok.eos_token_id, first_token, 7]
     stopped = inference.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]
     assert stopped == {"text": "", "new_tokens": 0, "stopped_at_eos": True}
 

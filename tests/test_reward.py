@@ -12,7 +12,7 @@ import torch
 
 import datasetup
 import families
-import model as model_lib
+from tuning.models import loading
 from tuning.data import preferences
 from tuning.models import scoring
 from conftest import ROOT, shared_path
@@ -39,7 +39,7 @@ def load_json(path):
 def tiny_reward_model(tmp_path, family="gpt2"):
     """A tiny reward model from a family's causal LM, with a random (not zero) score head."""
     lm, tok, _ = families.build(family)
-    tok = model_lib.ready_tokenizer(tok, family)
+    tok = loading.ready_tokenizer(tok, family)
     lm.save_pretrained(tmp_path / family)
     rm = scoring.reward_model_from(str(tmp_path / family))
     torch.manual_seed(1)
@@ -84,7 +84,7 @@ def test_gpt2_head_reads_the_wrong_position_with_pad_eos_and_ours_does_not(tmp_p
 
 
 def test_collator_puts_each_pair_together_and_indexes_each_eos(tiny_tokenizer):
-    tok = model_lib.ready_tokenizer(tiny_tokenizer)
+    tok = loading.ready_tokenizer(tiny_tokenizer)
     pairs, _ = preferences.tokenize_pairs([preferences.parse_pair(
         {"instruction": "Give the last word.", "input": "cat dog owl", "chosen": "owl", "rejected": "cat dog"}),
         preferences.parse_pair({"instruction": "Count the words.", "input": "a b", "chosen": "2", "rejected": "3"})],
@@ -122,7 +122,7 @@ def test_new_reward_model_prefers_nothing(tmp_path):
 def test_a_family_without_a_classification_head_is_refused_cleanly(tmp_path):
     lm, _, _ = families.build("granite")
     lm.save_pretrained(tmp_path / "granite")
-    with pytest.raises(model_lib.UserError, match="as the body of a reward model"):
+    with pytest.raises(loading.UserError, match="as the body of a reward model"):
         scoring.reward_model_from(str(tmp_path / "granite"))
 
 
@@ -130,7 +130,7 @@ def test_reward_tokens_are_the_sft_tokens_on_a_real_record(gpt2_tokenizer):
     """The chosen answer of an Alpaca-style pair is tokenized exactly as SFT trained on it: template, BOS
     behaviour, answer and EOS; so the reward model scores what the SFT model generates."""
     records = json.loads(shared_path("data", "alpaca_5000.json").read_text())
-    tok = model_lib.ready_tokenizer(gpt2_tokenizer)
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
     for record in (records[0], next(r for r in records if r["input"])):
         pair = preferences.parse_pair({**record, "chosen": record["output"], "rejected": "No."})
         tokens = preferences.tokenize_pair(pair, tok, "seed", 1024)

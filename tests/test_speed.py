@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import model as model_lib
+from tuning.models import response_logits
 from tuning.data.collate import SFTCollator, pack_bins
 
 VOCAB = 300
@@ -42,7 +42,7 @@ def test_response_only_logits_equal_plain_loss_and_gradients():
     dense = tiny_gpt2()
     sparse = copy.deepcopy(dense)
     batch = model_inputs(SFTCollator(0, "none")(examples()))
-    assert model_lib.enable_response_only_logits(sparse, batch)
+    assert response_logits.enable_response_only_logits(sparse, batch)
     loss_d, loss_s = dense(**batch).loss, sparse(**batch).loss
     assert torch.allclose(loss_d, loss_s, atol=1e-6)
     loss_d.backward()
@@ -54,7 +54,7 @@ def test_response_only_logits_equal_plain_loss_and_gradients():
 def test_response_only_logits_never_build_full_logits(monkeypatch):
     sparse = tiny_gpt2()
     batch = model_inputs(SFTCollator(0, "none")(examples()))
-    model_lib.enable_response_only_logits(sparse, batch)
+    response_logits.enable_response_only_logits(sparse, batch)
     shapes = []
     head = sparse.get_output_embeddings()
     head.register_forward_hook(lambda mod, inp, out: shapes.append(tuple(out.shape)))
@@ -67,7 +67,7 @@ def test_response_only_logits_under_bf16_autocast_match_plain():
     dense = tiny_gpt2()
     sparse = copy.deepcopy(dense)
     batch = model_inputs(SFTCollator(0, "none")(examples()))
-    model_lib.enable_response_only_logits(sparse, batch)
+    response_logits.enable_response_only_logits(sparse, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.allclose(dense(**batch).loss, sparse(**batch).loss, atol=1e-2)
 
@@ -78,7 +78,7 @@ def test_gradient_accumulation_equals_larger_batch():
     exs = examples(8)
     collate = SFTCollator(0, "none")
     for m in (big, accum):
-        assert model_lib.enable_response_only_logits(m, model_inputs(collate(exs)))
+        assert response_logits.enable_response_only_logits(m, model_inputs(collate(exs)))
     full = model_inputs(collate(exs))
     big(**full).loss.backward()
     halves = [model_inputs(collate(exs[:4])), model_inputs(collate(exs[4:]))]
@@ -167,7 +167,7 @@ def test_sparse_eval_loss_matches_trainer_standard(tmp_path):
     for sparse in (False, True):
         model = tiny_gpt2()
         if sparse:
-            assert model_lib.enable_response_only_logits(model, SFTCollator(0, "rows")(examples(4)))
+            assert response_logits.enable_response_only_logits(model, SFTCollator(0, "rows")(examples(4)))
         args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none",
                                  use_cpu=True, remove_unused_columns=False, prediction_loss_only=True)
         trainer = InstructTrainer(model=model, args=args, eval_dataset=data, data_collator=SFTCollator(0, "rows"))

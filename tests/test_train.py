@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-import model as model_lib
+from tuning.models import devices, loading
 from tuning import rundir
 import train
 from conftest import ROOT
@@ -206,10 +206,10 @@ def test_flags_mirror_every_constant():
 
 def test_precision_auto_on_this_cpu():
     cpu = torch.device("cpu")
-    precision, _ = model_lib.resolve_precision("auto", cpu)
-    assert precision == ("bf16" if model_lib.cpu_supports_bf16() else "fp32")
-    assert model_lib.resolve_precision("fp32", cpu)[0] == "fp32"
-    assert model_lib.resolve_precision("auto", torch.device("mps"))[0] == "fp32"
+    precision, _ = devices.resolve_precision("auto", cpu)
+    assert precision == ("bf16" if devices.cpu_supports_bf16() else "fp32")
+    assert devices.resolve_precision("fp32", cpu)[0] == "fp32"
+    assert devices.resolve_precision("auto", torch.device("mps"))[0] == "fp32"
 
 
 @pytest.mark.parametrize("gpu,capability,expected", [
@@ -219,12 +219,12 @@ def test_precision_auto_on_cuda_follows_the_hardware(monkeypatch, gpu, capabilit
     """Decided from the device's compute capability: is_bf16_supported() also counts emulated bf16 (T4, V100)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports, emulation included
-    assert model_lib.resolve_precision("auto", torch.device("cuda"))[0] == expected, gpu
+    assert devices.resolve_precision("auto", torch.device("cuda"))[0] == expected, gpu
     if expected == "fp16":
-        with pytest.raises(model_lib.ModelError, match="no native bf16"):
-            model_lib.resolve_precision("bf16", torch.device("cuda"))
+        with pytest.raises(loading.ModelError, match="no native bf16"):
+            devices.resolve_precision("bf16", torch.device("cuda"))
     else:
-        assert model_lib.resolve_precision("bf16", torch.device("cuda"))[0] == "bf16"
+        assert devices.resolve_precision("bf16", torch.device("cuda"))[0] == "bf16"
 
 
 @pytest.mark.parametrize("capability,precision,flash_installed,packing,expected", [
@@ -251,13 +251,13 @@ def test_flash_attention_only_where_it_runs(monkeypatch, capability, precision, 
 def test_get_device_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert model_lib.get_device("auto").type == "mps"
-    assert model_lib.get_device("cpu").type == "cpu"
+    assert devices.get_device("auto").type == "mps"
+    assert devices.get_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert model_lib.get_device("auto").type == "cuda"
+    assert devices.get_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(model_lib.ModelError, match="--device cuda"):
-        model_lib.get_device("cuda")
+    with pytest.raises(loading.ModelError, match="--device cuda"):
+        devices.get_device("cuda")
 
 
 def test_pad_is_eos_but_eos_keeps_its_label(tiny_tokenizer):

@@ -1,13 +1,13 @@
 """LoRA adapters (through peft) for every training stage, and model dirs that hold an adapter.
 
-    python lora.py --model ../shared/distilgpt2-config --init scratch   # the layers --lora-target auto picks
+    python model.py --model ../shared/distilgpt2-config --init scratch   # ends with the layers auto adapts
 
 Full fine-tuning with AdamW needs about 16 bytes a parameter; LoRA trains small low-rank matrices beside
 the frozen weights of every linear layer in the attention and MLP blocks, and saves only those. An adapter
 dir (adapter_config.json + adapter_model.safetensors) names its base model, so every script that takes a
 model dir takes an adapter dir too, with no extra flag.
 
-Ground floor, beside model.py: it imports model and cli, and none of the training scripts.
+Models floor, beside loading.py: it imports cli, and loading inside functions (to load an adapter's base).
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ from tuning.cli import UserError
 # peft 0.21 still asks transformers for its old activation-checkpointing names.
 warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is deprecated", category=FutureWarning)
 
-# ---- settings (each has a flag: LORA_TARGET -> --lora-target) ----
-MODEL = "distilgpt2"  # Hub id or local directory of a causal LM
-INIT = "pretrained"  # pretrained|scratch: load the weights, or random weights from the config
-LORA_TARGET = "auto"  # auto = every linear layer of the attention and MLP blocks, or a comma list of layer names
+LORA_TARGET = "auto"  # the default: every linear layer of the attention and MLP blocks (or a comma list of names)
 
 # What peft writes beside adapter_model.safetensors.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -174,18 +171,3 @@ def save_merged(adapter_dir: str, directory: str, load) -> None:
 
     load(adapter_dir).save_pretrained(directory)
     AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(directory)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from tuning import cli
-    import model as model_lib
-
-    args = cli.parse_or_exit(cli.build_parser(sys.modules[__name__]), lambda a: None)
-    try:
-        lm = model_lib.load_model(args.model, args.init)
-        targets = ", ".join(resolve_targets(lm, args.lora_target))
-        print(f"{type(lm).__name__}: --lora-target {args.lora_target} = {targets}")
-    except UserError as error:
-        cli.fail(str(error))

@@ -23,7 +23,7 @@ import torch
 from tuning.models import lora
 from tuning.cli import UserError
 from tuning.data.collate import PACKING_MODES, pack_bins
-from model import context_limit  # noqa: F401  (part of this API: the reward model's context)
+from tuning.models.loading import context_limit
 from tuning.data.templates import encode_prompt
 
 
@@ -119,9 +119,9 @@ def reward_model_from(name_or_path: str, dtype=None):
     hf_logging.set_verbosity_error()  # the "newly initialized score head" report: expected, and said below
     try:
         if lora.is_adapter_dir(name_or_path):  # a LoRA SFT run: the body of its base with the adapter merged in
-            import model as model_lib
+            from tuning.models import loading
 
-            lm = model_lib.load_model(name_or_path, dtype=dtype)
+            lm = loading.load_model(name_or_path, dtype=dtype)
             lm.config.num_labels = 1
             model = AutoModelForSequenceClassification.from_config(lm.config, dtype=dtype or torch.float32)
             model.base_model.load_state_dict(lm.base_model.state_dict())
@@ -160,14 +160,14 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
     """(model, tokenizer, template) of a reward model saved by reward.py, in eval mode on `device`."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    import model as model_lib
+    from tuning.models import loading
     from tuning.data.templates import load_template
 
     if lora.is_adapter_dir(path) and lora.adapter_task(path) == "SEQ_CLS":  # a reward.py --lora run
         rm = lora.load_merged(path, reward_model_from)  # the SFT body, the adapters and the trained score head
         without_pad_id(rm)  # (the SFT body's config may have pad = EOS; --merge saves this model)
         rm = enable_score_index(rm).to(device or "cpu").eval()
-        return rm, model_lib.load_tokenizer(path, flag=flag), load_template(path)
+        return rm, loading.load_tokenizer(path, flag=flag), load_template(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         from tuning import rundir
 
@@ -184,7 +184,7 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
             kind.endswith(("LMHeadModel", "ForCausalLM")) for kind in kinds) else f"a {', '.join(kinds) or 'model'} "
             f"with {config.num_labels} outputs")
         raise UserError(f"{flag} {path}: not a reward model (it is {what}); reward.py writes one with a single score")
-    tokenizer = model_lib.load_tokenizer(path, flag=flag)
+    tokenizer = loading.load_tokenizer(path, flag=flag)
     rm = AutoModelForSequenceClassification.from_pretrained(path)
     rm = enable_score_index(rm).to(device or "cpu").eval()
     return rm, tokenizer, load_template(path)

@@ -23,6 +23,14 @@ from tuning.models.scoring import ScoreCollator
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "completion", "sequence", "score_index")
 
 
+def positions_from_mask(attention_mask):
+    """Position ids of left-padded rows as generate() numbers them: each row counts from 0 at its first real
+    token (padding gets 0; it is masked). GPT-2 and other models with learned absolute positions need them on
+    every forward over such rows: without them they number the padding too."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
 class PairCollator:
     """Tokenized pairs as one batch: sequence 2i is pair i's prompt + chosen answer, 2i + 1 its prompt +
     rejected answer (each answer ending with EOS), laid out by scoring.ScoreCollator ("rows": packed rows

@@ -19,10 +19,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from trl import DPOTrainer, RLOOTrainer
 
-from model import positions_from_mask
-from tuning.models.sequence_logps import PairCollator, enable_sequence_logps, model_inputs, sigmoid_dpo_loss
-from tuning.models.scoring import answer_ids, context_limit, load_reward_model, pairwise_stats, score_ids
 from tuning.data.templates import encode_prompt
+from tuning.models.loading import context_limit
+from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids
+from tuning.models.sequence_logps import (PairCollator, enable_sequence_logps, model_inputs, positions_from_mask,
+                                          sigmoid_dpo_loss)
 from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.

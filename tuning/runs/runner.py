@@ -40,7 +40,7 @@ def run_script(module, validate, main) -> None:
     try:
         refuse_launcher(os.path.basename(module.__file__))  # before anything loads
         if not args.smoke:
-            from model import offline_unless_hub_reachable
+            from tuning.models.loading import offline_unless_hub_reachable
 
             offline_unless_hub_reachable([args.model, args.dataset], print if os.environ.get("RANK", "0") == "0"
                                          else (lambda *a, **k: None))
@@ -76,7 +76,7 @@ def resolve_packing(packing: str, device, precision: str) -> tuple[str, str | No
     """
     import importlib.util
 
-    from model import cuda_native_bf16
+    from tuning.models.devices import cuda_native_bf16
 
     flash = (device.type == "cuda" and precision in ("bf16", "fp16") and cuda_native_bf16(device)
              and importlib.util.find_spec("flash_attn") is not None)
@@ -182,7 +182,7 @@ def model_positions(name_or_path: str) -> int | None:
     """The positions of a model (Hub id, dir, adapter dir or a config-only dir), None where its config says none.
     A model that can't be read is left to the loading that follows, which says why."""
     from tuning.models import lora
-    from model import context_limit
+    from tuning.models.loading import context_limit
 
     try:
         return context_limit(lora.load_config(name_or_path))
