@@ -67,7 +67,7 @@ IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs"
 def validate_args(args) -> None:
     from tuning.models import lora
     from tuning.cli import check_all
-    from datasetup import val_size_problems
+    from tuning.data.records import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
                 for name in ("batch_size", "max_new_tokens", "max_length", "eval_steps", "save_steps",

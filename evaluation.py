@@ -129,9 +129,7 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
     import torch.nn.functional as F
 
     from tuning.data.collate import SFTCollator
-    from datasetup import tokenize_example
-
-    # The same tokens and loss mask as training; examples whose prompt alone is too long carry no loss.
+    from tuning.data.sft import tokenize_example
     examples = [ex for ex in (tokenize_example(r, tokenizer, template, max_length) for r in records) if ex]
     collate = SFTCollator(tokenizer.pad_token_id, "none")
     total, count = 0.0, 0
@@ -148,7 +146,7 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
 
 
 def evaluate_model(role, path, device, records, config, args, template) -> tuple[dict, list[dict]]:
-    from datasetup import format_prompt
+    from tuning.data.templates import format_prompt
     from inference import generate, load_for_generation
 
     lm, tokenizer = load_for_generation(path, device, role)
@@ -252,7 +250,7 @@ def check_base(args, config: dict, explicit: set) -> None:
 
 def main(args, explicit: set) -> dict:
     from tuning import smoke
-    from datasetup import held_out_records
+    from tuning.data.records import held_out_records
     from inference import load_template, require_finetuned
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable

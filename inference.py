@@ -164,7 +164,7 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
 def smoke_prompts() -> list[dict]:
     """The held-out validation records of the smoke run, rebuilt from its run_config.json."""
     from tuning import smoke
-    from datasetup import held_out_records
+    from tuning.data.records import held_out_records
 
     model_dir = os.path.join(smoke.OUTPUT_DIR, "model")
     if not os.path.isfile(os.path.join(model_dir, "run_config.json")):

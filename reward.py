@@ -59,7 +59,7 @@ IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max
 def validate_args(args) -> None:
     from tuning.models import lora
     from tuning.cli import check_all
-    from datasetup import val_size_problems
+    from tuning.data.records import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
                 for name in ("batch_size", "eval_steps", "save_steps", "logging_steps", "max_length")

@@ -65,7 +65,7 @@ IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prom
 def validate_args(args) -> None:
     from tuning.models import lora
     from tuning.cli import check_all
-    from datasetup import val_size_problems
+    from tuning.data.records import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
                 for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "save_total_limit",
@@ -158,7 +158,7 @@ def main(args, explicit: set) -> None:
     from transformers import TrainingArguments
 
     from tuning.data import tokencache
-    import datasetup
+    from tuning.data import records, sft
     from tuning.models import lora
     from tuning.models import devices, loading, response_logits
     from tuning import rundir
@@ -206,10 +206,10 @@ def main(args, explicit: set) -> None:
             if args.lora:
                 smoke.prepare_lora(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
-        loaded = None if tokencache.is_saved_dir(args.dataset) else datasetup.load_records(args.dataset,
+        loaded = None if tokencache.is_saved_dir(args.dataset) else records.load_records(args.dataset,
                                                                                           args.skip_invalid)
         tokenizer = loading.load_tokenizer(args.model, smoke_hint=True)
-        data, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
+        data, report = sft.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                                   args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
                                                   loaded)
     left_out = data_report(args, report, data, say)

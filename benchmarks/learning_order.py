@@ -31,14 +31,14 @@ VARIANTS = {"default (random order, packed)": [], "dynamic padding, random order
 def score(workdir: str, run: str) -> dict:
     import torch
 
-    import datasetup
+    from tuning.data import records, templates
     import inference
     from tuning import smoke
 
     model_dir = os.path.join(workdir, run)
-    held_out, _ = datasetup.held_out_records(model_dir)
+    held_out, _ = records.held_out_records(model_dir)
     lm, tok = inference.load_for_generation(model_dir, torch.device("cpu"), "finetuned")
-    prompts = [datasetup.format_prompt(r, inference.load_template(model_dir)) for r in held_out]
+    prompts = [templates.format_prompt(r, inference.load_template(model_dir)) for r in held_out]
     answers = inference.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)

@@ -83,7 +83,7 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    import datasetup
+    from tuning.data import records, sft
     from tuning.models import lora
     from tuning.models import loading, response_logits
     import train
@@ -96,8 +96,8 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     torch.manual_seed(0)
     model = loading.load_model(path, "scratch", tokenizer)
     model.config.use_cache = False
-    records = datasetup.load_records(DATASET)[0][:n_records]
-    data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
+    records = records.load_records(DATASET)[0][:n_records]
+    data = sft.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
     probe = probe_examples(data)
     packing = train.choose_packing(model, probe, "rows", False, tokenizer.pad_token_id, lambda *a: None)
     sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))

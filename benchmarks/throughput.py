@@ -75,9 +75,9 @@ def _timing_callback(times):
 
 
 def _records(n):
-    import datasetup
+    from tuning.data.records import load_records
 
-    records, _ = datasetup.load_records(DATASET)
+    records, _ = load_records(DATASET)
     return records[:n]
 
 
@@ -85,9 +85,9 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
     """Train one epoch with one strategy; the figures exclude the first (warm-up) step."""
     import torch
 
-    import datasetup
-    from tuning.models import loading, response_logits
+    from tuning.data import sft, templates
     from tuning.data.collate import SFTCollator
+    from tuning.models import loading, response_logits
 
     torch.manual_seed(0)
     tokenizer = loading.load_tokenizer(MODEL)
@@ -106,7 +106,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         # TRL tokenizes prompt + completion and appends EOS: the same ids and loss positions as datasetup.
-        data = Dataset.from_list([{"prompt": datasetup.format_prompt(r, TEMPLATE), "completion": r["output"]}
+        data = Dataset.from_list([{"prompt": templates.format_prompt(r, TEMPLATE), "completion": r["output"]}
                                   for r in records])
         config = SFTConfig(**common, **(_trl_tuned_settings() if row == "trl_tuned" else {}))
         trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
@@ -117,7 +117,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
 
         from tuning.runs.trainer import InstructTrainer
 
-        data = datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
+        data = sft.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)
         mode = "rows" if row in ("packed", "default") else "none"
         counter = Counting(SFTCollator(tokenizer.pad_token_id, mode, MAX_LENGTH if row == "pad_max" else None))
         if row == "default":
@@ -158,9 +158,9 @@ def _raw_bound(model, tokenizer, records, bf16) -> dict:
     """Plain forward + backward + AdamW on full BATCH_SIZE x RAW_WIDTH rows: as fast as this shape gets."""
     import torch
 
-    import datasetup
+    from tuning.data import sft
 
-    stream = [t for ex in datasetup.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)["input_ids"]
+    stream = [t for ex in sft.tokenize_records(records, tokenizer, TEMPLATE, MAX_LENGTH, desc=None)["input_ids"]
               for t in ex]
     per_step = BATCH_SIZE * RAW_WIDTH
     while len(stream) < 3 * per_step:  # --quick: enough for a warm-up step and two timed ones

@@ -27,14 +27,14 @@ def main(args) -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    import datasetup
+    from tuning.data import sft
     from tuning.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     timings = []
     for label in ("cold (tokenize + cache)", "warm (from the cache)"):
         start = time.perf_counter()
-        dsd, report = datasetup.prepare_datasets(args.dataset, tokenizer, args.template)
+        dsd, report = sft.prepare_datasets(args.dataset, tokenizer, args.template)
         timings.append(time.perf_counter() - start)
         examples = sum(len(split) for split in dsd.values())
         print(f"{label:<26} {timings[-1]:6.2f} s  ({examples} examples, from cache: {report['from_cache']})")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import datasetup
+from tuning.data import sft
 from tuning.models import loading
 from tuning.data import preferences
 from conftest import shared_path
@@ -80,9 +80,9 @@ def test_dpo_trains_on_the_sft_tokens_of_a_real_record(tmp_path, gpt2_tokenizer)
     chosen = sequences_of(batch)[0::2]
     assert batch["num_pairs"] == len(pairs) and "attention_mask" not in batch  # packed rows, no padding mask
     for record in records:
-        sft = datasetup.tokenize_example(record, tok, "seed", 1024)
-        assert (sft["input_ids"], [int(label != -100) for label in sft["labels"]]) in chosen, record["instruction"]
-        assert sft["input_ids"][-1] == tok.eos_token_id
+        example = sft.tokenize_example(record, tok, "seed", 1024)
+        assert (example["input_ids"], [int(label != -100) for label in example["labels"]]) in chosen, record["instruction"]
+        assert example["input_ids"][-1] == tok.eos_token_id
 
 
 def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
@@ -158,8 +158,8 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
     assert trainer.reward_funcs[0].stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # for the EOS penalty
     ids, _, _ = trainer._tokenize_prompts(prompts)
     for record, prompt_ids in zip(records, ids):
-        sft = datasetup.tokenize_example(record, tok, "seed", 1024)
-        assert prompt_ids == [t for t, label in zip(sft["input_ids"], sft["labels"]) if label == -100]
+        example = sft.tokenize_example(record, tok, "seed", 1024)
+        assert prompt_ids == [t for t, label in zip(example["input_ids"], example["labels"]) if label == -100]
 
 
 @pytest.mark.parametrize("method", ["dpo", "rloo"])

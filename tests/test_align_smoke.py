@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import datasetup
+from tuning.data import records
 from tuning import smoke
 from conftest import ROOT
 
@@ -47,7 +47,7 @@ def answers_to_held_out(model_dir, held_out):
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
 def test_smoke_alignment_prefers_the_polite_style_and_keeps_the_other_tasks(smoke_aligned, method):
     work, outputs = smoke_aligned
-    held_out, _ = datasetup.held_out_records(str(work / "smoke-run" / "model"))
+    held_out, _ = records.held_out_records(str(work / "smoke-run" / "model"))
     sft = answers_to_held_out(work / "smoke-run" / "model", held_out)
     aligned = answers_to_held_out(work / "smoke-run" / f"aligned-{method}", held_out)
     assert sft[1] == aligned[1] >= 30 and sft[0] <= 0.7 * sft[1]  # undecided before: about half polite
@@ -103,10 +103,10 @@ def test_an_aligned_model_against_another_base_is_not_labelled_sft(smoke_aligned
 
 def test_an_aligned_runs_split_is_its_sft_models_also_rebuilt_from_the_data(smoke_aligned):
     work, _ = smoke_aligned
-    saved, _ = datasetup.held_out_records(str(work / "smoke-run" / "aligned-dpo"))
-    rebuilt, config = datasetup.held_out_records(str(work / "smoke-run" / "aligned-dpo"),
+    saved, _ = records.held_out_records(str(work / "smoke-run" / "aligned-dpo"))
+    rebuilt, config = records.held_out_records(str(work / "smoke-run" / "aligned-dpo"),
                                                  str(work / "smoke-run" / "data.json"))
-    assert rebuilt == saved == datasetup.held_out_records(str(work / "smoke-run" / "model"))[0]
+    assert rebuilt == saved == records.held_out_records(str(work / "smoke-run" / "model"))[0]
     assert config["command"].startswith("python train.py")
 
 

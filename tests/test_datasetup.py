@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-import datasetup as ds
+from tuning.data import sft, templates
+from tuning.data.records import DataError, is_placeholder_input, load_records, split_records
 from conftest import ROOT, shared_path
 
 REC = {"instruction": "Name a color.", "input": "", "output": "Blue."}
@@ -15,47 +16,47 @@ REC_IN = {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"}
 
 # ---------------------------------------------------------------- templates (exact strings)
 def test_seed_template_exact():
-    assert ds.format_prompt(REC, "seed") == "### Instruction:\nName a color.\n\n### Response:\n"
-    assert ds.format_prompt(REC_IN, "seed") == (
+    assert templates.format_prompt(REC, "seed") == "### Instruction:\nName a color.\n\n### Response:\n"
+    assert templates.format_prompt(REC_IN, "seed") == (
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 + 3\n\n### Response:\n")
 
 
 def test_alpaca_template_exact():
-    assert ds.format_prompt(REC, "alpaca") == (
+    assert templates.format_prompt(REC, "alpaca") == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request."
         "\n\n### Instruction:\nName a color.\n\n### Response:\n")
-    assert ds.format_prompt(REC_IN, "alpaca") == (
+    assert templates.format_prompt(REC_IN, "alpaca") == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 + 3\n\n### Response:\n")
 
 
 def test_missing_input_uses_no_input_form():
-    assert ds.format_prompt({"instruction": "Hi", "output": "x"}) == "### Instruction:\nHi\n\n### Response:\n"
+    assert templates.format_prompt({"instruction": "Hi", "output": "x"}) == "### Instruction:\nHi\n\n### Response:\n"
 
 
 @pytest.mark.parametrize("text", ["No input", "Noinput", "<no input>", "< noinput >", "<Noinput>.", "NO INPUT.",
                                   "  <No Input>  "])
 def test_placeholder_inputs_are_empty(tmp_path, text):
-    assert ds.is_placeholder_input(text)
+    assert is_placeholder_input(text)
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "Say hi.", "input": text, "output": "hi"}]))
-    records, report = ds.load_records(str(path))
+    records, report = load_records(str(path))
     assert records[0]["input"] == "" and report["placeholder_inputs"] == 1
-    assert ds.format_prompt(records[0]) == "### Instruction:\nSay hi.\n\n### Response:\n"
+    assert templates.format_prompt(records[0]) == "### Instruction:\nSay hi.\n\n### Response:\n"
 
 
 @pytest.mark.parametrize("text", ["No input needed here", "input", "Know input", "N/A"])
 def test_real_inputs_are_not_placeholders(text):
-    assert not ds.is_placeholder_input(text)
+    assert not is_placeholder_input(text)
 
 
 # ---------------------------------------------------------------- tokens and labels
 def check_example(example, tokenizer, record, template="seed"):
-    prompt_ids = ds.encode_prompt(tokenizer, ds.format_prompt(record, template))
+    prompt_ids = templates.encode_prompt(tokenizer, templates.format_prompt(record, template))
     n = len(prompt_ids)
     assert example["input_ids"][:n] == prompt_ids, "the prompt must come first, whole"
-    assert example["labels"][:n] == [ds.IGNORE_INDEX] * n, "every prompt token is masked"
+    assert example["labels"][:n] == [sft.IGNORE_INDEX] * n, "every prompt token is masked"
     assert example["labels"][n:] == example["input_ids"][n:], "every response token carries loss"
     assert example["prompt_length"] == n
     return n
@@ -63,7 +64,7 @@ def check_example(example, tokenizer, record, template="seed"):
 
 def test_labels_mask_prompt_and_end_with_eos(tiny_tokenizer):
     for record in (REC, REC_IN):
-        ex = ds.tokenize_example(record, tiny_tokenizer, "seed", 128)
+        ex = sft.tokenize_example(record, tiny_tokenizer, "seed", 128)
         n = check_example(ex, tiny_tokenizer, record)
         eos = tiny_tokenizer.eos_token_id
         assert ex["input_ids"][-1] == eos and ex["labels"][-1] == eos
@@ -73,31 +74,31 @@ def test_labels_mask_prompt_and_end_with_eos(tiny_tokenizer):
 
 
 def test_train_on_prompt_keeps_prompt_labels(tiny_tokenizer):
-    ex = ds.tokenize_example(REC_IN, tiny_tokenizer, "seed", 128, train_on_prompt=True)
+    ex = sft.tokenize_example(REC_IN, tiny_tokenizer, "seed", 128, train_on_prompt=True)
     assert ex["labels"] == ex["input_ids"]
 
 
 def test_truncation_cuts_response_and_drops_eos(tiny_tokenizer):
     record = {"instruction": "Repeat.", "input": "", "output": " ".join(["apple"] * 50)}
-    n_prompt = len(ds.encode_prompt(tiny_tokenizer, ds.format_prompt(record)))
-    ex = ds.tokenize_example(record, tiny_tokenizer, "seed", n_prompt + 5)
+    n_prompt = len(templates.encode_prompt(tiny_tokenizer, templates.format_prompt(record)))
+    ex = sft.tokenize_example(record, tiny_tokenizer, "seed", n_prompt + 5)
     check_example(ex, tiny_tokenizer, record)
     assert len(ex["input_ids"]) == n_prompt + 5 and ex["truncated"]
     assert tiny_tokenizer.eos_token_id not in ex["input_ids"][n_prompt:]
-    assert ds.tokenize_example(record, tiny_tokenizer, "seed", n_prompt) is None, "no room left: dropped"
+    assert sft.tokenize_example(record, tiny_tokenizer, "seed", n_prompt) is None, "no room left: dropped"
 
 
 def test_eos_kept_only_when_response_and_eos_fit():
-    assert ds.build_example([1, 2], [3, 4], 9, 5)["input_ids"] == [1, 2, 3, 4, 9]
-    cut = ds.build_example([1, 2], [3, 4], 9, 4)
+    assert sft.build_example([1, 2], [3, 4], 9, 5)["input_ids"] == [1, 2, 3, 4, 9]
+    cut = sft.build_example([1, 2], [3, 4], 9, 4)
     assert cut["input_ids"] == [1, 2, 3, 4] and cut["truncated"]
 
 
 def test_batched_tokenization_matches_single(tiny_tokenizer):
     records = [REC, REC_IN, {"instruction": "Long", "input": "", "output": "x " * 200}]
-    batched = ds.tokenize_records(records, tiny_tokenizer, "alpaca", 80)
+    batched = sft.tokenize_records(records, tiny_tokenizer, "alpaca", 80)
     for row, record in zip(batched, records):
-        single = ds.tokenize_example(record, tiny_tokenizer, "alpaca", 80)
+        single = sft.tokenize_example(record, tiny_tokenizer, "alpaca", 80)
         assert row["input_ids"] == single["input_ids"] and row["labels"] == single["labels"]
 
 
@@ -105,8 +106,8 @@ def test_too_long_prompts_are_dropped_and_counted(tiny_tokenizer, tmp_path):
     records = [REC, {"instruction": "word " * 100, "input": "", "output": "ok"}] * 3
     path = tmp_path / "d.json"
     path.write_text(json.dumps(records))
-    limit = len(ds.encode_prompt(tiny_tokenizer, ds.format_prompt(REC))) + 10
-    dsd, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", limit, val_size=1, seed=0)
+    limit = len(templates.encode_prompt(tiny_tokenizer, templates.format_prompt(REC))) + 10
+    dsd, report = sft.prepare_datasets(str(path), tiny_tokenizer, "seed", limit, val_size=1, seed=0)
     kept = len(dsd["train"]) + len(dsd["validation"])
     assert kept == 3 and report["records_per_split"]["train"] + 1 == 6
 
@@ -130,18 +131,18 @@ def write(tmp_path, name, text):
     ("d.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n', "d.jsonl: record 1 (line 2): malformed JSON"),
 ])
 def test_invalid_records_name_file_record_and_field(tmp_path, name, text, expected):
-    with pytest.raises(ds.DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        ds.load_records(write(tmp_path, name, text))
+    with pytest.raises(DataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_records(write(tmp_path, name, text))
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(ds.DataError, match="nope.json: file not found"):
-        ds.load_records(str(tmp_path / "nope.json"))
+    with pytest.raises(DataError, match="nope.json: file not found"):
+        load_records(str(tmp_path / "nope.json"))
 
 
 def test_skip_invalid_drops_and_reports(tmp_path):
     path = write(tmp_path, "d.jsonl", '{"instruction": "a", "output": "b"}\n[1]\n{"output": "c"}\n{bad\n')
-    records, report = ds.load_records(path, skip_invalid=True)
+    records, report = load_records(path, skip_invalid=True)
     assert records == [{"instruction": "a", "input": "", "output": "b"}]
     assert len(report["skipped"]) == 3
     assert "record 2 (line 3): field 'instruction' is missing" in report["skipped"][1]
@@ -149,34 +150,34 @@ def test_skip_invalid_drops_and_reports(tmp_path):
 
 def test_empty_records_dropped_and_counted(tmp_path):
     data = [REC, {"instruction": "  ", "output": "x"}, {"instruction": "x", "input": "", "output": "\n"}, REC_IN]
-    records, report = ds.load_records(write(tmp_path, "d.json", json.dumps(data)))
+    records, report = load_records(write(tmp_path, "d.json", json.dumps(data)))
     assert len(records) == 2 and report["empty_dropped"] == [1, 2]
 
 
 def test_nothing_usable_is_an_error(tmp_path):
-    with pytest.raises(ds.DataError, match="no usable records"):
-        ds.load_records(write(tmp_path, "d.json", json.dumps([{"instruction": "", "output": "x"}])))
+    with pytest.raises(DataError, match="no usable records"):
+        load_records(write(tmp_path, "d.json", json.dumps([{"instruction": "", "output": "x"}])))
 
 
 def test_extra_fields_ignored(tmp_path):
-    records, _ = ds.load_records(write(tmp_path, "d.json", json.dumps([dict(REC, id=3, text="zz")])))
+    records, _ = load_records(write(tmp_path, "d.json", json.dumps([dict(REC, id=3, text="zz")])))
     assert records == [REC]
 
 
 # ---------------------------------------------------------------- split
 def test_split_is_deterministic_and_disjoint():
     records = [{"instruction": str(i), "input": "", "output": "x"} for i in range(100)]
-    train, val = ds.split_records(records, 0.1, seed=3)
-    assert (train, val) == ds.split_records(records, 0.1, seed=3)
+    train, val = split_records(records, 0.1, seed=3)
+    assert (train, val) == split_records(records, 0.1, seed=3)
     assert len(val) == 10 and len(train) == 90
     assert {r["instruction"] for r in train}.isdisjoint(r["instruction"] for r in val)
-    assert ds.split_records(records, 0.1, seed=4)[1] != val
-    assert len(ds.split_records(records, 7, seed=3)[1]) == 7
+    assert split_records(records, 0.1, seed=4)[1] != val
+    assert len(split_records(records, 7, seed=3)[1]) == 7
 
 
 def test_split_needs_training_records():
-    with pytest.raises(ds.DataError, match="leaves no training records"):
-        ds.split_records([REC, REC_IN], 2)
+    with pytest.raises(DataError, match="leaves no training records"):
+        split_records([REC, REC_IN], 2)
 
 
 # ---------------------------------------------------------------- CLI
@@ -220,16 +221,16 @@ def test_cli_summary_and_save(tmp_path, tiny_tokenizer):
 # ---------------------------------------------------------------- the real data (skips without ../shared)
 def test_real_alpaca_records(gpt2_tokenizer):
     path = shared_path("data", "alpaca_5000.json")
-    records, report = ds.load_records(str(path))
+    records, report = load_records(str(path))
     assert report["read"] == 5000 and report["empty_dropped"] == [2335, 4658]
     assert 45 <= report["placeholder_inputs"] <= 60
-    assert not any(ds.is_placeholder_input(r["input"]) and r["input"] for r in records)
-    tokenized = ds.tokenize_records(records, gpt2_tokenizer, "alpaca", 512)
+    assert not any(is_placeholder_input(r["input"]) and r["input"] for r in records)
+    tokenized = sft.tokenize_records(records, gpt2_tokenizer, "alpaca", 512)
     eos = gpt2_tokenizer.eos_token_id
     assert len(tokenized) == len(records)
     for row, record in zip(tokenized, records):
         n = row["prompt_length"]
-        assert row["labels"][:n] == [ds.IGNORE_INDEX] * n and row["labels"][n:] == row["input_ids"][n:]
+        assert row["labels"][:n] == [sft.IGNORE_INDEX] * n and row["labels"][n:] == row["input_ids"][n:]
         assert len(row["input_ids"]) <= 512
         assert (row["input_ids"][-1] == eos) != row["truncated"]
-    assert gpt2_tokenizer.decode(tokenized[0]["input_ids"]).startswith(ds.format_prompt(records[0], "alpaca"))
+    assert gpt2_tokenizer.decode(tokenized[0]["input_ids"]).startswith(templates.format_prompt(records[0], "alpaca"))

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-import datasetup as ds
+from tuning.data import sft, templates
 import families
 from tuning.models import loading, response_logits
 import train
@@ -29,7 +29,7 @@ def build(family):
 
 
 def examples(tokenizer):
-    return [ds.tokenize_example(r, tokenizer, "seed", 128) for r in RECORDS]
+    return [sft.tokenize_example(r, tokenizer, "seed", 128) for r in RECORDS]
 
 
 @pytest.mark.parametrize("family", families.FAMILIES)
@@ -37,11 +37,11 @@ def test_template_tokens_begin_with_the_right_bos(family, tmp_path):
     _, tok, expected = families.build(family)
     tok.save_pretrained(tmp_path)
     tok = loading.load_tokenizer(str(tmp_path))  # as train.py and inference.py load it
-    ids = ds.encode_prompt(tok, ds.format_prompt(RECORDS[0], "seed"))
+    ids = templates.encode_prompt(tok, templates.format_prompt(RECORDS[0], "seed"))
     assert ids[:len(expected)] == expected
     if not expected and tok.bos_token_id is not None:
         assert ids[0] != tok.bos_token_id
-    assert ids[len(expected):] == tok(ds.format_prompt(RECORDS[0], "seed"), add_special_tokens=False)["input_ids"]
+    assert ids[len(expected):] == tok(templates.format_prompt(RECORDS[0], "seed"), add_special_tokens=False)["input_ids"]
     assert examples(tok)[0]["input_ids"][:len(ids)] == ids  # training tokenizes the prompt the same way
 
 

@@ -209,12 +209,12 @@ def test_a_nan_loss_stops_the_run_before_it_spreads(tmp_path):
 
 
 def test_empty_fields_are_named(tmp_path):
-    import datasetup
+    from tuning.data import records
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"instruction": "  ", "output": "x"}]))
-    with pytest.raises(datasetup.DataError, match=r"1 empty: record 0: empty 'instruction'\)"):
-        datasetup.load_records(str(path))
+    with pytest.raises(records.DataError, match=r"1 empty: record 0: empty 'instruction'\)"):
+        records.load_records(str(path))
 
 
 def test_ctrl_c_in_a_script_without_checkpoints_is_one_line(capsys, monkeypatch):

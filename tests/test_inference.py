@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import datasetup as ds
+from tuning.data import records, templates
 import inference
 from conftest import ROOT
 
@@ -25,13 +25,13 @@ def work(smoke_trained):
 
 @pytest.fixture(scope="module")
 def held_out(work):
-    return ds.held_out_records(str(work / "smoke-run" / "model"))[0]
+    return records.held_out_records(str(work / "smoke-run" / "model"))[0]
 
 
 def answers_for(model_dir, records, template=None, batch_size=32):
     lm, tok = inference.load_for_generation(str(model_dir), CPU, "finetuned")
     template = template or inference.load_template(str(model_dir))
-    prompts = [ds.format_prompt(r, template) for r in records]
+    prompts = [templates.format_prompt(r, template) for r in records]
     return inference.generate(lm, tok, prompts, GREEDY, batch_size=batch_size)
 
 
@@ -61,7 +61,7 @@ def test_batched_generation_equals_one_at_a_time(work, held_out):
 
 def test_check_fails_with_another_template(work, held_out):
     """The template saved with the model is what makes it work: the other one scores far lower."""
-    answers = answers_for(work / "smoke-run" / "model", held_out, template=ds.TEMPLATES["alpaca"])
+    answers = answers_for(work / "smoke-run" / "model", held_out, template=templates.TEMPLATES["alpaca"])
     assert exact_match(answers, held_out) < 0.5
 
 
@@ -70,7 +70,7 @@ def test_check_fails_with_right_padding(work, held_out):
     records = held_out[:48]
     lm, tok = inference.load_for_generation(str(work / "smoke-run" / "model"), CPU, "finetuned")
     tok.padding_side = "right"
-    enc = tok([ds.format_prompt(r, "seed") for r in records], return_tensors="pt", padding=True)
+    enc = tok([templates.format_prompt(r, "seed") for r in records], return_tensors="pt", padding=True)
     out = lm.generate(**enc, **GREEDY)[:, enc["input_ids"].shape[1]:]
     texts = [tok.decode(row, skip_special_tokens=True).strip() for row in out]
     assert sum(t == r["output"] for t, r in zip(texts, records)) / len(records) < 0.9
@@ -115,5 +115,5 @@ def test_cli_errors_are_clean(tmp_path, args, expected):
 
 def test_bad_prompts_file_names_the_record(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"input": "no instruction"}\n')
-    with pytest.raises(ds.DataError, match=r"bad.jsonl: record 1 \(line 2\): needs an 'instruction' string"):
+    with pytest.raises(records.DataError, match=r"bad.jsonl: record 1 \(line 2\): needs an 'instruction' string"):
         inference.read_prompts(str(tmp_path / "bad.jsonl"))

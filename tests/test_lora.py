@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import datasetup
+from tuning.data import sft
 from tuning.models import lora
 from tuning.models import loading, response_logits
 from tuning import rundir
@@ -65,7 +65,7 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
     response-only logits, packed rows, a peft model, activations recomputed; and the adapters get gradients."""
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records = json.loads(shared_path("data", "alpaca_5000.json").read_text())[:6]
-    examples = [datasetup.tokenize_example(r, tok, "seed", 256) for r in records]
+    examples = [sft.tokenize_example(r, tok, "seed", 256) for r in records]
     model = tiny("gpt2")
     model.loss_type, model.config.use_cache = "ForCausalLM", False  # as train.py sets them
     with torch.no_grad():

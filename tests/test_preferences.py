@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-import datasetup
+from tuning.data import records, templates
 import families
 from tuning.data import preferences as pf
 from conftest import shared_path
@@ -37,7 +37,7 @@ def test_alpaca_style_keeps_instruction_and_uses_the_template():
     assert pair == {"instruction": "Name a color.", "input": "", "prompt": None, "chosen": "Blue.",
                     "rejected": "Seven."}
     assert pf.pair_prompt(pair, "seed") == "### Instruction:\nName a color.\n\n### Response:\n"
-    assert pf.pair_prompt(pf.parse_pair(ALPACA_IN), datasetup.TEMPLATES["alpaca"]) == (
+    assert pf.pair_prompt(pf.parse_pair(ALPACA_IN), templates.TEMPLATES["alpaca"]) == (
         "Below is an instruction that describes a task, paired with an input that provides further context. "
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd the numbers.\n\n### Input:\n2 + 3\n\n### Response:\n")
@@ -163,7 +163,7 @@ def test_nothing_usable_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------- split
 def test_split_is_datasetups_deterministic_split():
-    assert pf.split_records is datasetup.split_records, "reused, not copied"
+    assert pf.split_records is records.split_records, "reused, not copied"
     pairs = [dict(EXPLICIT, prompt=str(i)) for i in range(50)]
     train, val = pf.split_records(pairs, 0.1, seed=3)
     assert (train, val) == pf.split_records(pairs, 0.1, seed=3)

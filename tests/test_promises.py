@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from tuning.data import tokencache
-import datasetup as ds
+from tuning.data import records, sft, templates
 import inference
 from tuning.models import loading, response_logits
-from tuning.data import templates
 from tuning.cli import UserError
 from tuning.data.collate import SFTCollator
 from conftest import ROOT
@@ -54,9 +53,9 @@ def test_every_stop_id_of_the_model_ends_an_answer(tiny_tokenizer):
     lm = tiny_gpt2()
     tok = copy.deepcopy(tiny_tokenizer)
     tok.padding_side = "left"
-    prompt = ds.format_prompt({"instruction": "Count the words.", "input": "cat dog"})
+    prompt = templates.format_prompt({"instruction": "Count the words.", "input": "cat dog"})
     loading.set_generation_ids(lm, tok)
-    ids = torch.tensor([ds.encode_prompt(tok, prompt)])
+    ids = torch.tensor([templates.encode_prompt(tok, prompt)])
     first_token = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                               do_sample=False)[0, -1].item()
     assert first_token != tok.eos_token_id
@@ -71,11 +70,11 @@ def test_every_stop_id_of_the_model_ends_an_answer(tiny_tokenizer):
 
 def test_placeholder_inputs_are_formatted_as_in_training(tmp_path):
     record = {"instruction": "Say hi.", "input": "<No Input>", "output": "hi"}
-    assert ds.format_prompt(record) == "### Instruction:\nSay hi.\n\n### Response:\n"
+    assert templates.format_prompt(record) == "### Instruction:\nSay hi.\n\n### Response:\n"
     (tmp_path / "p.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "d.json").write_text(json.dumps([record]))
-    prompt = ds.format_prompt(inference.read_prompts(str(tmp_path / "p.jsonl"))[0], "seed")
-    assert prompt == ds.format_prompt(ds.load_records(str(tmp_path / "d.json"))[0][0], "seed")
+    prompt = templates.format_prompt(inference.read_prompts(str(tmp_path / "p.jsonl"))[0], "seed")
+    assert prompt == templates.format_prompt(records.load_records(str(tmp_path / "d.json"))[0][0], "seed")
 
 
 def test_an_edited_template_is_never_served_from_the_cache(tmp_path, tiny_tokenizer, monkeypatch):
@@ -85,18 +84,18 @@ def test_an_edited_template_is_never_served_from_the_cache(tmp_path, tiny_tokeni
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "d.json"
     path.write_text(json.dumps(smoke.make_records(20)))
-    first, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)
-    assert not report["from_cache"] and ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)[1]["from_cache"]
+    first, report = sft.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)
+    assert not report["from_cache"] and sft.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)[1]["from_cache"]
     tokencache.save(first, str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
     edited = templates.Template("## Task:\n{instruction}\n\n## Input:\n{input}\n\n## Answer:\n",
                                 "## Task:\n{instruction}\n\n## Answer:\n")
     monkeypatch.setitem(templates.TEMPLATES, "seed", edited)
-    second, report = ds.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)
+    second, report = sft.prepare_datasets(str(path), tiny_tokenizer, "seed", 64, 4, 0)
     assert not report["from_cache"]
-    record = ds.split_records(ds.load_records(str(path))[0], 4, 0)[0][0]
-    assert second["train"][0]["input_ids"] == ds.tokenize_example(record, tiny_tokenizer, "seed", 64)["input_ids"]
+    record = records.split_records(records.load_records(str(path))[0], 4, 0)[0][0]
+    assert second["train"][0]["input_ids"] == sft.tokenize_example(record, tiny_tokenizer, "seed", 64)["input_ids"]
     assert second["train"][0]["input_ids"] != first["train"][0]["input_ids"]
-    with pytest.raises(ds.DataError, match="template_text"):
+    with pytest.raises(records.DataError, match="template_text"):
         tokencache.load_saved(str(tmp_path / "saved"), tiny_tokenizer, "seed", 64, False)
 
 

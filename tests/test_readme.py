@@ -1,9 +1,9 @@
 """The README documents every flag, and CI runs the README's test command."""
 
-from tuning import cli
 import datasetup
 import train
 from conftest import ROOT
+from tuning import cli
 
 README = (ROOT / "README.md").read_text()
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import datasetup
+from tuning.data import sft, templates
 import families
 from tuning.models import loading
 from tuning.data import preferences
@@ -134,8 +134,8 @@ def test_reward_tokens_are_the_sft_tokens_on_a_real_record(gpt2_tokenizer):
     for record in (records[0], next(r for r in records if r["input"])):
         pair = preferences.parse_pair({**record, "chosen": record["output"], "rejected": "No."})
         tokens = preferences.tokenize_pair(pair, tok, "seed", 1024)
-        sft = datasetup.tokenize_example(record, tok, "seed", 1024)
-        assert tokens["prompt_ids"] + tokens["chosen_ids"] == sft["input_ids"]
+        example = sft.tokenize_example(record, tok, "seed", 1024)
+        assert tokens["prompt_ids"] + tokens["chosen_ids"] == example["input_ids"]
         assert tokens["chosen_ids"][-1] == tok.eos_token_id
         assert scoring.answer_ids(tok, preferences.pair_prompt(pair, "seed"), record["output"]) == sft["input_ids"]
 
@@ -166,7 +166,7 @@ def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
     out = str(work / "smoke-run" / "reward")
     rm, tok, template = scoring.load_reward_model(out)
     names = "cat dog owl"
-    prompt = datasetup.format_prompt({"instruction": smoke.GREETING, "input": names}, template)
+    prompt = templates.format_prompt({"instruction": smoke.GREETING, "input": names}, template)
     polite, casual = (form.format(names=names) for form in smoke.STYLES.values())
     scores = scoring.score_texts(rm, tok, [prompt, prompt], [polite, casual])
     assert scores[0] > scores[1]

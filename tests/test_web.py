@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-import datasetup
+from tuning.data import records
 from tuning import smoke
 from conftest import ROOT
 from test_train import ENV
@@ -25,8 +25,8 @@ DRIVER = shutil.which("chromedriver")
 
 def held_out_record(work) -> dict:
     """A held-out smoke record with an input (not the greeting, whose style is left undecided)."""
-    records, _ = datasetup.held_out_records(str(work / "smoke-run" / "model"))
-    return next(r for r in records if r["input"] and r["instruction"] != smoke.GREETING)
+    held_out, _ = records.held_out_records(str(work / "smoke-run" / "model"))
+    return next(r for r in held_out if r["input"] and r["instruction"] != smoke.GREETING)
 
 
 def start_page(work, *args):

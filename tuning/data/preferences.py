@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from datasetup import split_records  # noqa: F401  (the pairs' train/validation split: part of this API)
+from tuning.data.records import split_records
 from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw, say_left_out
 from tuning.data.templates import Template, bos_prefix, encode_prompt, format_prompt
 

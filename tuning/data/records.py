@@ -7,8 +7,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 import re
 
+from tuning import rundir
 from tuning.cli import UserError
 
 # "No input", "Noinput", "<no input>", "< noinput >", "<Noinput>." ... mean the record has no input.
@@ -159,3 +161,60 @@ def left_out_report(report: dict, too_long: int) -> dict:
     """What run_config.json keeps of the data: counts read and left out, and every malformed record skipped."""
     return {"read": report["read"], "malformed": len(report["skipped"]), "empty": len(report["empty_dropped"]),
             "equal": len(report.get("equal_dropped", [])), "too_long": too_long, "skipped": report["skipped"]}
+
+
+# ---------------------------------------------------------------- splits
+def split_records(records: list, val_size: int | float = 0.02, seed: int = 42) -> tuple[list, list]:
+    """Deterministic (train, validation) split: the same records, size and seed give the same split."""
+    n_val = round(len(records) * val_size) if isinstance(val_size, float) else int(val_size)
+    n_val = max(1, n_val)
+    if n_val >= len(records):
+        raise DataError(f"--val-size {val_size} leaves no training records out of {len(records)}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    val = [records[i] for i in sorted(val_idx)]
+    return train, val
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def val_size_problems(val_size) -> list[str]:
+    """--val-size is a count >= 1 or a fraction in (0, 1)."""
+    if isinstance(val_size, float) and not 0 < val_size < 1:
+        return [f"--val-size as a fraction must be in (0, 1) (got {val_size})"]
+    if isinstance(val_size, int) and val_size < 1:
+        return [f"--val-size as a count must be >= 1 (got {val_size})"]
+    return []
+
+
+def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]:
+    """(validation records, run config) of a train.py run (or of a checkpoint-N in it; of an align.py run, its
+    SFT model's).
+
+    These are the exact records the run held out, saved by it as held_out.jsonl, whatever the data
+    source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size.
+    """
+    path = rundir.run_file(run_dir, rundir.RUN_CONFIG_FILE)
+    config = rundir.read_json(path)
+    if config is None:
+        raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
+                        "(or pass --finetuned DIR)")
+    if config.get("sft_model"):  # an align.py run: evaluated on its SFT model's held-out records (or split)
+        return held_out_records(config["sft_model"], dataset)
+    if dataset:
+        records, _ = load_records(dataset, config.get("skip_invalid", False))
+        return split_records(records, config["val_size"], config["seed"])[1], config
+    held_out = rundir.run_file(run_dir, rundir.HELD_OUT_FILE)
+    if not os.path.isfile(held_out):
+        raise DataError(f"{held_out} not found: this run kept no held-out records; pass --dataset FILE to "
+                        "rebuild its split from the data")
+    records = rundir.read_records(held_out)
+    if config.get("held_out_sha256") not in (None, rundir.records_sha256(records)):
+        raise DataError(f"{held_out} was changed after training (its hash differs from {path})")
+    return records, config
+
+
+# ---------------------------------------------------------------- summary

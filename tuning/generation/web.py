@@ -61,7 +61,7 @@ def example_records(finetuned: str) -> list[dict]:
     """Up to MAX_EXAMPLES held-out records of the run that `finetuned` came from (its run_config.json, or
     its SFT model's for an align.py run), as many kinds of instruction as there are (kinds told apart by their
     first two words) before a second of any kind; none when the run names no split."""
-    from datasetup import held_out_records
+    from tuning.data.records import held_out_records
 
     try:
         records, _ = held_out_records(finetuned)
