@@ -147,7 +147,7 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
 
 def evaluate_model(role, path, device, records, config, args, template) -> tuple[dict, list[dict]]:
     from tuning.data.templates import format_prompt
-    from inference import generate, load_for_generation
+    from tuning.generation.generate import generate, load_for_generation
 
     lm, tokenizer = load_for_generation(path, device, role)
     ppl_records = records[: args.limit] if args.limit else records
@@ -251,7 +251,8 @@ def check_base(args, config: dict, explicit: set) -> None:
 def main(args, explicit: set) -> dict:
     from tuning import smoke
     from tuning.data.records import held_out_records
-    from inference import load_template, require_finetuned
+    from tuning.data.templates import load_template
+    from tuning.generation.generate import require_finetuned
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
     from tuning.rundir import read_run_config, starting_model, write_json

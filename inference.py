@@ -44,123 +44,6 @@ HOST = "127.0.0.1"  # --web: the address to serve on (0.0.0.0 = every network in
 PORT = 0  # --web: the port to serve on; 0 = a free one (printed)
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Records {instruction, input[, output]} from .json/.jsonl records or a text file of instructions."""
-    from tuning.data.records import DataError, read_raw
-
-    if not os.path.isfile(path):
-        raise UserError(f"--prompts-file {path}: file not found")
-    if not path.endswith((".json", ".jsonl")):
-        with open(path, encoding="utf-8") as handle:
-            prompts = [{"instruction": line.strip(), "input": ""} for line in handle if line.strip()]
-        if not prompts:
-            raise UserError(f"--prompts-file {path}: no prompts in it")
-        return prompts
-    records = []
-    for where, record in read_raw(path):
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise DataError(f"{where}: needs an 'instruction' string")
-        if not isinstance(record.get("input") or "", str):
-            raise DataError(f"{where}: field 'input' is not a string")
-        records.append({k: record[k] for k in ("instruction", "input", "output") if record.get(k) is not None})
-    if not records:
-        raise UserError(f"--prompts-file {path}: no prompts in it")
-    return records
-
-
-def require_finetuned(path: str, role: str = "finetuned") -> None:
-    """A clear message, not a Hub error, when train.py has not produced the fine-tuned model yet."""
-    from tuning.models import lora
-    from tuning import rundir
-
-    if lora.is_model_dir(path):
-        return
-
-    hint = ""
-    ckpt = rundir.find_checkpoint(path)
-    if ckpt:
-        config = rundir.read_run_config(path) or {}
-        command = config.get("command") or f"python train.py --output-dir {path}"
-        hint = f" Training did not finish: resume it with `{command}`, or pass --{role} {ckpt}."
-    if role == "aligned":
-        raise UserError(f"--aligned {path}: no aligned model there. Run `python align.py` first.{hint}")
-    raise UserError(f"no fine-tuned model in {path!r}. Run `python train.py` first "
-                    f"(or `python train.py --smoke`, then `python inference.py --smoke`).{hint}")
-
-
-def load_for_generation(name_or_path: str, device, role: str):
-    """(model, tokenizer) in eval mode, tokenizer padding on the left for batched generation."""
-    from transformers import AutoModelForCausalLM
-
-    from tuning.models import lora
-    from tuning.models import loading
-
-    if role in ("finetuned", "aligned"):
-        require_finetuned(name_or_path, role)
-    flag = f"--{role}"
-    loading.refuse_reward_model(name_or_path, flag)
-    tokenizer = loading.load_tokenizer(name_or_path, flag=flag)
-    tokenizer.padding_side = "left"
-    try:
-        lm = (loading.load_model(name_or_path) if lora.is_adapter_dir(name_or_path)  # base + adapter, merged
-              else AutoModelForCausalLM.from_pretrained(name_or_path)).to(device).eval()
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
-                        f"Offline? Pass a local directory with {flag}.") from None
-    loading.set_generation_ids(lm, tokenizer)
-    return lm, tokenizer
-
-
-def generation_kwargs(args) -> dict:
-    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
-    if args.sample:
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = args.repetition_penalty
-    if args.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
-    return kwargs
-
-
-def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
-             streamer=None, progress: bool = False, desc: str = "Generating", raw: bool = False) -> list[dict]:
-    """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first stop token
-    (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3). With `raw`,
-    also raw_text: the answer as decoded, unstripped, as a reward model scores it."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from tuning.models.loading import stop_token_ids
-    from tuning.data.templates import encode_prompt
-
-    stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    answers = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress or len(prompts) <= batch_size,
-               file=sys.stderr)
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
-        width = max(map(len, encoded))
-        # Left padding: every prompt ends at the same column, so generation continues right after it.
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=lm.device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in encoded], device=lm.device)
-        with torch.no_grad():
-            out = lm.generate(input_ids=input_ids, attention_mask=mask, eos_token_id=stops, pad_token_id=pad,
-                              streamer=streamer, **gen_kwargs)
-        for row in out[:, width:].tolist():
-            end = next((i for i, token in enumerate(row) if token in stops), None)
-            stopped = end is not None
-            tokens = row[:end] if stopped else row
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            answers.append({"text": text.strip(), "new_tokens": len(tokens), "stopped_at_eos": stopped,
-                            **({"raw_text": text} if raw else {})})
-        bar.update(len(encoded))
-    bar.close()
-    return answers
-
-
 def smoke_prompts() -> list[dict]:
     """The held-out validation records of the smoke run, rebuilt from its run_config.json."""
     from tuning import smoke
@@ -187,22 +70,13 @@ def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
 
 def validate_args(args) -> None:
     from tuning.cli import check_all
+    from tuning.generation.generate import decoding_problems
 
-    problems = []
-    if args.max_new_tokens < 1:
-        problems.append(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    problems = decoding_problems(args)
     if args.batch_size < 1:
         problems.append(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.temperature <= 0:
-        problems.append(f"--temperature must be > 0 (got {args.temperature})")
-    if not 0 < args.top_p <= 1:
-        problems.append(f"--top-p must be in (0, 1] (got {args.top_p})")
-    if not 0 <= getattr(args, "port", 0) <= 65535:
+    if not 0 <= args.port <= 65535:
         problems.append(f"--port must be in [0, 65535] (got {args.port})")
-    if args.top_k < 0 or args.no_repeat_ngram_size < 0:
-        problems.append("--top-k and --no-repeat-ngram-size must be >= 0")
-    if args.repetition_penalty <= 0:
-        problems.append(f"--repetition-penalty must be > 0 (got {args.repetition_penalty})")
     check_all(problems)
 
 
@@ -226,10 +100,12 @@ def check_web_flags(args, explicit: set) -> None:
 
 def main(args, explicit: set) -> None:
     from tuning import smoke
+    from tuning.data.records import read_prompts
+    from tuning.data.templates import format_prompt
+    from tuning.generation.generate import generate, generation_kwargs, load_for_generation, require_finetuned
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
     from tuning.rundir import starting_model
-    from tuning.data.templates import format_prompt
 
     check_sampling_flags(args, explicit)
     check_web_flags(args, explicit)

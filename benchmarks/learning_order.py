@@ -32,14 +32,14 @@ def score(workdir: str, run: str) -> dict:
     import torch
 
     from tuning.data import records, templates
-    import inference
+    from tuning.generation import generate
     from tuning import smoke
 
     model_dir = os.path.join(workdir, run)
     held_out, _ = records.held_out_records(model_dir)
-    lm, tok = inference.load_for_generation(model_dir, torch.device("cpu"), "finetuned")
-    prompts = [templates.format_prompt(r, inference.load_template(model_dir)) for r in held_out]
-    answers = inference.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
+    lm, tok = generate.load_for_generation(model_dir, torch.device("cpu"), "finetuned")
+    prompts = [templates.format_prompt(r, templates.load_template(model_dir)) for r in held_out]
+    answers = generate.generate(lm, tok, prompts, {"max_new_tokens": 32, "do_sample": False}, batch_size=50)
     with open(os.path.join(model_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
     return {"exact_match": sum(smoke.is_right(r, a["text"]) for a, r in zip(answers, held_out)) / len(held_out),

@@ -212,14 +212,14 @@ def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, 
     model's generation config adds (here a no-repeat n-gram size that would change the samples)."""
     from transformers import GenerationConfig
 
-    import inference
+    from tuning.generation import generate
 
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records)
     held_out = [{"prompt": p} for p in prompts]
     ours = trainer.greedy_answers(held_out)
-    theirs = inference.generate(trainer.model, tok, prompts, {"max_new_tokens": 4, "do_sample": False}, raw=True)
+    theirs = generate.generate(trainer.model, tok, prompts, {"max_new_tokens": 4, "do_sample": False}, raw=True)
     assert ours == theirs and all("raw_text" in answer for answer in ours)
     plain = trainer.sampled_answers(held_out)
     trainer.model.generation_config = GenerationConfig(**{**trainer.model.generation_config.to_dict(),

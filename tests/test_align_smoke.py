@@ -31,7 +31,7 @@ def load_json(path):
 # ---------------------------------------------------------------- the smoke proof, end to end
 def answers_to_held_out(model_dir, held_out):
     """(polite greetings, greetings, right answers to the other tasks, other prompts) of greedy answers."""
-    from inference import generate, load_for_generation
+    from tuning.generation.generate import generate, load_for_generation
     from tuning.data.templates import format_prompt
 
     lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")

@@ -219,8 +219,9 @@ def test_empty_fields_are_named(tmp_path):
 
 def test_ctrl_c_in_a_script_without_checkpoints_is_one_line(capsys, monkeypatch):
     """inference.py, evaluation.py, the web page's loading, ...: Ctrl-C ends them in one line, exit 130."""
-    from tuning import cli
     import inference
+    from tuning import cli
+
 
     def interrupted(args, explicit):
         raise KeyboardInterrupt

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tuning.data import records, templates
-import inference
+from tuning.generation import generate
 from conftest import ROOT
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,10 +29,10 @@ def held_out(work):
 
 
 def answers_for(model_dir, records, template=None, batch_size=32):
-    lm, tok = inference.load_for_generation(str(model_dir), CPU, "finetuned")
-    template = template or inference.load_template(str(model_dir))
+    lm, tok = generate.load_for_generation(str(model_dir), CPU, "finetuned")
+    template = template or templates.load_template(str(model_dir))
     prompts = [templates.format_prompt(r, template) for r in records]
-    return inference.generate(lm, tok, prompts, GREEDY, batch_size=batch_size)
+    return generate.generate(lm, tok, prompts, GREEDY, batch_size=batch_size)
 
 
 def exact_match(answers, records):
@@ -68,7 +68,7 @@ def test_check_fails_with_another_template(work, held_out):
 def test_check_fails_with_right_padding(work, held_out):
     """Right-padded batches make the model continue after pad tokens: answers go wrong."""
     records = held_out[:48]
-    lm, tok = inference.load_for_generation(str(work / "smoke-run" / "model"), CPU, "finetuned")
+    lm, tok = generate.load_for_generation(str(work / "smoke-run" / "model"), CPU, "finetuned")
     tok.padding_side = "right"
     enc = tok([templates.format_prompt(r, "seed") for r in records], return_tensors="pt", padding=True)
     out = lm.generate(**enc, **GREEDY)[:, enc["input_ids"].shape[1]:]
@@ -116,4 +116,4 @@ def test_cli_errors_are_clean(tmp_path, args, expected):
 def test_bad_prompts_file_names_the_record(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"input": "no instruction"}\n')
     with pytest.raises(records.DataError, match=r"bad.jsonl: record 1 \(line 2\): needs an 'instruction' string"):
-        inference.read_prompts(str(tmp_path / "bad.jsonl"))
+        records.read_prompts(str(tmp_path / "bad.jsonl"))

@@ -86,7 +86,7 @@ def test_lora_keeps_response_only_logits_and_packing_with_the_same_loss_under_ch
 
 
 def held_out_exact_match(model_dir, records) -> float:
-    from inference import generate, load_for_generation
+    from tuning.generation.generate import generate, load_for_generation
     from tuning.data.templates import format_prompt
 
     lm, tokenizer = load_for_generation(str(model_dir), torch.device("cpu"), "model")

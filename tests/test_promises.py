@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tuning.data import tokencache
-from tuning.data import records, sft, templates
 import inference
+from tuning.data import records, sft, templates
+from tuning.generation import generate
 from tuning.models import loading, response_logits
 from tuning.cli import UserError
 from tuning.data.collate import SFTCollator
@@ -59,12 +60,12 @@ def test_every_stop_id_of_the_model_ends_an_answer(tiny_tokenizer):
     first_token = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
                               do_sample=False)[0, -1].item()
     assert first_token != tok.eos_token_id
-    assert not inference.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]["stopped_at_eos"]
+    assert not generate.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]["stopped_at_eos"]
     lm.generation_config.eos_token_id = [first_token, 7]
     loading.set_generation_ids(lm, tok)
     assert lm.generation_config.eos_token_id == [tok.eos_token_id, first_token, 7]
     assert loading.stop_token_ids(lm, tok) == [tok.eos_token_id, first_token, 7]
-    stopped = inference.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]
+    stopped = generate.generate(lm, tok, [prompt], {"max_new_tokens": 4, "do_sample": False})[0]
     assert stopped == {"text": "", "new_tokens": 0, "stopped_at_eos": True}
 
 
@@ -73,7 +74,7 @@ def test_placeholder_inputs_are_formatted_as_in_training(tmp_path):
     assert templates.format_prompt(record) == "### Instruction:\nSay hi.\n\n### Response:\n"
     (tmp_path / "p.jsonl").write_text(json.dumps(record) + "\n")
     (tmp_path / "d.json").write_text(json.dumps([record]))
-    prompt = templates.format_prompt(inference.read_prompts(str(tmp_path / "p.jsonl"))[0], "seed")
+    prompt = templates.format_prompt(records.read_prompts(str(tmp_path / "p.jsonl"))[0], "seed")
     assert prompt == templates.format_prompt(records.load_records(str(tmp_path / "d.json"))[0][0], "seed")
 
 
@@ -137,10 +138,10 @@ def test_resume_hint_names_the_runs_own_command(tmp_path):
     for name in ("optimizer.pt", "scheduler.pt"):
         torch.save({}, run / "checkpoint-3" / name)
     with pytest.raises(UserError, match=r"--output-dir .*custom-out`, or pass --finetuned .*checkpoint-3"):
-        inference.require_finetuned(str(run))
+        generate.require_finetuned(str(run))
     (run / "run_config.json").write_text(json.dumps({"command": "python train.py --smoke --output-dir custom-out"}))
     with pytest.raises(UserError, match=r"resume it with `python train.py --smoke --output-dir custom-out`"):
-        inference.require_finetuned(str(run))
+        generate.require_finetuned(str(run))
 
 
 def test_sampling_settings_without_sample_are_refused():

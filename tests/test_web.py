@@ -120,7 +120,7 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
 def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
     """stream_answer yields the growing text while generating, then generate()'s own answer dict."""
     from tuning.generation import web
-    from inference import generate, load_for_generation
+    from tuning.generation.generate import generate, load_for_generation
     from tuning.data.templates import format_prompt, load_template
 
     model_dir = str(smoke_trained / "smoke-run" / "model")
@@ -149,7 +149,7 @@ def test_a_page_with_no_model_to_load_is_refused_at_start(tmp_path):
                              "--finetuned", str(tmp_path / "nothing")], cwd=tmp_path, env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.startswith("error: no model could be loaded, so there is no page to serve: base: ")
+    assert "\nerror: no model could be loaded, so there is no page to serve: base: " in result.stderr
     assert "Serving" not in result.stdout
 
 

@@ -218,3 +218,27 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
 
 
 # ---------------------------------------------------------------- summary
+
+
+# ---------------------------------------------------------------- prompts to answer
+def read_prompts(path: str) -> list[dict]:
+    """Records {instruction, input[, output]} to answer, from .json/.jsonl records or a text file of instructions
+    (inference.py --prompts-file)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--prompts-file {path}: file not found")
+    if not path.endswith((".json", ".jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            prompts = [{"instruction": line.strip(), "input": ""} for line in handle if line.strip()]
+        if not prompts:
+            raise UserError(f"--prompts-file {path}: no prompts in it")
+        return prompts
+    records = []
+    for where, record in read_raw(path):
+        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
+            raise DataError(f"{where}: needs an 'instruction' string")
+        if not isinstance(record.get("input") or "", str):
+            raise DataError(f"{where}: field 'input' is not a string")
+        records.append({k: record[k] for k in ("instruction", "input", "output") if record.get(k) is not None})
+    if not records:
+        raise UserError(f"--prompts-file {path}: no prompts in it")
+    return records

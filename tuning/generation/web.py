@@ -11,7 +11,7 @@ generated, then shows its token count and whether it stopped at EOS; its final t
 prompts are the fine-tuned run's held-out records. Mistakes reach the page as messages: an empty
 instruction, or a model that failed to load (its column says why; the others still answer).
 
-Generation layer: it imports inference.py and the ground floor, never training code.
+Generation floor, above generate.py: it imports generation and the floors below, never training code.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def free_port(host: str) -> int:
 def load_models(paths: dict, device) -> tuple[dict, dict]:
     """({role: (model, tokenizer)}, {role: why it failed}): a model that can't load leaves its column with
     the reason instead of stopping the page."""
-    from inference import load_for_generation
+    from tuning.generation.generate import load_for_generation
 
     models, errors = {}, {}
     for role, path in paths.items():
@@ -77,14 +77,14 @@ def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_toke
     """The page's decoding settings as inference.py's generate kwargs (generation_kwargs, same rules)."""
     from types import SimpleNamespace
 
-    from inference import generation_kwargs, validate_args
+    from tuning.cli import check_all
+    from tuning.generation.generate import decoding_problems, generation_kwargs
 
     args = SimpleNamespace(max_new_tokens=int(max_new_tokens or 0), sample=bool(sample), temperature=float(temperature),
                            top_p=float(top_p), top_k=int(top_k or 0), repetition_penalty=float(repetition_penalty),
-                           no_repeat_ngram_size=int(no_repeat_ngram_size or 0), batch_size=1, prompt="x",
-                           prompts_file="", smoke=False)
+                           no_repeat_ngram_size=int(no_repeat_ngram_size or 0))
     try:
-        validate_args(args)  # the flags' own checks, so the page refuses what the command line refuses
+        check_all(decoding_problems(args))  # the flags' own checks, so the page refuses what the command line refuses
     except ValueError as error:
         raise UserError(str(error)) from None
     return generation_kwargs(args)
@@ -95,7 +95,7 @@ def stream_answer(lm, tokenizer, prompt: str, gen_kwargs: dict, seed: int):
     ({text, new_tokens, stopped_at_eos}). Closed early (the page was closed), it stops the generation."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-    from inference import generate
+    from tuning.generation.generate import generate
 
     streamer, closed, result = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), \
         threading.Event(), {}

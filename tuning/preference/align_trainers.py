@@ -173,7 +173,7 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
     def greedy_answers(self, records: list[dict]) -> list[dict]:
         """Each record's greedy answer exactly as inference.py gives it (inference.generate, raw text kept): the
         model's own generation config, in fp32 even where training runs under autocast."""
-        from inference import generate
+        from tuning.generation.generate import generate
 
         model = self.accelerator.unwrap_model(self.model)
         with self.forked_rng(), without_autocast(model):
