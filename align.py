@@ -189,11 +189,12 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
     packed pairs, or, for RLOO, the language-model loss of a prompt."""
     import torch
 
-    from tuning.models import sequence_logps
+    from tuning.data import collate
     from tuning.data.templates import encode_prompt
+    from tuning.models import sequence_logps
 
     if args.method == "dpo":
-        batch = sequence_logps.model_inputs(sequence_logps.PairCollator(tokenizer.pad_token_id, packing)(
+        batch = sequence_logps.model_inputs(collate.PairCollator(tokenizer.pad_token_id, packing)(
             runner.probe_examples(data["train"])))
         return lambda model: model(**batch).logits.sum()
     ids = torch.tensor([encode_prompt(tokenizer, data["train"][0]["prompt"])])
@@ -205,7 +206,7 @@ def main(args, explicit: set) -> None:
     from tuning.preference import align_trainers
     from tuning.models import lora
     from tuning.models import devices, loading
-    from tuning.models import sequence_logps
+    from tuning.models import packing_checks, sequence_logps
     from tuning import rundir
     from tuning.data.templates import load_template
     from tuning.runs.trainer import StopOnSignal, write_template
@@ -248,7 +249,7 @@ def main(args, explicit: set) -> None:
         probe = runner.probe_examples(data["train"])
         packing = runner.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
                                         say, "answer log-probs", len(probe),
-                                        lambda: sequence_logps.packed_logps_match(policy, probe, tokenizer.pad_token_id))
+                                        lambda: packing_checks.packed_logps_match(policy, probe, tokenizer.pad_token_id))
         if attn and packing == "flat":
             policy.set_attn_implementation(attn)
         config["packing"] = packing

@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 
+
 from tuning.runs import runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
@@ -130,7 +131,8 @@ def main(args, explicit: set) -> None:
     from tuning.models import devices, loading
     from tuning.data import preferences
     from tuning import rundir
-    from tuning.models import scoring
+    from tuning.data import collate
+    from tuning.models import packing_checks, scoring
     from tuning.preference.reward_trainer import RewardTrainer
     from tuning.data.templates import load_template
     from tuning.runs.trainer import StopOnSignal, report_targets, write_template
@@ -174,7 +176,7 @@ def main(args, explicit: set) -> None:
     collate_probe = runner.probe_examples(data["train"])
     probe = [pair["prompt_ids"] + pair[key] for pair in collate_probe for key in ("chosen_ids", "rejected_ids")]
     packing = runner.choose_packing(model, packing, "packing" in explicit, say, "hidden states", len(probe),
-                                    lambda: scoring.packed_scores_match(model, probe, tokenizer.pad_token_id))
+                                    lambda: packing_checks.packed_scores_match(model, probe, tokenizer.pad_token_id))
     if attn and packing == "flat":
         model.set_attn_implementation(attn)
     say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
@@ -183,7 +185,7 @@ def main(args, explicit: set) -> None:
         model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                               args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
-    probe_batch = {k: v for k, v in scoring.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
+    probe_batch = {k: v for k, v in collate.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
                    if not k.startswith("num_")}
     runner.find_unused_parameters(model, lambda m: m(**probe_batch).logits.sum(), training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
@@ -195,7 +197,7 @@ def main(args, explicit: set) -> None:
     stopper = StopOnSignal(announce=main_process)
     trainer = RewardTrainer(
         model=model, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
-        data_collator=scoring.ScoreCollator(tokenizer.pad_token_id, packing, 8 if device.type == "cuda" else None),
+        data_collator=collate.ScoreCollator(tokenizer.pad_token_id, packing, 8 if device.type == "cuda" else None),
         processing_class=tokenizer, callbacks=[stopper],
         checkpoint_files=lambda directory: (scoring.without_pad_id(model), write_template(directory, template)))
     if not checkpoint:
@@ -251,11 +253,12 @@ def score_main(args) -> None:
     """--score: print the reward model's score of each answer (and, for pairs, which one it prefers)."""
     from tuning.models import devices
     from tuning.models import scoring
+    from tuning.data import preferences
     from tuning.data.preferences import pair_prompt
 
     device = devices.get_device(args.device)
     rm, tokenizer, template = scoring.load_reward_model(args.output_dir, device, flag="--output-dir")
-    items = scoring.read_scoring_file(args.prompts_file) if args.prompts_file else [
+    items = preferences.read_scoring_file(args.prompts_file) if args.prompts_file else [
         {"instruction": args.prompt, "input": args.input, "prompt": None, "answers": [args.answer]}]
     prompts = [pair_prompt(item, template) for item in items for _ in item["answers"]]
     scores = iter(scoring.score_texts(rm, tokenizer, prompts, [a for item in items for a in item["answers"]],

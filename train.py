@@ -147,7 +147,7 @@ def data_report(args, report: dict, data, say) -> dict | None:
 
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
     """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
-    from tuning.data.collate import packed_loss_matches
+    from tuning.models.packing_checks import packed_loss_matches
 
     return runner.choose_packing(model, packing, explicit, say, "loss", len(examples),
                                  lambda: packed_loss_matches(model, examples, pad_id))

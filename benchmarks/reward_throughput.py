@@ -88,10 +88,10 @@ def run_row(row: str, precision: str, n: int) -> dict:
     else:
         from transformers import TrainingArguments
 
-        from tuning.models import scoring
+        from tuning.data import collate
         from tuning.preference.reward_trainer import RewardTrainer
 
-        counter = Counting(scoring.ScoreCollator(tokenizer.pad_token_id, "rows" if row == "default" else "none"))
+        counter = Counting(collate.ScoreCollator(tokenizer.pad_token_id, "rows" if row == "default" else "none"))
         trainer = RewardTrainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
                                 train_dataset=tokens, data_collator=counter, processing_class=tokenizer,
                                 callbacks=[_timing_callback(times)])

@@ -8,6 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tuning.models import packing_checks
+
+from tuning.data import collate
+
 from tuning.data import sft
 from tuning.models import loading
 from tuning.data import preferences
@@ -95,14 +99,14 @@ def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
     tokens, _ = preferences.tokenize_pairs(pairs, tok, "seed", 1024)
     model = sequence_logps.enable_sequence_logps(tiny_policy(tmp_path, tok)).eval()
     with torch.no_grad():
-        logps = {mode: model(**sequence_logps.model_inputs(sequence_logps.PairCollator(tok.pad_token_id, mode)(tokens))).logits
+        logps = {mode: model(**sequence_logps.model_inputs(collate.PairCollator(tok.pad_token_id, mode)(tokens))).logits
                  for mode in ("none", "rows", "flat")}
-        alone = torch.cat([model(**sequence_logps.model_inputs(sequence_logps.PairCollator(tok.pad_token_id, "rows")([p]))).logits
+        alone = torch.cat([model(**sequence_logps.model_inputs(collate.PairCollator(tok.pad_token_id, "rows")([p]))).logits
                            for p in tokens])
     for mode in ("rows", "flat"):
         torch.testing.assert_close(logps[mode], logps["none"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(alone, logps["none"], rtol=1e-5, atol=1e-4)
-    assert sequence_logps.packed_logps_match(model, tokens, tok.pad_token_id)[0]
+    assert packing_checks.packed_logps_match(model, tokens, tok.pad_token_id)[0]
 
 
 def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):

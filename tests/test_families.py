@@ -10,7 +10,8 @@ from tuning.data import sft, templates
 import families
 from tuning.models import loading, response_logits
 import train
-from tuning.data.collate import SFTCollator, packed_loss_matches
+from tuning.data.collate import SFTCollator
+from tuning.models.packing_checks import packed_loss_matches
 
 RECORDS = [{"instruction": "Name a color.", "input": "", "output": "Blue."},
            {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},

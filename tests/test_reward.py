@@ -10,6 +10,10 @@ import sys
 import pytest
 import torch
 
+from tuning.models import packing_checks
+
+from tuning.data import collate
+
 from tuning.data import sft, templates
 import families
 from tuning.models import loading
@@ -58,7 +62,7 @@ def test_scores_do_not_change_with_padding_batch_size_or_order(tmp_path, family)
     backwards = scoring.score_ids(rm, sequences[::-1], tok.pad_token_id, batch_size=3)[::-1]
     assert len(set(map(len, sequences))) >= 3  # really different lengths, so really padded
     assert together == pytest.approx(alone, abs=1e-5) and backwards == pytest.approx(alone, abs=1e-5)
-    same, _, _ = scoring.packed_scores_match(rm, sequences, tok.pad_token_id)
+    same, _, _ = packing_checks.packed_scores_match(rm, sequences, tok.pad_token_id)
     keeps_apart = family not in ("opt", "bloom")  # as for SFT packing (test_families.py)
     assert same == keeps_apart
     if keeps_apart:
@@ -90,7 +94,7 @@ def test_collator_puts_each_pair_together_and_indexes_each_eos(tiny_tokenizer):
         preferences.parse_pair({"instruction": "Count the words.", "input": "a b", "chosen": "2", "rejected": "3"})],
         tok, "seed", 128)
     for mode in ("none", "rows", "flat"):
-        batch = scoring.ScoreCollator(tok.pad_token_id, mode)(pairs)
+        batch = collate.ScoreCollator(tok.pad_token_id, mode)(pairs)
         rows, cols = batch["score_index"].T
         assert batch["num_pairs"] == 2 and len(rows) == 4
         assert batch["input_ids"][rows, cols].tolist() == [tok.eos_token_id] * 4
@@ -137,7 +141,7 @@ def test_reward_tokens_are_the_sft_tokens_on_a_real_record(gpt2_tokenizer):
         example = sft.tokenize_example(record, tok, "seed", 1024)
         assert tokens["prompt_ids"] + tokens["chosen_ids"] == example["input_ids"]
         assert tokens["chosen_ids"][-1] == tok.eos_token_id
-        assert scoring.answer_ids(tok, preferences.pair_prompt(pair, "seed"), record["output"]) == sft["input_ids"]
+        assert scoring.answer_ids(tok, preferences.pair_prompt(pair, "seed"), record["output"]) == example["input_ids"]
 
 
 # ---------------------------------------------------------------- the smoke proof, end to end

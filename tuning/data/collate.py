@@ -1,4 +1,7 @@
-"""Batches from tokenized examples: dynamic padding, or packing that keeps examples apart.
+"""Batches from tokenized examples: dynamic padding, or packing that keeps examples apart. The three kinds of
+batch the training scripts feed a model: SFT examples with labels (SFTCollator), sequences scored at their last
+token (ScoreCollator: the reward model's pairs), and preference pairs with their answer tokens marked
+(PairCollator: DPO's answer log-probs).
 
 Padding is always labelled -100 by position, never by token id, so a pad id equal to EOS can't
 hide the real EOS from the loss.
@@ -90,33 +93,83 @@ class SFTCollator:
         return {"input_ids": input_ids, "labels": out_labels, "position_ids": positions}
 
 
-def packed_loss_matches(model, examples: list[dict], pad_id: int) -> tuple[bool, float, float]:
-    """(same, padded loss, packed loss): does `model` keep packed examples apart?
+class ScoreCollator:
+    """Token-id sequences, or tokenized preference pairs, laid out as one batch with `score_index`.
 
-    The per-token response losses of `examples` laid out one per row (with an attention mask) are
-    compared with those of the same examples packed into one row without a mask, position ids
-    restarting at each. Models that build the block mask from position_ids (GPT-2, Llama, Qwen2, ...)
-    agree; OPT, BLOOM and MPT let packed examples attend to each other.
-    """
-    import torch.nn.functional as F
+    `score_index` (n x 2) holds the row and column of each sequence's final token, in input order; for
+    pairs, sequence 2i is pair i's prompt + chosen answer and 2i + 1 its prompt + rejected answer. Modes
+    as in collate.py: "none" pads one sequence a row (with an attention mask), "rows" packs them into
+    rows no longer than the longest, "flat" into one row; packed rows restart position_ids at each
+    sequence and carry no attention mask, so the model keeps them apart (checked at start-up)."""
 
-    def token_losses(batch):  # sorted, since packing reorders the examples
-        labels = batch.pop("labels")[:, 1:].reshape(-1)
-        batch.pop("num_real_tokens", None)
-        logits = model(**batch, use_cache=False).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="none")
-        return losses[labels != -100].sort().values
+    def __init__(self, pad_id: int, mode: str = "none", pad_to_multiple_of: int | None = None):
+        if mode not in PACKING_MODES:
+            raise ValueError(f"packing mode {mode!r}: choose from {', '.join(PACKING_MODES)}")
+        self.pad_id, self.mode, self.multiple = pad_id, mode, pad_to_multiple_of
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            padded = token_losses(SFTCollator(pad_id, "none")(examples))
-            try:
-                packed = token_losses(SFTCollator(pad_id, "flat")(examples))
-            except Exception:  # e.g. a forward without position_ids
-                return False, padded.mean().item(), float("nan")
-    finally:
-        model.train(was_training)
-    same = packed.shape == padded.shape and bool(torch.allclose(padded, packed, rtol=1e-5, atol=1e-5))
-    return same, padded.mean().item(), packed.mean().item()
+    def __call__(self, pairs: list[dict]) -> dict:
+        sequences = []
+        for pair in pairs:
+            sequences += [pair["prompt_ids"] + pair["chosen_ids"], pair["prompt_ids"] + pair["rejected_ids"]]
+        batch = self.layout(sequences)
+        batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
+        return batch
+
+    def layout(self, sequences: list[list[int]]) -> dict:
+        lengths = [len(s) for s in sequences]
+        if self.mode == "none":
+            bins = [[i] for i in range(len(sequences))]
+        else:
+            bins = pack_bins(lengths, sum(lengths) if self.mode == "flat" else max(lengths))
+        width = max(sum(lengths[i] for i in members) for members in bins)
+        width = width if not self.multiple else -(-width // self.multiple) * self.multiple
+        input_ids = torch.full((len(bins), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(bins), width), dtype=torch.long)
+        mask = torch.zeros((len(bins), width), dtype=torch.long)
+        index = torch.zeros((len(sequences), 2), dtype=torch.long)
+        for row, members in enumerate(bins):
+            start = 0
+            for i in members:
+                n = lengths[i]
+                input_ids[row, start:start + n] = torch.tensor(sequences[i])
+                positions[row, start:start + n] = torch.arange(n)
+                mask[row, start:start + n] = 1
+                index[i] = torch.tensor([row, start + n - 1])
+                start += n
+            positions[row, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
+        batch = {"input_ids": input_ids, "score_index": index}
+        if self.mode == "none":
+            batch["attention_mask"] = mask
+        else:
+            batch["position_ids"] = positions
+        return batch
+
+
+class PairCollator:
+    """Tokenized pairs as one batch: sequence 2i is pair i's prompt + chosen answer, 2i + 1 its prompt +
+    rejected answer (each answer ending with EOS), laid out by collate.ScoreCollator ("rows": packed rows
+    no longer than the longest sequence; "flat": one row; "none": one padded row each, with an attention
+    mask). `completion` marks the answer tokens, `sequence` which sequence each position belongs to."""
+
+    def __init__(self, pad_id: int, mode: str = "rows", pad_to_multiple_of: int | None = None):
+        self.layout = ScoreCollator(pad_id, mode, pad_to_multiple_of).layout
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        sequences, prompt_lengths = [], []
+        for pair in pairs:
+            for key in ("chosen_ids", "rejected_ids"):
+                sequences.append(list(pair["prompt_ids"]) + list(pair[key]))
+                prompt_lengths.append(len(pair["prompt_ids"]))
+        batch = self.layout(sequences)
+        completion = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        owner = torch.zeros_like(batch["input_ids"])
+        for i, (row, end) in enumerate(batch["score_index"].tolist()):
+            start = end + 1 - len(sequences[i])
+            completion[row, start + prompt_lengths[i]:end + 1] = True
+            owner[row, start:end + 1] = i
+        batch.update(completion=completion, sequence=owner)
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # added by TRL's reference pass
+            if key in pairs[0]:
+                batch[key] = torch.tensor([pair[key] for pair in pairs], dtype=torch.float32)
+        batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
+        return batch

@@ -254,3 +254,28 @@ def _as_datasets(data: dict, source: str, what: str) -> dict:
     from datasets import Dataset
 
     return {name: Dataset.from_list(part) for name, part in data.items()}
+
+
+# ---------------------------------------------------------------- answers to score (reward.py --score)
+def read_scoring_file(path: str) -> list[dict]:
+    """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
+    preference pair in any of preferences.py's formats. Each comes back as a normalized pair (prompt,
+    instruction, input) with "answers": [answer] or [chosen, rejected]."""
+    items = []
+    for where, record in read_raw(path):
+        try:
+            if isinstance(record, dict) and "answer" in record:
+                if not isinstance(record["answer"], str):
+                    raise MalformedPair("field 'answer' is not a string")
+                if record.get("prompt") is None and record.get("instruction") is None:
+                    raise MalformedPair("an 'answer' needs a 'prompt' or an 'instruction' field")
+                pair = parse_pair({**record, "chosen": record["answer"], "rejected": record["answer"]})
+                items.append({**pair, "answers": [record["answer"]]})
+            else:
+                pair = parse_pair(record)
+                items.append({**pair, "answers": [pair["chosen"], pair["rejected"]]})
+        except MalformedPair as err:
+            raise DataError(f"{where}: {err}") from None
+    if not items:
+        raise DataError(f"{path}: no records to score")
+    return items

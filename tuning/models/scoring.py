@@ -22,61 +22,9 @@ import torch
 
 from tuning.models import lora
 from tuning.cli import UserError
-from tuning.data.collate import PACKING_MODES, pack_bins
+from tuning.data.collate import ScoreCollator
 from tuning.models.loading import context_limit
 from tuning.data.templates import encode_prompt
-
-
-class ScoreCollator:
-    """Token-id sequences, or tokenized preference pairs, laid out as one batch with `score_index`.
-
-    `score_index` (n x 2) holds the row and column of each sequence's final token, in input order; for
-    pairs, sequence 2i is pair i's prompt + chosen answer and 2i + 1 its prompt + rejected answer. Modes
-    as in collate.py: "none" pads one sequence a row (with an attention mask), "rows" packs them into
-    rows no longer than the longest, "flat" into one row; packed rows restart position_ids at each
-    sequence and carry no attention mask, so the model keeps them apart (checked at start-up)."""
-
-    def __init__(self, pad_id: int, mode: str = "none", pad_to_multiple_of: int | None = None):
-        if mode not in PACKING_MODES:
-            raise ValueError(f"packing mode {mode!r}: choose from {', '.join(PACKING_MODES)}")
-        self.pad_id, self.mode, self.multiple = pad_id, mode, pad_to_multiple_of
-
-    def __call__(self, pairs: list[dict]) -> dict:
-        sequences = []
-        for pair in pairs:
-            sequences += [pair["prompt_ids"] + pair["chosen_ids"], pair["prompt_ids"] + pair["rejected_ids"]]
-        batch = self.layout(sequences)
-        batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
-        return batch
-
-    def layout(self, sequences: list[list[int]]) -> dict:
-        lengths = [len(s) for s in sequences]
-        if self.mode == "none":
-            bins = [[i] for i in range(len(sequences))]
-        else:
-            bins = pack_bins(lengths, sum(lengths) if self.mode == "flat" else max(lengths))
-        width = max(sum(lengths[i] for i in members) for members in bins)
-        width = width if not self.multiple else -(-width // self.multiple) * self.multiple
-        input_ids = torch.full((len(bins), width), self.pad_id, dtype=torch.long)
-        positions = torch.zeros((len(bins), width), dtype=torch.long)
-        mask = torch.zeros((len(bins), width), dtype=torch.long)
-        index = torch.zeros((len(sequences), 2), dtype=torch.long)
-        for row, members in enumerate(bins):
-            start = 0
-            for i in members:
-                n = lengths[i]
-                input_ids[row, start:start + n] = torch.tensor(sequences[i])
-                positions[row, start:start + n] = torch.arange(n)
-                mask[row, start:start + n] = 1
-                index[i] = torch.tensor([row, start + n - 1])
-                start += n
-            positions[row, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
-        batch = {"input_ids": input_ids, "score_index": index}
-        if self.mode == "none":
-            batch["attention_mask"] = mask
-        else:
-            batch["position_ids"] = positions
-        return batch
 
 
 class _ScoreAtIndex:
@@ -239,48 +187,3 @@ def pairwise_stats(margins) -> dict:
     return {"accuracy": float(accuracy), "loss": float(loss), "mean_margin": float(margins.mean())}
 
 
-def packed_scores_match(model, sequences: list[list[int]], pad_id: int) -> tuple[bool, float, float]:
-    """(same, padded, packed): does `model` keep packed sequences apart? Compares the body's hidden states
-    at the scored tokens (the score head is still zero), padded and packed; padded/packed are their means."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batches = {mode: ScoreCollator(pad_id, mode).layout(sequences) for mode in ("none", "flat")}
-            index = {mode: batch["score_index"] for mode, batch in batches.items()}
-            hidden = {mode: model.base_model(**{k: v for k, v in b.items() if k != "score_index"},
-                                             use_cache=False).last_hidden_state
-                      for mode, b in batches.items()}
-    finally:
-        model.train(was_training)
-    padded = hidden["none"][index["none"][:, 0], index["none"][:, 1]]
-    packed = hidden["flat"][index["flat"][:, 0], index["flat"][:, 1]]
-    same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-4))
-    return same, padded.mean().item(), packed.mean().item()
-
-
-def read_scoring_file(path: str) -> list[dict]:
-    """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
-    preference pair in any of preferences.py's formats. Each comes back as a normalized pair (prompt,
-    instruction, input) with "answers": [answer] or [chosen, rejected]."""
-    from tuning.data.preferences import MalformedPair, parse_pair
-    from tuning.data.records import DataError, read_raw
-
-    items = []
-    for where, record in read_raw(path):
-        try:
-            if isinstance(record, dict) and "answer" in record:
-                if not isinstance(record["answer"], str):
-                    raise MalformedPair("field 'answer' is not a string")
-                if record.get("prompt") is None and record.get("instruction") is None:
-                    raise MalformedPair("an 'answer' needs a 'prompt' or an 'instruction' field")
-                pair = parse_pair({**record, "chosen": record["answer"], "rejected": record["answer"]})
-                items.append({**pair, "answers": [record["answer"]]})
-            else:
-                pair = parse_pair(record)
-                items.append({**pair, "answers": [pair["chosen"], pair["rejected"]]})
-        except MalformedPair as err:
-            raise DataError(f"{where}: {err}") from None
-    if not items:
-        raise DataError(f"{path}: no records to score")
-    return items

@@ -14,10 +14,8 @@ shows both give the same loss on the same pairs).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from tuning.models.scoring import ScoreCollator
 
 # The batch entries the model's forward reads (the others are counts or reference log-probs).
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "completion", "sequence", "score_index")
@@ -29,36 +27,6 @@ def positions_from_mask(attention_mask):
     every forward over such rows: without them they number the padding too."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 0)
-
-
-class PairCollator:
-    """Tokenized pairs as one batch: sequence 2i is pair i's prompt + chosen answer, 2i + 1 its prompt +
-    rejected answer (each answer ending with EOS), laid out by scoring.ScoreCollator ("rows": packed rows
-    no longer than the longest sequence; "flat": one row; "none": one padded row each, with an attention
-    mask). `completion` marks the answer tokens, `sequence` which sequence each position belongs to."""
-
-    def __init__(self, pad_id: int, mode: str = "rows", pad_to_multiple_of: int | None = None):
-        self.layout = ScoreCollator(pad_id, mode, pad_to_multiple_of).layout
-
-    def __call__(self, pairs: list[dict]) -> dict:
-        sequences, prompt_lengths = [], []
-        for pair in pairs:
-            for key in ("chosen_ids", "rejected_ids"):
-                sequences.append(list(pair["prompt_ids"]) + list(pair[key]))
-                prompt_lengths.append(len(pair["prompt_ids"]))
-        batch = self.layout(sequences)
-        completion = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        owner = torch.zeros_like(batch["input_ids"])
-        for i, (row, end) in enumerate(batch["score_index"].tolist()):
-            start = end + 1 - len(sequences[i])
-            completion[row, start + prompt_lengths[i]:end + 1] = True
-            owner[row, start:end + 1] = i
-        batch.update(completion=completion, sequence=owner)
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):  # added by TRL's reference pass
-            if key in pairs[0]:
-                batch[key] = torch.tensor([pair[key] for pair in pairs], dtype=torch.float32)
-        batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
-        return batch
 
 
 def model_inputs(batch: dict) -> dict:
@@ -104,15 +72,3 @@ def sigmoid_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
     return F.softplus(-margins).mean(), margins  # softplus(-m) = -log sigmoid(m), stable for any m
 
 
-def packed_logps_match(model, pairs: list[dict], pad_id: int) -> tuple[bool, float, float]:
-    """(same, padded, packed): does `model` keep packed sequences apart? Compares each sequence's answer
-    log-probs, padded and packed into one row; padded/packed are their means."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            padded, packed = (model(**model_inputs(PairCollator(pad_id, mode)(pairs))).logits for mode in ("none", "flat"))
-    finally:
-        model.train(was_training)
-    same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-3))
-    return same, padded.mean().item(), packed.mean().item()

@@ -19,11 +19,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from trl import DPOTrainer, RLOOTrainer
 
+from tuning.data.collate import PairCollator
 from tuning.data.templates import encode_prompt
 from tuning.models.loading import context_limit
 from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids
-from tuning.models.sequence_logps import (PairCollator, enable_sequence_logps, model_inputs, positions_from_mask,
-                                          sigmoid_dpo_loss)
+from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, positions_from_mask, sigmoid_dpo_loss
 from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
@@ -31,7 +31,7 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is de
 
 
 class AlignDPOTrainer(RunLayer, DPOTrainer):
-    """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by sequence_logps.PairCollator (packed, no
+    """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by collate.PairCollator (packed, no
     padding) and scored at the answer tokens only, with TRL's sigmoid loss. The reference log-probs are
     TRL's precomputed ones, from the same forward. Held-out evaluation: each pair's implicit-reward margin
     beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), summarized by scoring.pairwise_stats:

@@ -20,7 +20,7 @@ def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
 
 
 class RewardTrainer(RunLayer, Trainer):
-    """Batches from scoring.ScoreCollator: each pair's chosen and rejected answers in the same batch,
+    """Batches from collate.ScoreCollator: each pair's chosen and rejected answers in the same batch,
     scored at their final token (score_index), never at a position guessed from pad_token_id."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
