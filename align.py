@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from tuning.runs import runner
+from tuning.runs import checks, launchers, runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir): the policy starts from it, and it is the reference
@@ -92,7 +92,7 @@ def validate_args(args) -> None:
         problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
     if args.method == "dpo" and args.reward_model:
         problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
-    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    problems += lora.problems(args) + checks.report_to_problems(args.report_to)
     check_all(problems + val_size_problems(args.val_size))
 
 
@@ -185,7 +185,7 @@ def pairs_the_run_sees(args, train, world_size: int, say):
 
 
 def probe_loss(args, data: dict, tokenizer, packing: str):
-    """A loss over a few real training examples, for runner.find_unused_parameters: DPO's answer log-probs of
+    """A loss over a few real training examples, for launchers.find_unused_parameters: DPO's answer log-probs of
     packed pairs, or, for RLOO, the language-model loss of a prompt."""
     import torch
 
@@ -195,7 +195,7 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
 
     if args.method == "dpo":
         batch = sequence_logps.model_inputs(collate.PairCollator(tokenizer.pad_token_id, packing)(
-            runner.probe_examples(data["train"])))
+            checks.probe_examples(data["train"])))
         return lambda model: model(**batch).logits.sum()
     ids = torch.tensor([encode_prompt(tokenizer, data["train"][0]["prompt"])])
     return lambda model: model(input_ids=ids, labels=ids).loss
@@ -209,21 +209,22 @@ def main(args, explicit: set) -> None:
     from tuning.models import packing_checks, sequence_logps
     from tuning import rundir
     from tuning.data.templates import load_template
-    from tuning.runs.trainer import StopOnSignal, write_template
+    from tuning.runs.trainer import StopOnSignal
+    from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
-    packing, attn = runner.resolve_packing(args.packing, device, precision)
+    packing, attn = checks.resolve_packing(args.packing, device, precision)
     check_dirs(args)
-    runner.fit_max_length(args, explicit, args.model, runner.model_positions(args.model),
+    checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),
                           print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None),
                           reserve=args.max_new_tokens if args.method == "rloo" else 0)
-    config = {**vars(args), "device": device.type, "precision": precision, "sft_model": runner.model_path(args.model),
+    config = {**vars(args), "device": device.type, "precision": precision, "sft_model": rundir.model_path(args.model),
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
     training_args = align_trainers.trl_config(args, device, precision)
-    runner.refuse_data_parallel(training_args, "align.py")
+    launchers.refuse_data_parallel(training_args, "align.py")
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -246,8 +247,8 @@ def main(args, explicit: set) -> None:
             data["train"] = pairs_the_run_sees(args, data["train"], training_args.world_size, say)
     policy = loading.load_model(args.model, "pretrained", tokenizer)
     if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
-        probe = runner.probe_examples(data["train"])
-        packing = runner.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
+        probe = checks.probe_examples(data["train"])
+        packing = checks.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
                                         say, "answer log-probs", len(probe),
                                         lambda: packing_checks.packed_logps_match(policy, probe, tokenizer.pad_token_id))
         if attn and packing == "flat":
@@ -255,10 +256,10 @@ def main(args, explicit: set) -> None:
         config["packing"] = packing
         say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
-        policy = lora.add_lora(policy, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
+        policy = lora.add_lora(policy, rundir.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                                args.lora_target, seed=args.seed)  # in either method (align_trainers.trl_config)
     say(f"Parameters: {lora.describe(policy)}{' (LoRA: the reference is the SFT model, adapters off)' if args.lora else ''}")
-    runner.find_unused_parameters(policy, probe_loss(args, data, tokenizer, packing), training_args, say)
+    launchers.find_unused_parameters(policy, probe_loss(args, data, tokenizer, packing), training_args, say)
     config.update(n_train=len(data["train"]), n_val=len(data["validation"]), world_size=training_args.world_size,
                   data_report=report)
     if main_process:

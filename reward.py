@@ -15,8 +15,7 @@ import os
 import shlex
 import sys
 
-
-from tuning.runs import runner
+from tuning.runs import checks, launchers, runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir); its body and template start the reward model
@@ -79,7 +78,7 @@ def validate_args(args) -> None:
                                       ("--prompts-file", args.prompts_file)) if value]
     if not args.score and given:
         problems.append(f"{', '.join(given)}: only used with --score")
-    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    problems += lora.problems(args) + checks.report_to_problems(args.report_to)
     check_all(problems + val_size_problems(args.val_size))
 
 
@@ -135,13 +134,14 @@ def main(args, explicit: set) -> None:
     from tuning.models import packing_checks, scoring
     from tuning.preference.reward_trainer import RewardTrainer
     from tuning.data.templates import load_template
-    from tuning.runs.trainer import StopOnSignal, report_targets, write_template
+    from tuning.runs.trainer import StopOnSignal, report_targets
+    from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
-    packing, attn = runner.resolve_packing(args.packing, device, precision)
+    packing, attn = checks.resolve_packing(args.packing, device, precision)
     check_dirs(args.model, args.output_dir)
-    runner.fit_max_length(args, explicit, args.model, runner.model_positions(args.model),
+    checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),
                           print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None))
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     config = {**vars(args), "device": device.type, "precision": precision,
@@ -157,7 +157,7 @@ def main(args, explicit: set) -> None:
         dataloader_pin_memory=device.type == "cuda",
         ddp_find_unused_parameters=None,  # set below: off where every trainable weight is used (no extra graph pass)
         activation_checkpointing=args.gradient_checkpointing)
-    runner.refuse_data_parallel(training_args, "reward.py")  # DataParallel would split score_index from its rows
+    launchers.refuse_data_parallel(training_args, "reward.py")  # DataParallel would split score_index from its rows
     main_process = training_args.process_index == 0
     say = print if main_process else (lambda *a, **k: None)
 
@@ -173,21 +173,21 @@ def main(args, explicit: set) -> None:
         data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
                                                            tokenizer, template, args.max_length, say)
     model = scoring.reward_model_from(args.model)
-    collate_probe = runner.probe_examples(data["train"])
+    collate_probe = checks.probe_examples(data["train"])
     probe = [pair["prompt_ids"] + pair[key] for pair in collate_probe for key in ("chosen_ids", "rejected_ids")]
-    packing = runner.choose_packing(model, packing, "packing" in explicit, say, "hidden states", len(probe),
+    packing = checks.choose_packing(model, packing, "packing" in explicit, say, "hidden states", len(probe),
                                     lambda: packing_checks.packed_scores_match(model, probe, tokenizer.pad_token_id))
     if attn and packing == "flat":
         model.set_attn_implementation(attn)
     say(f"Reward model: {type(model).__name__} from {args.model} (score head new, zero: every score 0 before "
         f"training); packing: {packing}")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
-        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
+        model = lora.add_lora(model, rundir.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                               args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
     probe_batch = {k: v for k, v in collate.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
                    if not k.startswith("num_")}
-    runner.find_unused_parameters(model, lambda m: m(**probe_batch).logits.sum(), training_args, say)
+    launchers.find_unused_parameters(model, lambda m: m(**probe_batch).logits.sum(), training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, data_report=report)
     if main_process:

@@ -14,8 +14,7 @@ import os
 import shlex
 import sys
 
-from tuning.runs import runner
-from tuning.runs.runner import probe_examples, resolve_packing  # noqa: F401  (part of this script's API)
+from tuning.runs import checks, launchers, runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2"  # Hub id or local directory of the causal LM to fine-tune
@@ -78,7 +77,7 @@ def validate_args(args) -> None:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.weight_decay < 0:
         problems.append(f"--weight-decay must be >= 0 (got {args.weight_decay})")
-    problems += lora.problems(args) + runner.report_to_problems(args.report_to)
+    problems += lora.problems(args) + checks.report_to_problems(args.report_to)
     check_all(problems + val_size_problems(args.val_size))
 
 
@@ -122,13 +121,13 @@ def use_saved_settings(args, explicit: set) -> set:
 
 
 def fit_max_length(args, given: set, say) -> None:
-    """--max-length against the positions of the model to train (runner.fit_max_length's rule). The smoke base
+    """--max-length against the positions of the model to train (checks.fit_max_length's rule). The smoke base
     model is written later, by the run itself, from smoke.MODEL_CONFIG."""
     from tuning import smoke
 
     fresh_smoke = args.smoke and not args.lora
-    positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else runner.model_positions(args.model)
-    runner.fit_max_length(args, given, args.model, positions, say)
+    positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else checks.model_positions(args.model)
+    checks.fit_max_length(args, given, args.model, positions, say)
 
 
 def data_report(args, report: dict, data, say) -> dict | None:
@@ -149,7 +148,7 @@ def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pa
     """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
     from tuning.models.packing_checks import packed_loss_matches
 
-    return runner.choose_packing(model, packing, explicit, say, "loss", len(examples),
+    return checks.choose_packing(model, packing, explicit, say, "loss", len(examples),
                                  lambda: packed_loss_matches(model, examples, pad_id))
 
 
@@ -164,18 +163,19 @@ def main(args, explicit: set) -> None:
     from tuning import rundir
     from tuning.data.collate import SFTCollator
     from tuning.runs.plots import plot_loss_curve
-    from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets, write_template
+    from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets
+    from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
-    packing, attn = resolve_packing(args.packing, device, precision)
+    packing, attn = checks.resolve_packing(args.packing, device, precision)
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     fit_max_length(args, explicit | use_saved_settings(args, explicit), say)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
     config = {**vars(args), "device": device.type, "precision": precision,
-              "model_path": runner.model_path(args.model),  # the base model of inference.py and evaluation.py
+              "model_path": rundir.model_path(args.model),  # the base model of inference.py and evaluation.py
               "command": shlex.join(["python", "train.py", *sys.argv[1:]])}
 
     training_args = TrainingArguments(
@@ -220,18 +220,18 @@ def main(args, explicit: set) -> None:
     model.config.use_cache = False  # no KV cache in training; GPT-2 also needs this to keep packed examples apart
     # Checked on a few real training examples: packing keeps them apart, and response-only logits give the
     # model's own loss; otherwise the plain path is used.
-    probe = probe_examples(data["train"])
+    probe = checks.probe_examples(data["train"])
     packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
     sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't
         model.set_attn_implementation(attn)
     say(f"Packing: {packing}; response-only logits: {'on' if sparse else 'off (the model transforms its logits)'}")
     if args.lora:  # after the checks above, which compare the plain model's own forward passes
-        model = lora.add_lora(model, runner.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
+        model = lora.add_lora(model, rundir.model_path(args.model), args.lora_r, args.lora_alpha, args.lora_dropout,
                               args.lora_target, seed=args.seed)
     say(f"Parameters: {lora.describe(model)}{' (LoRA)' if args.lora else ''}")
     probe_batch = {k: v for k, v in SFTCollator(tokenizer.pad_token_id, packing)(probe).items() if k != "num_real_tokens"}
-    runner.find_unused_parameters(model, lambda m: m(**probe_batch).loss, training_args, say)
+    launchers.find_unused_parameters(model, lambda m: m(**probe_batch).loss, training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, response_only_logits=sparse, data_report=left_out)
     if report.get("held_out") is not None:

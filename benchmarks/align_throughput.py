@@ -123,7 +123,7 @@ def run_rloo_row(precision: str, steps: int) -> dict:
     from tuning.models import loading
     from tuning.data import preferences
     from tuning.models import scoring
-    from tuning.runs.trainer import write_template
+    from tuning.data.templates import write_template
 
     workdir = tempfile.mkdtemp()
     path, tokenizer, pairs, _ = _setup(workdir, BATCH_SIZE * (steps + 1))

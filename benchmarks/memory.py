@@ -88,7 +88,7 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     from tuning.models import loading, response_logits
     import train
     from tuning.data.collate import SFTCollator
-    from tuning.runs.runner import probe_examples
+    from tuning.runs.checks import probe_examples
     from tuning.runs.trainer import InstructTrainer
 
     path = model_dir(name, int(mode.split("@")[1]) if "@" in mode else None)

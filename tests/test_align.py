@@ -302,12 +302,12 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
 
 
 def test_plain_python_on_several_gpus_is_refused_with_the_torchrun_command():
-    from tuning.runs import runner
+    from tuning.runs import launchers
     from tuning.cli import UserError
 
-    runner.refuse_data_parallel(SimpleNamespace(n_gpu=1), "align.py")
+    launchers.refuse_data_parallel(SimpleNamespace(n_gpu=1), "align.py")
     with pytest.raises(UserError, match=r"4 GPUs.*DataParallel.*`torchrun --nproc_per_node 4 align.py \.\.\.`"):
-        runner.refuse_data_parallel(SimpleNamespace(n_gpu=4), "align.py")
+        launchers.refuse_data_parallel(SimpleNamespace(n_gpu=4), "align.py")
 
 
 def test_dpo_with_few_steps_scores_only_the_pairs_it_will_see():

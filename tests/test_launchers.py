@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuning.runs import runner
+from tuning.runs import launchers
 from conftest import ROOT
 from test_train import ENV, load_json
 
@@ -75,13 +75,13 @@ LAUNCHERS = [  # (environment accelerate launch sets, {script: refused?})
 @pytest.mark.parametrize("environ,refused", LAUNCHERS)
 def test_each_script_runs_or_refuses_each_launcher(environ, refused):
     for script, expected in refused.items():
-        assert (runner.launcher_problem(script, environ) is not None) == expected, (script, environ)
+        assert (launchers.launcher_problem(script, environ) is not None) == expected, (script, environ)
 
 
 def test_a_zero3_config_file_is_read_for_its_stage(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    assert "ZeRO-3" in runner.launcher_problem("train.py", {"ACCELERATE_USE_DEEPSPEED": "true",
+    assert "ZeRO-3" in launchers.launcher_problem("train.py", {"ACCELERATE_USE_DEEPSPEED": "true",
                                                             "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path)})
 
 
@@ -149,15 +149,15 @@ def test_ddp_searches_for_unused_parameters_only_where_some_are(capsys):
     ids = torch.randint(0, 50, (2, 6))
     loss = lambda m: m(input_ids=ids, labels=ids).loss  # noqa: E731
     args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=None)
-    runner.find_unused_parameters(model, loss, args, print)
+    launchers.find_unused_parameters(model, loss, args, print)
     assert args.ddp_find_unused_parameters is False  # every weight of a full fine-tune is used
     model.unused = torch.nn.Linear(3, 3)  # e.g. a head the loss never reaches
     args.ddp_find_unused_parameters = None
-    runner.find_unused_parameters(model, loss, args, print)
+    launchers.find_unused_parameters(model, loss, args, print)
     assert args.ddp_find_unused_parameters is True and "unused.weight" in capsys.readouterr().out
     alone = SimpleNamespace(world_size=1, ddp_find_unused_parameters=None)
-    runner.find_unused_parameters(model, loss, alone, print)
+    launchers.find_unused_parameters(model, loss, alone, print)
     assert alone.ddp_find_unused_parameters is None  # one process: no DDP, nothing to decide
     moe = SimpleNamespace(world_size=2, ddp_find_unused_parameters=None)
-    runner.find_unused_parameters(SimpleNamespace(config=SimpleNamespace(num_local_experts=8)), loss, moe, print)
+    launchers.find_unused_parameters(SimpleNamespace(config=SimpleNamespace(num_local_experts=8)), loss, moe, print)
     assert moe.ddp_find_unused_parameters is True  # a batch may leave experts out

@@ -12,6 +12,7 @@ import torch
 
 from tuning.models import devices, loading
 from tuning import rundir
+from tuning.runs import checks
 import train
 from conftest import ROOT
 
@@ -221,7 +222,7 @@ def test_precision_auto_on_cuda_follows_the_hardware(monkeypatch, gpu, capabilit
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 reports, emulation included
     assert devices.resolve_precision("auto", torch.device("cuda"))[0] == expected, gpu
     if expected == "fp16":
-        with pytest.raises(loading.ModelError, match="no native bf16"):
+        with pytest.raises(devices.DeviceError, match="no native bf16"):
             devices.resolve_precision("bf16", torch.device("cuda"))
     else:
         assert devices.resolve_precision("bf16", torch.device("cuda"))[0] == "bf16"
@@ -244,8 +245,8 @@ def test_flash_attention_only_where_it_runs(monkeypatch, capability, precision, 
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if flash_installed else None) if name == "flash_attn"
                         else real_find_spec(name, *a))
-    assert train.resolve_packing(packing, torch.device("cuda"), precision) == expected
-    assert train.resolve_packing("auto", torch.device("cpu"), precision) == ("rows", None)
+    assert checks.resolve_packing(packing, torch.device("cuda"), precision) == expected
+    assert checks.resolve_packing("auto", torch.device("cpu"), precision) == ("rows", None)
 
 
 def test_get_device_order(monkeypatch):
@@ -256,7 +257,7 @@ def test_get_device_order(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert devices.get_device("auto").type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(loading.ModelError, match="--device cuda"):
+    with pytest.raises(devices.DeviceError, match="--device cuda"):
         devices.get_device("cuda")
 
 

@@ -108,6 +108,11 @@ def starting_model(run_dir: str) -> str | None:
     return config.get("model_path") or config.get("model")
 
 
+def model_path(path: str) -> str:
+    """A local model dir as an absolute path (so a run config names it from any working dir); a Hub id as is."""
+    return os.path.abspath(path) if os.path.isdir(path) else path
+
+
 # ---------------------------------------------------------------- checkpoints
 def checkpoints(output_dir: str) -> list[str]:
     """checkpoint-N directories, newest first."""

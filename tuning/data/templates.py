@@ -83,3 +83,15 @@ def load_template(model_dir: str, requested: str = "auto"):
     with open(path) as handle:
         saved = json.load(handle)
     return Template(saved["with_input"], saved["no_input"])
+
+
+def write_template(directory: str, template) -> None:
+    """The prompt template (a name in TEMPLATES, or a Template) beside a model, so inference formats prompts
+    exactly as training did (load_template reads it back)."""
+    import os
+
+    from tuning.rundir import TEMPLATE_FILE, write_json
+
+    form = template_of(template)
+    name = next((key for key, value in TEMPLATES.items() if value == form), "custom")
+    write_json(os.path.join(directory, TEMPLATE_FILE), {"name": name, **form._asdict()})

@@ -266,16 +266,6 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
-def write_template(directory: str, template) -> None:
-    """The prompt template (a name in TEMPLATES, or a Template) beside a model, so inference formats prompts
-    exactly as training did."""
-    from tuning.data.templates import TEMPLATES, template_of
-
-    form = template_of(template)
-    name = next((key for key, value in TEMPLATES.items() if value == form), "custom")
-    rundir.write_json(os.path.join(directory, rundir.TEMPLATE_FILE), {"name": name, **form._asdict()})
-
-
 def report_targets(report_to: str, output_dir: str) -> list[str]:
     """--report-to as the Trainer's report_to list. TensorBoard's logs go to OUTPUT_DIR/runs/<time>_<host>/
     from the first log on (transformers would put those of the evaluation before training in ./runs)."""
