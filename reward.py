@@ -19,7 +19,7 @@ from tuning.runs import checks, launchers, runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir); its body and template start the reward model
-DATASET = "Anthropic/hh-rlhf"  # preference pairs: Hub id or .json/.jsonl/.jsonl.gz file (see preferences.py)
+DATASET = "Anthropic/hh-rlhf"  # preference pairs: Hub id or .json/.jsonl/.jsonl.gz file (see tuning/data/preferences.py)
 OUTPUT_DIR = "distilgpt2-alpaca-rm"  # checkpoints, the reward model, metrics.json, run_config.json, margins.png
 EPOCHS = 1.0  # passes over the training pairs (1, as in the InstructGPT paper)
 MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
@@ -33,7 +33,7 @@ SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split and the shuffling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
-PACKING = "auto"  # auto|none|rows|flat: batch layout (collate.py); auto = rows, or flat with FlashAttention
+PACKING = "auto"  # auto|none|rows|flat: batch layout (tuning/data/collate.py); auto = rows, or flat with FlashAttention
 SKIP_INVALID = False  # drop malformed pairs instead of stopping
 LORA = False  # train LoRA adapters (peft) on the SFT body instead of every weight; the score head trains in full
 LORA_R = 16  # --lora: rank of each adapter; >= 1
@@ -44,7 +44,7 @@ GRADIENT_CHECKPOINTING = False  # recompute activations in the backward pass: le
 REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR/runs), wandb, ... or a comma list
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset: the smoke SFT model and smoke preference pairs (smoke.py), to smoke-run/reward/
+SMOKE = False  # offline preset: the smoke SFT model and smoke preference pairs (tuning/smoke.py), to smoke-run/reward/
 SCORE = False  # score answers with the reward model in OUTPUT_DIR instead of training (with --answer or --prompts-file)
 PROMPT = ""  # --score: the instruction, formatted with the reward model's template
 INPUT = ""  # --score: optional input of the instruction
@@ -183,7 +183,7 @@ def main(args, explicit: set) -> None:
         f"training); packing: {packing}")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
         model = lora.add_lora(model, rundir.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
-                              args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (scoring.py)
+                              args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (models/scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
     probe_batch = {k: v for k, v in collate.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
                    if not k.startswith("num_")}

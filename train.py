@@ -38,7 +38,7 @@ SAVE_TOTAL_LIMIT = 3  # checkpoints kept (older ones are deleted); >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the data split, the shuffling and the initial weights
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
-PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (collate.py); auto picks the fastest
+PACKING = "auto"  # auto|none|rows|flat: how a batch is laid out (tuning/data/collate.py); auto picks the fastest
 ORDER = "random"  # random|length: batch order; length groups similar lengths (less padding, but learns less)
 TRAIN_ON_PROMPT = False  # also put loss on the prompt tokens (off: the response and its EOS only)
 LORA = False  # train LoRA adapters (peft) beside the frozen weights instead of every weight; saves the adapter
@@ -52,7 +52,7 @@ REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (smoke.py), to smoke-run/; with --lora, a new task
+SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (tuning/smoke.py), to smoke-run/; with --lora, a new task
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.

@@ -1,4 +1,4 @@
-"""LoRA (lora.py, train.py --lora): the layers adapted, the same loss under peft, packing and gradient
+"""LoRA (tuning/models/lora.py, train.py --lora): the layers adapted, the same loss under peft, packing and gradient
 checkpointing, adapter dirs wherever a model dir goes, --merge, and resume after kill -9."""
 
 import json

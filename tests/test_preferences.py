@@ -1,4 +1,4 @@
-"""preferences.py: the three pair formats, record errors, dropped pairs, split, tokens, and the real HH-RLHF file."""
+"""tuning/data/preferences.py: the three pair formats, record errors, dropped pairs, split, tokens, and the real HH-RLHF file."""
 
 import gzip
 import json

@@ -1,4 +1,4 @@
-"""reward.py and scoring.py: where the score is read, the pairwise loss, the tokens trained on, the smoke
+"""reward.py and tuning/models/scoring.py: where the score is read, the pairwise loss, the tokens trained on, the smoke
 proof that the reward model learns, the run layer's behaviour, and a few steps on the real HH-RLHF pairs."""
 
 import json

@@ -1,7 +1,6 @@
 """What a training run leaves in its output directory, and how it is read back.
 
-Ground floor: every training script, generation and evaluation import this module, and it imports none
-of them. It knows the files of a run, which checkpoint a resume can trust, whether a run is finished,
+Floor 0, with cli: every other floor reads a run through this module, and it imports cli only. It knows the files of a run, which checkpoint a resume can trust, whether a run is finished,
 the identity that keeps two runs from mixing, the lock that keeps two processes apart, and the signals
 that stop a run cleanly.
 """

@@ -98,7 +98,7 @@ class ScoreCollator:
 
     `score_index` (n x 2) holds the row and column of each sequence's final token, in input order; for
     pairs, sequence 2i is pair i's prompt + chosen answer and 2i + 1 its prompt + rejected answer. Modes
-    as in collate.py: "none" pads one sequence a row (with an attention mask), "rows" packs them into
+    as for SFTCollator: "none" pads one sequence a row (with an attention mask), "rows" packs them into
     rows no longer than the longest, "flat" into one row; packed rows restart position_ids at each
     sequence and carry no attention mask, so the model keeps them apart (checked at start-up)."""
 

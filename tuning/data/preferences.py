@@ -4,14 +4,13 @@ tokens, the prompt and each answer apart, every answer ending in EOS.
 
 Three formats, detected per record:
     {"instruction", "input" (optional), "chosen", "rejected"}   Alpaca style: the prompt is formatted with
-                                                                the SFT model's template (templates.py)
+                                                                the SFT model's template (data/templates.py)
     {"prompt", "chosen", "rejected"}                            the prompt is used verbatim
     {"chosen", "rejected"}                                      whole Anthropic HH-RLHF dialogues: the prompt
                                                                 is the shared text up to and including the
                                                                 last "\\n\\nAssistant:", each answer what follows
 
-Ground floor for the reward model: it imports records, templates and datasetup's split, and none of the
-training scripts.
+Data floor: it imports records and templates.
 """
 
 from __future__ import annotations
@@ -259,7 +258,7 @@ def _as_datasets(data: dict, source: str, what: str) -> dict:
 # ---------------------------------------------------------------- answers to score (reward.py --score)
 def read_scoring_file(path: str) -> list[dict]:
     """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
-    preference pair in any of preferences.py's formats. Each comes back as a normalized pair (prompt,
+    preference pair in any of the formats above. Each comes back as a normalized pair (prompt,
     instruction, input) with "answers": [answer] or [chosen, rejected]."""
     items = []
     for where, record in read_raw(path):

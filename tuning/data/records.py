@@ -1,6 +1,9 @@
-"""Reading Alpaca-style records from a Hub dataset id or a local .json/.jsonl file, with errors that
-name the file, the record (and line) and the field. Used through datasetup.load_records; preferences.py
-reads preference pairs through read_raw, which also takes .jsonl.gz."""
+"""Records: reading them from a Hub dataset id or a local .json/.jsonl(.gz) file, with errors that name the file,
+the record (and line) and the field; what was left out; the deterministic train/validation split; a run's
+held-out records; and the prompts inference.py answers. The SFT examples (sft.py) and the preference pairs
+(preferences.py, through read_raw) both read their records here.
+
+Data floor: imports cli and rundir."""
 
 from __future__ import annotations
 

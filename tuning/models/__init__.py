@@ -1,0 +1,1 @@
+"""Floor 2: devices, loading, LoRA, reward-model scores, answer log-probs and the packing checks."""

@@ -1,6 +1,6 @@
 """The device to train and generate on (CUDA, then Apple MPS, then the CPU) and the precision it runs at.
 
-Ground floor: imports cli only.
+Models floor: imports cli only.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Hub's reachability checked once, so an offline machine fails in seconds with a h
 
 Any Hugging Face causal LM works: a Hub id or a local directory. init="scratch" builds the same architecture
 from its config.json with random weights (a directory with only config.json and tokenizer files is enough).
-Ground floor: imports cli and lora (which imports it back only inside functions).
+Models floor: imports cli and lora.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Response-only logits: a training forward that runs the output layer and the loss only where labels are set.
 
-Ground floor for training: imports nothing of this project.
+Models floor: imports nothing of this project.
 """
 
 from __future__ import annotations

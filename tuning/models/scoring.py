@@ -10,8 +10,8 @@ padding slot under left padding. So the position is passed in explicitly (`score
 batch is laid out (padding, packing, batch size, order) cannot change a score. A saved reward model
 has no `pad_token_id`, so Hugging Face's own forward also reads the last token, one text at a time.
 
-Ground floor beside model.py: reward.py trains with it; generation, evaluation and later training
-steps score with it. It imports none of the training scripts.
+Models floor: reward.py trains with it; evaluation.py and RLOO score with it. It imports the data floor,
+loading and lora.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ model saw, and evaluated the way metrics.json reports them.
   not TRL's text tokenization. Its reference log-probs are computed once, before training, by the frozen
   SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
 - RLOO encodes prompts as inference.py does (templates.encode_prompt), and scores its samples with
-  a reward model through scoring.py, which reads the score at the answer's final token.
+  a reward model through models/scoring.py, which reads the score at the answer's final token.
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def trl_config(args, device, precision: str):
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
                   packing: str = "rows"):
-    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a collate.py mode)."""
+    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a data/collate.py mode)."""
     common = dict(model=policy, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                   processing_class=tokenizer, callbacks=callbacks, checkpoint_files=checkpoint_files)
     if args.method == "dpo":

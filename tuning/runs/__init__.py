@@ -1,0 +1,1 @@
+"""Floor 3: the run layer every training script shares."""

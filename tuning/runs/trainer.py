@@ -1,5 +1,6 @@
 """What every training script here adds to the Hugging Face Trainer: real-token counting, run totals
-that survive a resume, a guard against NaN, a clean stop on Ctrl-C or SIGTERM, and the loss-curve plot."""
+that survive a resume, a guard against NaN, a clean stop on Ctrl-C or SIGTERM, evaluations that give every
+process the same number of batches, and where the Trainer logs (--report-to)."""
 
 from __future__ import annotations
 
