@@ -70,21 +70,22 @@ def test_scores_do_not_change_with_padding_batch_size_or_order(tmp_path, family)
         assert packed == pytest.approx(alone, abs=1e-5)
 
 
-def test_gpt2_head_reads_the_wrong_position_with_pad_eos_and_ours_does_not(tmp_path):
-    """The trap: GPT-2's own head reads the last token that is not pad_token_id, so with pad = EOS it scores
-    the token before the EOS. Ours reads the EOS; saved without a pad id, Hugging Face's forward agrees."""
+def test_the_score_is_read_at_the_answers_last_token_before_the_eos(tmp_path):
+    """Ours reads the answer's last token, the one before the EOS (where the SFT model predicts the EOS), not the
+    EOS itself. GPT-2's own head with pad = EOS reads the same token of one unpadded row; saved without a pad id,
+    Hugging Face's forward reads the last token, so it agrees on prompt + answer without the EOS."""
     rm, tok = tiny_reward_model(tmp_path)
     ids = scoring.answer_ids(tok, *TEXTS[0])
     assert ids[-1] == tok.eos_token_id == tok.pad_token_id
     ours = scoring.score_ids(rm, [ids], tok.pad_token_id)[0]
     with torch.no_grad():
+        at_eos = float(rm.score(rm.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]))
         rm.config.pad_token_id = tok.pad_token_id
         hf_pad_eos = rm(input_ids=torch.tensor([ids])).logits.item()
-        before_eos = scoring.score_ids(rm, [ids[:-1]], tok.pad_token_id)[0]
         scoring.without_pad_id(rm)
-        hf_no_pad = rm(input_ids=torch.tensor([ids])).logits.item()
-    assert hf_pad_eos == pytest.approx(before_eos, abs=1e-5) and abs(hf_pad_eos - ours) > 1e-3
-    assert hf_no_pad == pytest.approx(ours, abs=1e-5)
+        hf_no_pad = rm(input_ids=torch.tensor([ids[:-1]])).logits.item()
+    assert abs(at_eos - ours) > 1e-3
+    assert hf_pad_eos == pytest.approx(ours, abs=1e-5) and hf_no_pad == pytest.approx(ours, abs=1e-5)
 
 
 def test_collator_puts_each_pair_together_and_indexes_each_eos(tiny_tokenizer):
@@ -179,7 +180,7 @@ def test_score_cli_and_function_prefer_the_polite_greeting(smoke_reward):
     assert f"{scores[0]:+9.4f}  answer: {polite!r}" in shown.stdout
     hf = AutoModelForSequenceClassification.from_pretrained(out).eval()  # Hugging Face's own forward, no score_index
     with torch.no_grad():
-        assert float(hf(torch.tensor([scoring.answer_ids(tok, prompt, polite)])).logits[0, 0]) == pytest.approx(
+        assert float(hf(torch.tensor([scoring.answer_ids(tok, prompt, polite)[:-1]])).logits[0, 0]) == pytest.approx(
             scores[0], abs=1e-5)
     pairs = work / "pairs-to-score.jsonl"
     pairs.write_text("".join(json.dumps(p) + "\n" for p in smoke.make_pairs(20, seed=5)))
