@@ -205,6 +205,13 @@ def write_markdown(path: str, report: dict, samples: list[dict]) -> None:
         handle.write("\n".join(lines))
 
 
+def bar_colors(report: dict, key: str) -> list[str]:
+    """The bars of one metric in report.png: the first model grey, the second green where it is better and red
+    where it is not (green when it is reported alone)."""
+    better = (report.get("finetuned_better") or {}).get(key, True)
+    return [COLORS[role] if role == "base" or better else WORSE for role in ("base", "finetuned") if role in report]
+
+
 def plot_report(path: str, report: dict) -> None:
     """One small bar chart per metric (they have different scales), base vs fine-tuned."""
     import matplotlib
@@ -215,12 +222,9 @@ def plot_report(path: str, report: dict) -> None:
     roles = [role for role in ("base", "finetuned") if role in report]
     metrics = metrics_of(report)
     fig, axes = plt.subplots(1, len(metrics), figsize=(2.1 * len(metrics), 3.4))
-    better = report.get("finetuned_better") or {}
     for ax, (key, (label, way)) in zip(axes, metrics.items()):
         values = [report[role][key] for role in roles]
-        # The second model's bar is green where it is better, red where it is not; the first's is grey.
-        colors = [COLORS[role] if role == "base" or better.get(key, True) else WORSE for role in roles]
-        bars = ax.bar([report.get("labels", LABELS)[role] for role in roles], values, color=colors)
+        bars = ax.bar([report.get("labels", LABELS)[role] for role in roles], values, color=bar_colors(report, key))
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(f"{label}\n({way} is better)", fontsize=8)
         ax.tick_params(labelsize=7)

@@ -99,6 +99,7 @@ def test_lora_teaches_the_smoke_sft_model_a_new_task_and_keeps_the_old_ones(smok
     """`train.py --smoke --lora`: adapters on the smoke SFT model learn a task its data never had ("Give the
     first word.") to >= 90% exact match on held-out prompts, while the old tasks stay within 5 points."""
     assert "trainable of" in smoke_lora and "(LoRA)" in smoke_lora
+    assert "; the merged full weights in smoke-run/lora/merged/" in smoke_lora  # (--merge: where they went)
     out, sft = smoke_trained / "smoke-run" / "lora", smoke_trained / "smoke-run" / "model"
     new = [r for r in rundir.read_records(str(out / rundir.HELD_OUT_FILE)) if r["instruction"] == smoke.NEW_TASK]
     old = [r for r in rundir.read_records(str(sft / rundir.HELD_OUT_FILE)) if r["instruction"] != smoke.GREETING]
@@ -242,16 +243,18 @@ def test_a_lora_reward_model_trains_its_score_head_and_loads_as_its_merged_copy(
     prompts = [format_prompt({"instruction": smoke.GREETING, "input": "cat dog"}, adapter[2])] * 2
     scores = [scoring.score_texts(rm, tok, prompts, ["Hello, cat dog!", "hey cat dog"]) for rm, tok, _ in (adapter, merged)]
     assert scores[0] == pytest.approx(scores[1], abs=1e-5) and scores[0][0] != scores[0][1]
-    # Hugging Face's own forward (the last token that is not pad_token_id) reads the score where reward.py does, on
-    # the merged model and on the adapter dir (whose base is the SFT model, saved without pad = EOS).
+    # Hugging Face's own forward (the last token that is not pad_token_id) reads the score where reward.py does: on
+    # the merged model (no pad id) given prompt + answer, on the adapter dir (its base, the SFT model, has pad =
+    # EOS) given prompt + answer, with or without the EOS.
     from transformers import AutoModelForSequenceClassification
 
-    ids = torch.tensor([scoring.answer_ids(adapter[1], prompts[0], "Hello, cat dog!")[:-1]])  # read before the EOS
-    for path in (out / "merged", out):  # (the adapter's base is the SFT model, whose config has no num_labels)
+    ids = scoring.answer_ids(adapter[1], prompts[0], "Hello, cat dog!")
+    for path, inputs in ((out / "merged", [ids[:-1]]), (out, [ids[:-1], ids])):
         hf = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1).eval()
-        assert hf.config.pad_token_id is None
-        with torch.no_grad():
-            assert float(hf(ids).logits[0, 0]) == pytest.approx(scores[0][0], abs=1e-5), path
+        for sequence in inputs:  # (the adapter's base config has no num_labels: 1 is given)
+            with torch.no_grad():
+                assert float(hf(torch.tensor([sequence])).logits[0, 0]) == pytest.approx(scores[0][0], abs=1e-5), path
+    assert load_json(out / "merged" / "config.json")["pad_token_id"] is None
 
 
 def test_an_adapter_dir_that_cannot_serve_is_refused_in_one_line(tmp_path):

@@ -160,16 +160,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 def set_generation_ids(model, tokenizer) -> None:
     """EOS and pad ids in the config and generation config, so generation stops at EOS after saving.
 
-    The tokenizer's EOS is added to (never replaces) a list of stop ids that the model already has. Generation
-    reads the pad id from the generation config; the model config gets none where pad = EOS, so that a reward
-    model built on this model (a reward.py --lora adapter names it as its base) never reads its score at the
-    last token that is not EOS, the token before the answer's EOS, as Hugging Face's own forward would."""
+    The tokenizer's EOS is added to (never replaces) a list of stop ids that the model already has. (The Trainer
+    aligns the config's pad id with the tokenizer's anyway. A reward model reads its score at the answer's last
+    token, which is where Hugging Face's own head reads it with pad = EOS too; a saved one has no pad id.)"""
     stops = stop_token_ids(model, tokenizer)
     for cfg in (model.config, model.generation_config):
         cfg.eos_token_id = stops if len(stops) > 1 and cfg is model.generation_config else tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    pad_is_eos = tokenizer.pad_token_id == tokenizer.eos_token_id
-    model.config.pad_token_id = None if pad_is_eos else tokenizer.pad_token_id
+        cfg.pad_token_id = tokenizer.pad_token_id
 
 
 def _check_local(name_or_path: str) -> None:
