@@ -170,8 +170,9 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
 
 def pairs_the_run_sees(args, train, world_size: int, say):
     """The training pairs of a DPO run whose --max-steps ends it within an epoch: that many steps' pairs, drawn at
-    random with --seed (a longer run's draw begins with a shorter one's), so that the reference pass before
-    training scores only those, not every pair of the set."""
+    random with --seed and trained on in the order drawn (align_trainers.AlignDPOTrainer.in_order), so that the
+    reference pass before training scores only those, not every pair of the set, and a longer run's pairs and
+    batches begin with a shorter one's (extending a run goes on where it stopped)."""
     import random
 
     needed = args.max_steps * args.batch_size * world_size
@@ -181,7 +182,7 @@ def pairs_the_run_sees(args, train, world_size: int, say):
     random.Random(args.seed).shuffle(order)
     say(f"DPO: --max-steps {args.max_steps} trains on {needed} of the {len(train)} training pairs (drawn with --seed), "
         "so the reference pass scores those only")
-    return train.select(sorted(order[:needed]))
+    return train.select(order[:needed])
 
 
 def probe_loss(args, data: dict, tokenizer, packing: str):
@@ -243,6 +244,7 @@ def main(args, explicit: set) -> None:
             judge = align_trainers.Judge(args.reward_model, device, args.batch_size * args.num_generations,
                                        args.missing_eos_penalty)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
+        drawn = len(data["train"])
         if args.method == "dpo":
             data["train"] = pairs_the_run_sees(args, data["train"], training_args.world_size, say)
     policy = loading.load_model(args.model, "pretrained", tokenizer)
@@ -268,7 +270,8 @@ def main(args, explicit: set) -> None:
 
     stopper = StopOnSignal(announce=main_process)
     trainer = align_trainers.build_trainer(args, policy, tokenizer, training_args, data, judge, [stopper],
-                                         lambda directory: write_template(directory, template), packing)
+                                         lambda directory: write_template(directory, template), packing,
+                                         in_order=len(data["train"]) < drawn)
     if not checkpoint:
         say("Evaluating the SFT model on the held-out set ...")
     before = runner.evaluate_once(trainer, "before", checkpoint, args.output_dir, main_process)

@@ -106,18 +106,20 @@ def metrics_of(report: dict) -> dict:
 
 
 # ---------------------------------------------------------------- model-side measurements
-def rewards(reward_model: str, device, records: list[dict], answers: dict, batch_size: int) -> dict:
-    """Each role's reward-model scores of its answers (as decoded, unstripped: as align.py scores them), the
-    prompts formatted with the RM's template. Each distinct (prompt, answer) text is scored once, so two roles'
-    identical answers get the very same score, a tie, whatever batch shapes they would have been scored in."""
-    from tuning.models import scoring
+def rewards(judge, records: list[dict], answers: dict, batch_size: int) -> dict:
+    """Each role's scores by the reward model `judge` = (model, tokenizer, template) of its answers (as decoded,
+    unstripped: as align.py scores them), the prompts formatted with the RM's template, and cut to its context
+    as align.py cuts them (scoring.within_context). Each distinct (prompt, answer) text is scored once, so two
+    roles' identical answers get the very same score, a tie, whatever batch shapes they would have been scored in."""
     from tuning.data.templates import format_prompt
+    from tuning.models import scoring
 
-    rm, tokenizer, template = scoring.load_reward_model(reward_model, device)
+    rm, tokenizer, template = judge
     prompts = [format_prompt(r, template) for r in records]
     distinct = sorted({(prompt, answer["raw_text"]) for texts in answers.values()
                        for prompt, answer in zip(prompts, texts)})
-    values = scoring.score_texts(rm, tokenizer, [p for p, _ in distinct], [a for _, a in distinct], batch_size)
+    values = scoring.score_texts(rm, tokenizer, [p for p, _ in distinct], [a for _, a in distinct], batch_size,
+                                 cut=True)
     score = dict(zip(distinct, values))
     return {role: [score[prompt, answer["raw_text"]] for prompt, answer in zip(prompts, texts)]
             for role, texts in answers.items()}
@@ -257,6 +259,7 @@ def main(args, explicit: set) -> dict:
     from tuning.data.records import held_out_records
     from tuning.data.templates import load_template
     from tuning.generation.generate import require_finetuned
+    from tuning.models import scoring
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
     from tuning.rundir import read_run_config, starting_model, write_json
@@ -275,13 +278,15 @@ def main(args, explicit: set) -> dict:
         check_base(args, config, explicit)
     device = get_device(args.device)
     template = load_template(args.finetuned)
+    # The judge loads first: a --reward-model that is no reward model is said before minutes of generating.
+    judge = scoring.load_reward_model(args.reward_model, device) if args.reward_model else None
     roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}
     results, answers = {}, {}
     for role, path in roles.items():
         results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template)
     gen_records = records[: args.num_generations]
     if args.reward_model:
-        scores = rewards(args.reward_model, device, gen_records, answers, args.batch_size)
+        scores = rewards(judge, gen_records, answers, args.batch_size)
         for role, values in scores.items():
             results[role]["mean_reward"] = sum(values) / len(values)
     report = {**{f"{role}_model": path for role, path in roles.items()},

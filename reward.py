@@ -5,7 +5,8 @@
     python reward.py --score --prompt "Greet them." --input "cat dog owl" --answer "Hello, cat dog owl!"
     torchrun --nproc_per_node 2 reward.py   # DDP; `accelerate launch` works too
 
-The model scores prompt + answer + EOS at its final token and learns -log sigmoid(r_chosen - r_rejected).
+The model scores prompt + answer + EOS at the answer's last token (where the SFT model predicts the EOS) and
+learns -log sigmoid(r_chosen - r_rejected).
 Running the same command again after an interruption continues from the newest checkpoint.
 """
 
@@ -104,9 +105,9 @@ def apply_smoke(args, explicit: set) -> None:
 def check_dirs(model: str, output_dir: str) -> None:
     """A clear message when the SFT directory holds no finished model (Hub ids other than the default pass
     through), and never an output dir that is the SFT model's own."""
-    from tuning.models import lora
     from tuning import rundir
     from tuning.cli import UserError
+    from tuning.models import loading, lora
 
     if os.path.realpath(model) == os.path.realpath(output_dir):
         raise UserError(f"--output-dir {output_dir} is the SFT model's directory (--model); the reward model "
@@ -117,6 +118,7 @@ def check_dirs(model: str, output_dir: str) -> None:
                             "`python train.py --smoke`, then `python reward.py --smoke`).")
         return
     if lora.is_model_dir(model):
+        loading.refuse_reward_model(model, "--model")  # (its trained score head would be replaced by a new one)
         return
     last = rundir.find_checkpoint(model)
     hint = f"; its training did not finish (pass --model {last}, or resume train.py)" if last else ""
@@ -139,6 +141,8 @@ def main(args, explicit: set) -> None:
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
+    if args.smoke and "precision" not in explicit:
+        why = "set by --smoke"
     packing, attn = checks.resolve_packing(args.packing, device, precision)
     check_dirs(args.model, args.output_dir)
     checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),

@@ -172,6 +172,7 @@ def main(args, explicit: set) -> None:
         why = "set by --smoke"
     packing, attn = checks.resolve_packing(args.packing, device, precision)
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
+    loading.refuse_reward_model(args.model, "--model")  # at start, not after reading and tokenizing the data
     fit_max_length(args, explicit | use_saved_settings(args, explicit), say)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
     config = {**vars(args), "device": device.type, "precision": precision,

@@ -160,7 +160,8 @@ def compare(workdir: str, stages: str = STAGES, say=print) -> dict:
 
 def _compare(workdir: str, stages: str, say) -> dict:
     results = {}
-    if "reward" in stages or "rloo" in stages:
+    trained = all(os.path.isfile(os.path.join(workdir, name, "metrics.json")) for name in ("rm-ours", "rm-trl"))
+    if "reward" in stages or ("rloo" in stages and not trained):  # (RLOO reuses reward models trained before)
         say("reward model: reward.py ...")
         run(workdir, os.path.join(ROOT, "reward.py"), "--smoke", "--max-steps", str(RM_STEPS), "--batch-size",
             str(RM_BATCH), "--lr", str(RM_LR), "--seed", str(SEED), "--output-dir", "rm-ours")
@@ -168,6 +169,8 @@ def _compare(workdir: str, stages: str, say) -> dict:
             ours = {"accuracy": json.load(handle)["eval_accuracy_after"]}
         say("reward model: TRL's RewardTrainer ...")
         results["reward"] = {"ours": ours, "trl": worker(workdir, "trl-reward")}
+        with open(os.path.join(workdir, "rm-trl", "metrics.json"), "w") as handle:
+            json.dump(results["reward"]["trl"], handle)
     if "rloo" in stages:
         say("RLOO: align.py ...")
         run(workdir, os.path.join(ROOT, "align.py"), "--method", "rloo", "--model", SMOKE_SFT, "--dataset", SMOKE_PAIRS,

@@ -34,7 +34,7 @@ QUICK = False  # 16 pairs: check that every row runs
 WORKER = ""  # internal: run one row (ROW:PRECISION) in this process and print its JSON
 
 ALL_ROWS = ("default", "padded", "trl", "trl_tuned")
-LABELS = {"default": "project default (reward.py: packed rows, score at the EOS)",
+LABELS = {"default": "project default (reward.py: packed rows, score at the answer's last token)",
           "padded": "reward.py with --packing none (one padded row a sequence)",
           "trl": "TRL RewardTrainer defaults", "trl_tuned": "TRL RewardTrainer, no gradient checkpointing"}
 

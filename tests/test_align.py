@@ -323,8 +323,19 @@ def test_dpo_with_few_steps_scores_only_the_pairs_it_will_see():
     three = align.pairs_the_run_sees(args, train, 1, said.append)["n"]
     assert len(three) == 24 and said == ["DPO: --max-steps 3 trains on 24 of the 100 training pairs (drawn with "
                                          "--seed), so the reference pass scores those only"]
-    assert set(three) < set(align.pairs_the_run_sees(SimpleNamespace(max_steps=4, batch_size=8, seed=0), train, 1,
-                                                     said.append)["n"])
+    four = align.pairs_the_run_sees(SimpleNamespace(max_steps=4, batch_size=8, seed=0), train, 1, said.append)["n"]
+    assert four[:24] == three and three != sorted(three)  # in the order drawn: a longer run's batches begin alike
     assert len(align.pairs_the_run_sees(args, train, 2, said.append)) == 48  # every process's batches
     assert len(align.pairs_the_run_sees(SimpleNamespace(max_steps=-1, batch_size=8, seed=0), train, 1, said.append)) == 100
     assert len(align.pairs_the_run_sees(SimpleNamespace(max_steps=20, batch_size=8, seed=0), train, 1, said.append)) == 100
+
+
+def test_dpos_logged_training_accuracy_counts_ties_half(tmp_path, gpt2_tokenizer):
+    """At the first step the policy is the reference: every margin is 0, a tie, and the logged
+    rewards/accuracies is 50% (as the held-out accuracy), not 0%."""
+    _, pairs = real_pairs()
+    trainer = dpo_trainer(tmp_path, loading.ready_tokenizer(gpt2_tokenizer), pairs)
+    examples = [trainer.train_dataset[i] for i in range(len(pairs))]
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trainer.data_collator(examples))
+    assert trainer._metrics["train"]["rewards/accuracies"][-1] == 0.5

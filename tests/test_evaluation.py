@@ -74,15 +74,14 @@ def test_identical_answers_are_scored_once_so_they_tie(monkeypatch):
 
     calls = []
 
-    def score_texts(model, tokenizer, prompts, answers, batch_size):
+    def score_texts(model, tokenizer, prompts, answers, batch_size, cut=False):
         calls.append(len(answers))
         return [len(answer) + 1e-8 * len(calls) * i for i, answer in enumerate(answers)]
 
-    monkeypatch.setattr(scoring, "load_reward_model", lambda path, device: (None, None, "seed"))
     monkeypatch.setattr(scoring, "score_texts", score_texts)
     records = [{"instruction": f"Say {word}.", "input": ""} for word in ("a", "b", "c")]
     same = [{"raw_text": text} for text in (" yes", " no", " maybe")]
-    scores = ev.rewards("rm", "cpu", records, {"base": same, "finetuned": [dict(a) for a in same]}, 2)
+    scores = ev.rewards((None, None, "seed"), records, {"base": same, "finetuned": [dict(a) for a in same]}, 2)
     assert calls == [3] and scores["base"] == scores["finetuned"]
     assert ev.win_rate(scores["finetuned"], scores["base"]) == 0.5
 

@@ -3,7 +3,6 @@ started again) and a resumed run that reports as one run. train.py is run as use
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from tuning import rundir
+from tuning.runs import runner
 from conftest import ROOT
 from test_train import FAST, ENV, load_json, run_train, start_train, wait_for, workdir  # noqa: F401  (fixture)
 
@@ -112,6 +112,7 @@ def test_a_finished_run_is_extended_by_a_higher_max_steps(workdir):
     assert load_json(out / "metrics.json")["global_step"] == 6
     config = load_json(out / "run_config.json")
     assert config["max_steps"] == 6 and config["extended"] == [{"global_step": 4, "max_steps": 4, "epochs": 9.0}]
+    assert load_json(out / "metrics.json")["run_length"] == {"max_steps": 6, "epochs": 9.0}
     again = run_train(workdir, *args, "--max-steps", "6")
     assert again.returncode == 0 and "already holds this finished run (step 6)" in again.stdout
     shorter = run_train(workdir, *args, "--max-steps", "5")
@@ -247,15 +248,15 @@ def test_a_full_disk_is_recognised_however_it_is_worded(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    assert rundir.disk_full(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
+    assert runner.disk_full(OSError(errno.ENOSPC, "No space left on device"), str(tmp_path))
     wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")  # safetensors
-    assert rundir.disk_full(wrapped, str(tmp_path))
+    assert runner.disk_full(wrapped, str(tmp_path))
     torch_save = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 325696 vs 325584")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(60 * 2**20, 60 * 2**20, 0))
-    assert rundir.disk_full(torch_save, str(tmp_path))  # what a 60 MB tmpfs gave, once full
+    assert runner.disk_full(torch_save, str(tmp_path))  # what a 60 MB tmpfs gave, once full
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 2**30, 2**39))
-    assert not rundir.disk_full(torch_save, str(tmp_path)) and not rundir.disk_full(ValueError("x"), str(tmp_path))
+    assert not runner.disk_full(torch_save, str(tmp_path)) and not runner.disk_full(ValueError("x"), str(tmp_path))
 
 
 def test_no_resume_clears_the_earlier_runs_results_and_model_only(tmp_path):
@@ -361,3 +362,14 @@ def test_resume_finds_the_checkpoint_every_launcher_writes(tmp_path, layout):
             assert rundir.find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5"), needed
         path.write_bytes(saved)
     assert rundir.find_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+
+
+def test_an_extension_stopped_before_its_end_is_not_taken_for_finished(tmp_path):
+    """metrics.json stays the shorter run's until the longer one ends; the lengths it names tell them apart."""
+    rundir.write_json(str(tmp_path / "metrics.json"), {"global_step": 4})  # a run finished before run_length
+    assert rundir.finished_step(str(tmp_path), {"max_steps": 6, "epochs": 9.0}) == 4  # (nothing to tell yet)
+    rundir.record_run_length(str(tmp_path), {"max_steps": 4, "epochs": 9.0, "global_step": 4})
+    assert rundir.finished_step(str(tmp_path), {"max_steps": 6, "epochs": 9.0}) is None  # extended, not finished
+    assert rundir.finished_step(str(tmp_path), {"max_steps": 4, "epochs": 9.0}) == 4
+    assert rundir.finished_step(str(tmp_path)) == 4
+

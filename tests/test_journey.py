@@ -43,6 +43,9 @@ def test_a_reward_model_is_refused_where_a_chat_model_goes(smoke_reward):
                 "causal language model") in result.stderr and "LOAD REPORT" not in result.stderr + result.stdout
     result = run(work, "evaluation.py", "--finetuned", "smoke-run/reward", "--only", "finetuned")
     assert result.returncode == 2 and "holds a reward model" in result.stderr
+    body = run(work, "reward.py", "--model", "smoke-run/reward", "--dataset", "smoke-run/pairs.json", "--output-dir",
+               "rm-of-rm")  # its trained head would silently be replaced by a new one
+    assert body.returncode == 2 and "--model smoke-run/reward holds a reward model" in body.stderr
 
 
 def test_the_base_is_the_model_the_run_started_from(smoke_trained):
@@ -89,3 +92,77 @@ def test_the_report_colours_the_second_model_by_better():
     assert evaluation.bar_colors(report, "rouge_l_f1") == ["tab:gray", "tab:red"]
     assert evaluation.bar_colors(report, "eos_rate") == ["tab:gray", "tab:green"]
     assert evaluation.bar_colors({"finetuned": {}}, "eos_rate") == ["tab:green"]
+
+
+def test_help_shows_each_default_once():
+    """A setting's comment that names its default gave "(default: ...) (default: False)" in --help."""
+    import re
+
+    for script in ("datasetup.py", "model.py", "train.py", "reward.py", "align.py", "inference.py", "evaluation.py"):
+        text = " ".join(run(ROOT, script, "--help").stdout.split())
+        options = re.split(r" (?=--[a-z])", text)
+        assert not [option for option in options if option.count("(default:") > 1], script
+
+
+def test_an_unreachable_hub_switches_to_offline_at_once(monkeypatch, capsys):
+    """No network: one quick connection attempt, then only copies already downloaded are used (datasets and
+    huggingface_hub would retry for most of a minute first)."""
+    import time
+
+    import datasets.config
+    import huggingface_hub.constants
+
+    from tuning.models import loading
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    started = time.perf_counter()
+    loading.offline_unless_hub_reachable(["./a-local-dir", "tatsu-lab/alpaca"])
+    assert time.perf_counter() - started < loading.HUB_PROBE_SECONDS + 1
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert "can't be reached, so only copies already downloaded are used" in capsys.readouterr().out
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    loading.offline_unless_hub_reachable(["./a-local-dir", "smoke-run/model.json"])  # nothing on the Hub: no probe
+    assert not huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def test_max_length_follows_the_models_positions(workdir):
+    """A model with 256 positions: the default --max-length (512) is lowered to 256 with a note, and a run with
+    an example longer than that trains (before, it died at the first one, inside the position embedding); an
+    explicit --max-length above the positions is refused at start, naming both."""
+    records = json.loads((workdir / "smoke-run" / "data.json").read_text())[:40]
+    records[0] = {**records[0], "output": " ".join(["word"] * 400)}  # longer than the model's 256 positions
+    path = workdir / "long.json"
+    path.write_text(json.dumps(records))
+    args = ["--model", "smoke-run/base", "--dataset", str(path), "--max-steps", "1", "--val-size", "4",
+            "--precision", "fp32"]
+    result = run_train(workdir, *args, "--output-dir", str(workdir / "long-run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: --max-length lowered from 512 to 256, the 256 positions of smoke-run/base" in result.stdout
+    assert load_json(workdir / "long-run" / "run_config.json")["max_length"] == 256
+    refused = run_train(workdir, *args, "--max-length", "300", "--output-dir", str(workdir / "long-run-2"))
+    assert refused.returncode == 2 and ("--max-length 300 is more than the 256 positions of smoke-run/base; use "
+                                        "--max-length 256 or less") in refused.stderr
+
+
+def test_the_reward_judged_evaluation_checks_its_judge_first_and_fits_long_answers(smoke_reward):
+    """A --reward-model that is no reward model is said before anything is generated; the base model's noise,
+    longer than the reward model's context once decoded and encoded again, is cut to fit as align.py cuts it
+    (before, the run ended with an error after both models had generated)."""
+    work, _ = smoke_reward
+    wrong = run(work, "evaluation.py", "--smoke", "--reward-model", "smoke-run/model", "--limit", "4")
+    assert wrong.returncode == 2 and "not a reward model" in wrong.stderr and "Generating" not in wrong.stderr
+    long = run(work, "evaluation.py", "--smoke", "--reward-model", "smoke-run/reward", "--num-generations", "8",
+               "--limit", "4", "--output-dir", "eval-long")  # (--max-new-tokens 128: base answers of 400 tokens)
+    assert long.returncode == 0, long.stderr[-2000:]
+    assert "Token indices sequence length" not in long.stderr
+
+
+def test_a_run_refused_at_start_leaves_no_empty_output_dir(workdir):
+    result = run_train(workdir, "--model", "smoke-run/base", "--dataset", "nope.json", "--output-dir", "never-made")
+    assert result.returncode == 2 and "nope.json: file not found" in result.stderr
+    assert not (workdir / "never-made").exists()

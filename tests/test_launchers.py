@@ -65,10 +65,9 @@ LAUNCHERS = [  # (environment accelerate launch sets, {script: refused?})
      {"train.py": False, "reward.py": False, "align.py": False}),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
      {"train.py": True, "reward.py": True, "align.py": True}),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {"train.py": False, "reward.py": False, "align.py": True}),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, {"train.py": True, "reward.py": True, "align.py": True}),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {"train.py": True, "reward.py": True, "align.py": True}),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"},
-     {"train.py": False, "reward.py": False, "align.py": True}),
+     {"train.py": True, "reward.py": True, "align.py": True}),
 ]
 
 
@@ -91,6 +90,20 @@ def test_a_refused_launcher_is_one_line_before_anything_loads(tmp_path, script):
     result = run(tmp_path, str(ROOT / script), "--smoke", env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: DeepSpeed ZeRO-3") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_the_trainer_left_on_the_cpu_is_evaluated_on_the_processs_device(tmp_path, monkeypatch):
+    """Under DeepSpeed the Trainer leaves the model on the CPU until train() hands it to the engine; the evaluation
+    before training moves it to the process's device first (simulated: the Trainer's device is a "meta" one
+    here, and the model must follow it before any batch is built)."""
+    trainer, _ = sft_trainer(tmp_path, 5, 2)
+    moved = []
+    monkeypatch.setattr(type(trainer.model), "to", lambda self, device: moved.append(device) or self)
+    monkeypatch.setattr(type(trainer.args), "device", property(lambda self: torch.device("meta")))
+    batches = trainer.evaluation_batches()
+    batch, real = next(batches)
+    assert moved == [torch.device("meta")] and batch["input_ids"].device.type == "meta" and real == 2
+    batches.close()
 
 
 # ---------------------------------------------------------------- the same number of forwards in every process

@@ -33,20 +33,24 @@ def project_modules() -> dict[str, Path]:
 MODULES = project_modules()
 
 
-def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, module) for each import of a project module in `path`, wherever it stands in the file."""
+def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
+    """(line, module) for each import of a project module in `path` (the module `module`), wherever it stands in
+    the file; relative imports resolved."""
     found = []
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
             for alias in node.names:  # `from tuning.data import records` imports the module tuning.data.records
-                name = f"{node.module}.{alias.name}"
-                found.append((node.lineno, name if name in MODULES else node.module))
+                name = f"{base}.{alias.name}"
+                found.append((node.lineno, name if name in MODULES else base))
     return [(line, name) for line, name in found if name in MODULES]
 
 
-GRAPH = {name: imports_of(path) for name, path in MODULES.items()}
+GRAPH = {name: imports_of(path, name) for name, path in MODULES.items()}
 
 
 def floor(name: str) -> int:

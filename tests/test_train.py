@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tuning.models import devices, loading
+from tuning.models import devices
 from tuning import rundir
 from tuning.runs import checks
 import train

@@ -1,8 +1,8 @@
 """What a training run leaves in its output directory, and how it is read back.
 
-Floor 0, with cli: every other floor reads a run through this module, and it imports cli only. It knows the files of a run, which checkpoint a resume can trust, whether a run is finished,
-the identity that keeps two runs from mixing, the lock that keeps two processes apart, and the signals
-that stop a run cleanly.
+Floor 0, with cli: every other floor reads a run through this module, and it imports cli only. It knows the
+files of a run, which checkpoint a resume can trust (in each launcher's layout), whether a run is finished or
+extended, the identity that keeps two runs from mixing, and the lock that keeps two processes apart.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import zipfile
 
 from tuning.cli import UserError
@@ -297,10 +296,25 @@ def _longer(saved: dict, config: dict, output_dir: str) -> bool:
     return saved["max_steps"] <= 0 and config["epochs"] > saved["epochs"]
 
 
-def finished_step(output_dir: str) -> int | None:
-    """The final step of a finished run in `output_dir` (it wrote metrics.json last), else None."""
+def finished_step(output_dir: str, config: dict | None = None) -> int | None:
+    """The final step of a finished run in `output_dir` (it wrote metrics.json last), else None. With the run's
+    `config`: None as well when metrics.json is that of a shorter run this one extends (its run_length)."""
     metrics = read_json(os.path.join(output_dir, METRICS_FILE))
-    return None if metrics is None else metrics.get("global_step")
+    if metrics is None:
+        return None
+    length = metrics.get("run_length")
+    if config is not None and length is not None and any(length.get(k) != config.get(k) for k in LENGTH):
+        return None
+    return metrics.get("global_step")
+
+
+def record_run_length(output_dir: str, lengths: dict) -> None:
+    """Write the lengths (max_steps, epochs) a finished run had into its metrics.json (runs finished before
+    metrics.json named them), so that an extension interrupted before it ends is not taken for finished."""
+    path = os.path.join(output_dir, METRICS_FILE)
+    metrics = read_json(path)
+    if metrics is not None and "run_length" not in metrics:
+        write_json(path, {**metrics, "run_length": {k: lengths.get(k) for k in LENGTH}})
 
 
 def clear_run(output_dir: str) -> list[str]:
@@ -350,41 +364,3 @@ def lock(output_dir: str):
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
-
-
-class Terminated(KeyboardInterrupt):
-    """A SIGTERM, stopping the process like Ctrl-C (exit status 143 rather than 130)."""
-
-
-def sigterm_as_interrupt() -> None:
-    """SIGTERM (Slurm, Kubernetes, spot preemption) stops the process like Ctrl-C does."""
-
-    def interrupt(signum, frame):
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
-LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is put down to a full disk
-
-
-def disk_full(error: BaseException, directory: str) -> bool:
-    """Did `error` come from a full disk? An ENOSPC anywhere in its chain says so; torch.save only says
-    "iostream error" or "unexpected pos", so such a failed write while `directory`'s disk is (nearly) full
-    counts too."""
-    import errno
-    import shutil
-
-    chain = error
-    while chain is not None:
-        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
-            return True
-        if any(s in str(chain) for s in ("No space left on device", "StorageFull")):
-            return True
-        chain = chain.__cause__ or chain.__context__
-    if not any(s in str(error) for s in ("unexpected pos", "iostream error", "file write failed")):
-        return False  # not a failed write (a CUDA out-of-memory, say), however full the disk
-    try:
-        return shutil.disk_usage(directory).free < LOW_SPACE
-    except OSError:
-        return False

@@ -22,6 +22,14 @@ IGNORE_INDEX = -100
 PACKING_MODES = ("none", "rows", "flat")
 
 
+def positions_from_mask(attention_mask):
+    """Position ids of left-padded rows as generate() numbers them: each row counts from 0 at its first real
+    token (padding gets 0; it is masked). GPT-2 and other models with learned absolute positions need them on
+    every forward over such rows: without them they number the padding too."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 0)
+
+
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     """First-fit decreasing: indices grouped into bins whose total length is <= capacity."""
     bins: list[list[int]] = []

@@ -7,7 +7,7 @@
 A Gradio page with the instruction and input boxes, inference.py's decoding settings, a Generate button,
 and one column per model (base, fine-tuned, and aligned with --aligned). Each answer streams in as it is
 generated, then shows its token count and whether it stopped at EOS; its final text is exactly what
-`inference.py --json` prints for the same prompt and settings (the same `inference.generate`). The example
+`inference.py --json` prints for the same prompt and settings (the same `generate.generate`). The example
 prompts are the fine-tuned run's held-out records. Mistakes reach the page as messages: an empty
 instruction, or a model that failed to load (its column says why; the others still answer).
 
@@ -91,7 +91,7 @@ def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_toke
 
 
 def stream_answer(lm, tokenizer, prompt: str, gen_kwargs: dict, seed: int):
-    """Yields the answer text so far while it is generated, then the answer as inference.generate returns it
+    """Yields the answer text so far while it is generated, then the answer as generate.generate returns it
     ({text, new_tokens, stopped_at_eos}). Closed early (the page was closed), it stops the generation."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 

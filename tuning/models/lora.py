@@ -166,7 +166,7 @@ def load_merged(path: str, load_base):
 def save_merged(adapter_dir: str, directory: str, load) -> None:
     """--merge: the adapter that a run saved in `adapter_dir`, folded into its base (`load(adapter_dir)` gives
     the merged model), saved as a full model dir that needs no peft. Built from the saved files on the main
-    process, so it works however the launcher split the live model (DDP, FSDP, DeepSpeed ZeRO-3)."""
+    process, so it works however the launcher split the live model (DDP, DeepSpeed)."""
     from transformers import AutoTokenizer
 
     load(adapter_dir).save_pretrained(directory)

@@ -60,8 +60,9 @@ def packed_scores_match(model, sequences: list[list[int]], pad_id: int) -> tuple
                       for mode, b in batches.items()}
     finally:
         model.train(was_training)
-    padded = hidden["none"][index["none"][:, 0], index["none"][:, 1]]
-    packed = hidden["flat"][index["flat"][:, 0], index["flat"][:, 1]]
+    # At the scored position: the answer's last token, one before each sequence's EOS (scoring._ScoreAtIndex).
+    padded = hidden["none"][index["none"][:, 0], index["none"][:, 1] - 1]
+    packed = hidden["flat"][index["flat"][:, 0], index["flat"][:, 1] - 1]
     same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-4))
     return same, padded.mean().item(), packed.mean().item()
 

@@ -148,7 +148,7 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
 def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
     """prompt + answer + EOS as the reward model reads it: the prompt as training and inference encode it,
     the answer apart from it (no merge across the boundary), exactly as preferences.tokenize_pair."""
-    answer_part = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    answer_part = tokenizer(answer, add_special_tokens=False, verbose=False)["input_ids"]  # (long ones: cut later)
     return encode_prompt(tokenizer, prompt) + answer_part + [tokenizer.eos_token_id]
 
 
@@ -172,16 +172,24 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 
     return scores
 
 
-def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16) -> list[float]:
-    """The reward of each answer to its (already formatted) prompt. Raises UserError for a text longer
-    than the model's context."""
+def within_context(ids: list[int], limit: int | None) -> list[int]:
+    """prompt + answer + EOS cut to the reward model's `limit` tokens: the answer's end goes, the EOS stays. A
+    generated answer, decoded and encoded again, can take more tokens than it was generated in (a character cut
+    mid-way, another tokenizer), and noise more than it fits."""
+    return ids if not limit or len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+
+
+def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16,
+                cut: bool = False) -> list[float]:
+    """The reward of each answer to its (already formatted) prompt. A text longer than the model's context is
+    cut to fit with `cut` (generated answers: within_context), else refused with a UserError naming it."""
     sequences = [answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
     limit = context_limit(model.config)
     too_long = [i for i, s in enumerate(sequences) if limit and len(s) > limit]
-    if too_long:
-        raise UserError(f"answer {too_long[0]}: prompt + answer is {len(sequences[too_long[0]])} tokens, more than "
-                        f"the reward model's {limit}")
-    return score_ids(model, sequences, tokenizer.pad_token_id, batch_size)
+    if too_long and not cut:
+        raise UserError(f"answer {too_long[0] + 1} ({answers[too_long[0]][:40]!r}): prompt + answer is "
+                        f"{len(sequences[too_long[0]])} tokens, more than the reward model's {limit}")
+    return score_ids(model, [within_context(s, limit) for s in sequences], tokenizer.pad_token_id, batch_size)
 
 
 def pairwise_stats(margins) -> dict:

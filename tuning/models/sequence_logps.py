@@ -21,14 +21,6 @@ import torch.nn.functional as F
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "completion", "sequence", "score_index")
 
 
-def positions_from_mask(attention_mask):
-    """Position ids of left-padded rows as generate() numbers them: each row counts from 0 at its first real
-    token (padding gets 0; it is masked). GPT-2 and other models with learned absolute positions need them on
-    every forward over such rows: without them they number the padding too."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
-
-
 def model_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in MODEL_KEYS if key in batch}
 

@@ -19,11 +19,11 @@ from contextlib import contextmanager, nullcontext
 import torch
 from trl import DPOTrainer, RLOOTrainer
 
-from tuning.data.collate import PairCollator
+from tuning.data.collate import PairCollator, positions_from_mask
 from tuning.data.templates import encode_prompt
 from tuning.models.loading import context_limit
-from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids
-from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, positions_from_mask, sigmoid_dpo_loss
+from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids, within_context
+from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, sigmoid_dpo_loss
 from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
@@ -44,8 +44,17 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
         super().__init__(*args, **kwargs)
         drop_ref_adapter(self.model)
 
+    in_order = False  # train on the pairs in their order (a random draw already: align.pairs_the_run_sees)
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenized as SFT tokenized it: {"prompt_ids", "chosen_ids", "rejected_ids"}
+
+    def _get_train_sampler(self, train_dataset=None):
+        from torch.utils.data import SequentialSampler
+
+        if self.in_order:  # each process takes its share of each batch, as with the random sampler
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         """`dataset` with the reference's (the SFT model's, before any step) log-probs of each pair's answers as
@@ -150,6 +159,7 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         from accelerate.utils import gather_object
 
         started = time.perf_counter()
+        self.on_device()
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         mine = [dataset[i] for i in range(self.args.process_index, len(dataset), self.args.world_size)]
         was_training = self.model.training
@@ -171,7 +181,7 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
 
     @torch.no_grad()
     def greedy_answers(self, records: list[dict]) -> list[dict]:
-        """Each record's greedy answer exactly as inference.py gives it (inference.generate, raw text kept): the
+        """Each record's greedy answer exactly as inference.py gives it (generation.generate, raw text kept): the
         model's own generation config, in fp32 even where training runs under autocast."""
         from tuning.generation.generate import generate
 
@@ -237,7 +247,7 @@ def drop_ref_adapter(model) -> None:
 
 
 class WithPositions:
-    """`model`, called with each row's position ids taken from its attention mask (model.positions_from_mask, as
+    """`model`, called with each row's position ids taken from its attention mask (collate.positions_from_mask, as
     generate() numbers a left-padded row) unless the call passes its own."""
 
     def __init__(self, model):
@@ -299,8 +309,7 @@ class Judge:
         """prompt + answer + EOS as the reward model reads them. Re-encoding decoded text can take more tokens
         than were sampled (a character cut mid-way, another tokenizer), so an answer is cut to fit the
         reward model's context (align.py checks that every prompt leaves room for --max-new-tokens)."""
-        ids, limit = answer_ids(self.tokenizer, prompt, answer), context_limit(self.model.config)
-        return ids if not limit or len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+        return within_context(answer_ids(self.tokenizer, prompt, answer), context_limit(self.model.config))
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
@@ -309,8 +318,8 @@ class Judge:
 # The sampler draws answers from the policy itself, so that the loss and the KL estimate, which read the policy's
 # log-probs, are about the distribution sampled: TRL sets the temperature, top-k, top-p and repetition penalty,
 # and these turn off what a model's own generation config could add (an SFT model saved with no_repeat_ngram_size).
-POLICY_SAMPLING = {"no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0, "typical_p": 1.0,
-                   "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+POLICY_SAMPLING = {"no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                   "eta_cutoff": 0.0, "num_beams": 1}  # (min_new_tokens overrides a min_length: setting both warns)
 
 
 def trl_config(args, device, precision: str):
@@ -340,14 +349,17 @@ def trl_config(args, device, precision: str):
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
-                  packing: str = "rows"):
-    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a data/collate.py mode)."""
+                  packing: str = "rows", in_order: bool = False):
+    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a data/collate.py mode;
+    with `in_order`, DPO trains on its pairs in their order, already drawn at random: align.pairs_the_run_sees)."""
     common = dict(model=policy, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                   processing_class=tokenizer, callbacks=callbacks, checkpoint_files=checkpoint_files)
     if args.method == "dpo":
         multiple = 8 if training_args.device.type == "cuda" else None
-        return AlignDPOTrainer(**{**common, "model": enable_sequence_logps(policy)},
-                               data_collator=PairCollator(tokenizer.pad_token_id, packing, multiple))
+        trainer = AlignDPOTrainer(**{**common, "model": enable_sequence_logps(policy)},
+                                  data_collator=PairCollator(tokenizer.pad_token_id, packing, multiple))
+        trainer.in_order = in_order
+        return trainer
     trainer = AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
     judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
     return trainer

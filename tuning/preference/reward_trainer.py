@@ -21,7 +21,8 @@ def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
 
 class RewardTrainer(RunLayer, Trainer):
     """Batches from collate.ScoreCollator: each pair's chosen and rejected answers in the same batch,
-    scored at their final token (score_index), never at a position guessed from pad_token_id."""
+    scored at the answer's last token (one before the EOS that score_index marks), never at a position guessed from
+    pad_token_id."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
 

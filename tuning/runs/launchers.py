@@ -20,9 +20,11 @@ def launcher_problem(script: str, environ=None) -> str | None:
     from its config before any Trainer exists:
 
     - DeepSpeed ZeRO-3 partitions the weights as they load, and each script's start-up checks and evaluations
-      run the model outside DeepSpeed's engine: refused everywhere (ZeRO-1 and 2 keep whole weights: fine);
-    - FSDP in align.py: DPO's reference pass and RLOO's sampling run the whole model in each process;
-    - FSDP with SHARDED_STATE_DICT (FSDP2's default) saves checkpoints with no model files, and no final model.
+      run the model outside DeepSpeed's engine: refused everywhere (ZeRO-1 and 2 keep whole weights in each
+      process: the evaluations before training run them on this process's device, RunLayer.on_device);
+    - FSDP: the same start-up checks, the evaluation before training and DPO's reference pass run the whole model
+      in each process before FSDP shards it, which only works for a model that would not need FSDP; and with
+      SHARDED_STATE_DICT (FSDP2's default) the Trainer saves no model files. Refused, with what to use instead.
     """
     import json
 
@@ -36,16 +38,12 @@ def launcher_problem(script: str, environ=None) -> str | None:
         if str(stage) == "3":
             return (f"DeepSpeed ZeRO-3 (your accelerate config) partitions the weights as they load, and {script}'s "
                     "start-up checks and evaluations run the whole model outside DeepSpeed's engine: use zero_stage 1 "
-                    "or 2" + ("" if script == "align.py" else ", or FSDP") + " (or --lora for a model that does not fit)")
+                    "or 2 (or --lora for a model that does not fit)")
     if environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        if script == "align.py":
-            return ("FSDP (your accelerate config) shards the weights, and align.py's DPO reference pass and RLOO "
-                    "sampling run the whole model in each process: use DDP (torchrun), or DeepSpeed zero_stage 1 or 2")
-        version = environ.get("FSDP_VERSION", "1")
-        kind = environ.get("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT" if version == "1" else "SHARDED_STATE_DICT")
-        if kind.upper() != "FULL_STATE_DICT":
-            return (f"FSDP with {kind.upper()} (your accelerate config{', FSDP2' if version == '2' else ''}) saves no "
-                    f"model files, so {script} would end without a model: set fsdp_state_dict_type: FULL_STATE_DICT")
+        return (f"FSDP (your accelerate config) is not supported: {script}'s start-up checks, its evaluation before "
+                "training" + (" and DPO's reference pass" if script == "align.py" else "") + " run the whole model "
+                "in each process before FSDP shards it; use DDP (torchrun) or DeepSpeed zero_stage 1 or 2, and "
+                "--lora for a model that does not fit")
     return None
 
 

@@ -23,6 +23,7 @@ from tuning import rundir
 from tuning.rundir import RunStop
 
 _locks = []  # lock files held for the life of the process
+_made = []  # output dirs this process created: removed again if a run stops before writing anything there
 
 
 def run_script(module, validate, main) -> None:
@@ -36,7 +37,7 @@ def run_script(module, validate, main) -> None:
     parser = cli.build_parser(module)
     args = cli.parse_or_exit(parser, validate)
     given = cli.explicit_dests(parser, sys.argv[1:])
-    rundir.sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
+    sigterm_as_interrupt()  # until training starts; then a SIGTERM saves a checkpoint like Ctrl-C
     try:
         from tuning.runs.launchers import refuse_launcher
 
@@ -48,10 +49,12 @@ def run_script(module, validate, main) -> None:
                                          else (lambda *a, **k: None))
         main(args, given)
     except cli.UserError as error:  # bad data, model, device or output dir, or a run stopped: one line
+        remove_empty_dirs()
         cli.fail(str(error), getattr(error, "code", 2))
     except KeyboardInterrupt as stop:
+        remove_empty_dirs()
         cli.fail("interrupted; run the same command to continue from the newest checkpoint",
-                 143 if isinstance(stop, rundir.Terminated) else 130)
+                 143 if isinstance(stop, Terminated) else 130)
 
 
 def refuse_other_script(output_dir: str, command: str) -> None:
@@ -63,6 +66,16 @@ def refuse_other_script(output_dir: str, command: str) -> None:
                                "overwrite; use another --output-dir")
 
 
+def remove_empty_dirs() -> None:
+    """An output dir this process made, left holding nothing but its lock (a run refused before it wrote
+    anything, a bad data file, say), goes again: no empty run dirs behind a mistake."""
+    import shutil
+
+    for directory in _made:
+        if os.path.isdir(directory) and set(os.listdir(directory)) <= {rundir.LOCK_FILE}:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], resume: bool, training_args,
                     say=print) -> str | None:
     """Lock the output dir and return the checkpoint to resume from (None: start fresh).
@@ -72,6 +85,8 @@ def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], re
     """
     main_process = training_args.process_index == 0
     if main_process:
+        if not os.path.exists(output_dir):
+            _made.append(output_dir)
         _locks.append(rundir.lock(output_dir))
     with training_args.main_process_first(desc="checking the output dir"):
         refuse_other_script(output_dir, config["command"])
@@ -80,18 +95,19 @@ def open_output_dir(output_dir: str, config: dict, identity: tuple[str, ...], re
                 say(f"--no-resume: deleted the checkpoints and results of the earlier run in {output_dir}/")
             return None
         extended = rundir.check_same_run(output_dir, config, identity)
-        step = rundir.finished_step(output_dir)
+        step = rundir.finished_step(output_dir, config)
         if step is not None and not extended:
             raise RunStop(f"{output_dir}/ already holds this finished run (step {step}); nothing to do. A higher "
                           "--max-steps or --epochs continues it; --no-resume trains it again from the start.", code=0)
         checkpoint = rundir.find_checkpoint(output_dir, warn=say)
-        if extended and main_process and step is not None:  # its results are those of the shorter run: gone
-            os.remove(os.path.join(output_dir, rundir.METRICS_FILE))
+        if extended and main_process:  # (its metrics.json stays, the shorter run's, until this one ends)
+            rundir.record_run_length(output_dir, config["extended"][-1])
     if extended:
         longer = ", ".join(f"--{name.replace('_', '-')} {config[name]}" for name in rundir.LENGTH
                            if config[name] != config["extended"][-1][name])
-        say(f"Extending the run in {output_dir}/ (step {config['extended'][-1]['global_step']}) to {longer}; the "
-            "learning-rate schedule is stretched over the new length")
+        say(f"Extending the run in {output_dir}/ (step {config['extended'][-1]['global_step']}) to {longer}. The "
+            "learning-rate schedule is computed again for the new length, from the step reached: after a decay to "
+            "0, the rate rises again")
     if checkpoint:
         say(f"Resuming from {checkpoint} (--no-resume to start over)")
     return checkpoint
@@ -125,7 +141,7 @@ def guarded(output_dir: str, main_process: bool):
         where = f" The last good checkpoint is {last}." if last else ""
         raise RunStop(f"{error}.{where}") from None
     except Exception as error:
-        if not rundir.disk_full(error, output_dir):
+        if not disk_full(error, output_dir):
             raise
         if main_process:
             rundir.remove_incomplete_checkpoints(output_dir)  # frees the space the cut-short save took
@@ -155,7 +171,8 @@ def run_metrics(trainer) -> dict:
     counts = {f"train_{name}": value for name, value in totals.items() if name not in ("loss_sum", "runtime_s")}
     return {"train_loss": totals["loss_sum"] / steps, **counts, "train_runtime_s": totals["runtime_s"],
             "train_tokens_per_second": totals["real_tokens"] / totals["runtime_s"],
-            "global_step": trainer.state.global_step}
+            "global_step": trainer.state.global_step,
+            "run_length": {"max_steps": trainer.args.max_steps, "epochs": trainer.args.num_train_epochs}}
 
 
 def finish(trainer) -> None:
@@ -163,3 +180,42 @@ def finish(trainer) -> None:
     process that exits while the others still talk to it can abort them)."""
     trainer.accelerator.wait_for_everyone()
     trainer.end()
+
+
+# ---------------------------------------------------------------- what stops a run
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, stopping the process like Ctrl-C (exit status 143 rather than 130)."""
+
+
+def sigterm_as_interrupt() -> None:
+    """SIGTERM (Slurm, Kubernetes, spot preemption) stops the process like Ctrl-C does."""
+
+    def interrupt(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is put down to a full disk
+
+
+def disk_full(error: BaseException, directory: str) -> bool:
+    """Did `error` come from a full disk? An ENOSPC anywhere in its chain says so; torch.save only says
+    "iostream error" or "unexpected pos", so such a failed write while `directory`'s disk is (nearly) full
+    counts too."""
+    import errno
+    import shutil
+
+    chain = error
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno == errno.ENOSPC:
+            return True
+        if any(s in str(chain) for s in ("No space left on device", "StorageFull")):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    if not any(s in str(error) for s in ("unexpected pos", "iostream error", "file write failed")):
+        return False  # not a failed write (a CUDA out-of-memory, say), however full the disk
+    try:
+        return shutil.disk_usage(directory).free < LOW_SPACE
+    except OSError:
+        return False

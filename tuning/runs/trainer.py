@@ -133,6 +133,7 @@ class RunLayer:
         from torch.utils.data import DataLoader
 
         dataset = dataset if dataset is not None else self.eval_dataset
+        self.on_device()
         rank, world, size = self.args.process_index, self.args.world_size, self.args.per_device_eval_batch_size
         mine = range(rank, len(dataset), world)
         examples = [dataset[i] for i in mine]
@@ -148,6 +149,14 @@ class RunLayer:
                     yield self._prepare_inputs(batch), max(0, min(size, len(mine) - start))
         finally:
             self.model.train(was_training)
+
+    def on_device(self) -> None:
+        """Under DeepSpeed the Trainer leaves the model where it loaded (the CPU) until train() hands it to the
+        engine, while the evaluation before training and DPO's reference pass run it before that: on this
+        process's device, as the engine will (ZeRO-1 and 2 keep whole weights in each process)."""
+        parameter = next(self.model.parameters(), None)
+        if parameter is not None and parameter.device != self.args.device and not parameter.is_meta:
+            self.model.to(self.args.device)
 
     def blank_example(self, example: dict) -> dict:
         """A padding example for evaluation_batches: `example`, left out of the figures by the consumer."""
