@@ -158,8 +158,9 @@ def evaluate_model(role, path, device, records, config, args, template) -> tuple
     prompts = [format_prompt(r, template) for r in gen_records]
     answers = generate(lm, tokenizer, prompts, {"max_new_tokens": args.max_new_tokens, "do_sample": False},
                        batch_size=args.batch_size, progress=True, desc=f"Generating ({role})", raw=True)
-    token_ids = [tokenizer(a["text"], add_special_tokens=False)["input_ids"] for a in answers]
-    ref_lengths = [len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in gen_records]
+    token_ids = [tokenizer(a["text"], add_special_tokens=False, verbose=False)["input_ids"] for a in answers]
+    ref_lengths = [len(tokenizer(r["output"], add_special_tokens=False, verbose=False)["input_ids"])
+                   for r in gen_records]  # (lengths only: a text past the context is counted, never run)
     metrics = {"response_loss": loss, "response_perplexity": math.exp(min(loss, 50)),
                "perplexity_examples": len(ppl_records), "generations": len(gen_records),
                **generation_metrics(answers, token_ids, [r["output"] for r in gen_records], ref_lengths)}
