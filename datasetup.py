@@ -1,4 +1,4 @@
-"""Alpaca records -> prompt/response text -> tokens whose labels mask the prompt.
+"""Alpaca records (or conversations) -> prompt/response text -> tokens whose labels mask the prompt.
 
     python datasetup.py --dataset ../shared/data/alpaca_5000.json --tokenizer ../shared/gpt2-tokenizer
 
@@ -15,7 +15,9 @@ import time
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a --save directory
 TOKENIZER = "distilgpt2"  # Hub id or local directory of the tokenizer
-TEMPLATE = "seed"  # prompt template: seed|alpaca
+FORMAT = "auto"  # auto|alpaca|messages|sharegpt|hh: the records' format (auto: read from the first record)
+TEMPLATE = "seed"  # prompt template: seed|alpaca; conversations: the chat template made from it
+TRAIN_ON = "all_assistant"  # conversations: all_assistant|last_assistant, the assistant turns that carry the loss
 MAX_LENGTH = 512  # tokens per example; the response is cut, never the prompt
 VAL_SIZE = 0.02  # validation records: a count (>= 1) or a fraction in (0, 1)
 SEED = 42  # seed of the train/validation split
@@ -60,6 +62,12 @@ def print_summary(dsd, report, template, max_length, tokenizer, source) -> None:
         print(f"  share of tokens carrying loss: {s['loss_token_share']:.1%}")
     for i in range(min(2, len(dsd["train"]))):
         example = dsd["train"][i]
+        if "spans" in example:  # a conversation: its trained tokens marked where they are
+            from tuning.data.label_audit import marked_example
+
+            print(f"\n--- example {i} (chat template), loss on the parts in [[ ]] ---")
+            print(marked_example(example, tokenizer))
+            continue
         print(f"\n--- example {i} ({template} template), loss on the part after '|>>' ---")
         cut = example["prompt_length"]
         ids = example["input_ids"]
@@ -79,17 +87,25 @@ def validate_args(args) -> None:
 
 
 def main(args, explicit: set) -> None:
+    from tuning.cli import UserError
     from tuning.data import tokencache
-    from tuning.data.records import load_records
+    from tuning.data.chat_template import chat_template_for
+    from tuning.data.conversations import is_conversation, load_training_records
     from tuning.data.sft import prepare_datasets
     from tuning.models.loading import load_tokenizer
 
     start = time.perf_counter()
     # Records first: a bad file is reported before any tokenizer download.
-    loaded = None if tokencache.is_saved_dir(args.dataset) else load_records(args.dataset, args.skip_invalid)
+    loaded = None if tokencache.is_saved_dir(args.dataset) else load_training_records(args.dataset, args.format,
+                                                                                       args.skip_invalid)
+    conversational = bool(loaded and is_conversation(loaded[0][0]))
+    if conversational and args.save:
+        raise UserError("--save: conversations are tokenized by train.py itself (it audits their labels and saves "
+                        "their chat template), not saved here; drop --save to see the summary")
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
     dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
-                                   args.seed, args.train_on_prompt, args.skip_invalid, loaded)
+                                   args.seed, args.train_on_prompt, args.skip_invalid, loaded,
+                                   chat_template_for(tokenizer, args.template, conversational), args.train_on)
     print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
     if args.save:
         tokencache.save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt,

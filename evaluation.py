@@ -125,14 +125,50 @@ def rewards(judge, records: list[dict], answers: dict, batch_size: int) -> dict:
             for role, texts in answers.items()}
 
 
-def response_loss(lm, tokenizer, records: list[dict], template, max_length: int, batch_size: int) -> float:
-    """Mean cross-entropy per response token (prompt tokens masked), over all the records."""
+def held_out_examples(tokenizer, records: list[dict], template, chat_template: str, config: dict) -> list[dict]:
+    """The records as training tokenized them, labels and all: Alpaca records with the prompt template,
+    conversations with the chat template (their assistant turns, as the run's --train-on chose)."""
+    from tuning.data.chat_template import TRAIN_ON, tokenize_conversations
+    from tuning.data.conversations import is_conversation
+    from tuning.data.sft import tokenize_example
+
+    max_length = config["max_length"]
+    if records and is_conversation(records[0]):
+        examples = tokenize_conversations([r["messages"] for r in records], tokenizer, chat_template, max_length,
+                                          config.get("train_on", TRAIN_ON))
+        return [example for example in examples if example["length"]]
+    return [ex for ex in (tokenize_example(r, tokenizer, template, max_length) for r in records) if ex]
+
+
+def prompt_and_reference(record: dict, template) -> tuple[str | list, str]:
+    """What a model answers and the answer it is compared with: an Alpaca record's formatted prompt and output,
+    or a conversation up to its last assistant turn (a list of turns, generate renders it) and that turn."""
+    from tuning.data.conversations import is_conversation
+    from tuning.data.templates import format_prompt
+
+    if is_conversation(record):
+        return record["messages"][:-1], record["messages"][-1]["content"]
+    return format_prompt(record, template), record["output"]
+
+
+def sample_of(record: dict) -> dict:
+    """How report.md shows a held-out record: its instruction and input; a conversation's last user turn, with
+    the turns before it as its input."""
+    from tuning.data.conversations import is_conversation
+
+    if not is_conversation(record):
+        return {"instruction": record["instruction"], "input": record["input"]}
+    *history, asked, _ = record["messages"]
+    return {"instruction": asked["content"], "input": "\n".join(f"{t['role']}: {t['content']}" for t in history)}
+
+
+def response_loss(lm, tokenizer, examples: list[dict], batch_size: int) -> float:
+    """Mean cross-entropy per response token (the labelled ones), over all the examples."""
     import torch
     import torch.nn.functional as F
 
     from tuning.data.collate import SFTCollator
-    from tuning.data.sft import tokenize_example
-    examples = [ex for ex in (tokenize_example(r, tokenizer, template, max_length) for r in records) if ex]
+
     collate = SFTCollator(tokenizer.pad_token_id, "none")
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -147,23 +183,24 @@ def response_loss(lm, tokenizer, records: list[dict], template, max_length: int,
     return total / max(1, count)
 
 
-def evaluate_model(role, path, device, records, config, args, template) -> tuple[dict, list[dict]]:
-    from tuning.data.templates import format_prompt
+def evaluate_model(role, path, device, records, config, args, template, chat_template) -> tuple[dict, list[dict]]:
     from tuning.generation.generate import generate, load_for_generation
 
     lm, tokenizer = load_for_generation(path, device, role)
     ppl_records = records[: args.limit] if args.limit else records
-    loss = response_loss(lm, tokenizer, ppl_records, template, config["max_length"], args.batch_size)
+    examples = held_out_examples(tokenizer, ppl_records, template, chat_template, config)
+    loss = response_loss(lm, tokenizer, examples, args.batch_size)
     gen_records = records[: args.num_generations]
-    prompts = [format_prompt(r, template) for r in gen_records]
-    answers = generate(lm, tokenizer, prompts, {"max_new_tokens": args.max_new_tokens, "do_sample": False},
-                       batch_size=args.batch_size, progress=True, desc=f"Generating ({role})", raw=True)
+    prompts, references = zip(*(prompt_and_reference(r, template) for r in gen_records))
+    answers = generate(lm, tokenizer, list(prompts), {"max_new_tokens": args.max_new_tokens, "do_sample": False},
+                       batch_size=args.batch_size, progress=True, desc=f"Generating ({role})", raw=True,
+                       chat_template=chat_template)
     token_ids = [tokenizer(a["text"], add_special_tokens=False, verbose=False)["input_ids"] for a in answers]
-    ref_lengths = [len(tokenizer(r["output"], add_special_tokens=False, verbose=False)["input_ids"])
-                   for r in gen_records]  # (lengths only: a text past the context is counted, never run)
+    ref_lengths = [len(tokenizer(r, add_special_tokens=False, verbose=False)["input_ids"])
+                   for r in references]  # (lengths only: a text past the context is counted, never run)
     metrics = {"response_loss": loss, "response_perplexity": math.exp(min(loss, 50)),
-               "perplexity_examples": len(ppl_records), "generations": len(gen_records),
-               **generation_metrics(answers, token_ids, [r["output"] for r in gen_records], ref_lengths)}
+               "perplexity_examples": len(examples), "generations": len(gen_records),
+               **generation_metrics(answers, token_ids, list(references), ref_lengths)}
     return metrics, answers
 
 
@@ -238,6 +275,17 @@ def plot_report(path: str, report: dict) -> None:
     plt.close(fig)
 
 
+def saved_chat_template(model_dir: str, template) -> str:
+    """The chat template saved with the fine-tuned model (both models' conversations are rendered with it, as
+    both models' prompts with its prompt template), else ours for its prompt template."""
+    from tuning.data.chat_template import own_chat_template
+    from tuning.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    saved = getattr(tokenizer, "chat_template", None)
+    return saved if isinstance(saved, str) and saved else own_chat_template(template, tokenizer)
+
+
 def validate_args(args) -> None:
     from tuning.cli import check_all
 
@@ -257,6 +305,8 @@ def check_base(args, config: dict, explicit: set) -> None:
 
 def main(args, explicit: set) -> dict:
     from tuning import smoke
+    from tuning.cli import UserError
+    from tuning.data.conversations import is_conversation
     from tuning.data.records import held_out_records
     from tuning.data.templates import load_template
     from tuning.generation.generate import require_finetuned
@@ -279,12 +329,17 @@ def main(args, explicit: set) -> dict:
         check_base(args, config, explicit)
     device = get_device(args.device)
     template = load_template(args.finetuned)
+    chat_template = saved_chat_template(args.finetuned, template)
+    if args.reward_model and records and is_conversation(records[0]):
+        raise UserError(f"--reward-model: {args.finetuned} was trained on conversations, and reward models here "
+                        "judge single-turn prompts only so far; drop --reward-model")
     # The judge loads first: a --reward-model that is no reward model is said before minutes of generating.
     judge = scoring.load_reward_model(args.reward_model, device) if args.reward_model else None
     roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}
     results, answers = {}, {}
     for role, path in roles.items():
-        results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template)
+        results[role], answers[role] = evaluate_model(role, path, device, records, config, args, template,
+                                                      chat_template)
     gen_records = records[: args.num_generations]
     if args.reward_model:
         scores = rewards(judge, gen_records, answers, args.batch_size)
@@ -300,7 +355,7 @@ def main(args, explicit: set) -> dict:
         report["labels"] = STAGE_LABELS  # SFT vs aligned: the two stages of one pipeline
     if args.reward_model and "base" in results:
         report.update(reward_model=args.reward_model, win_rate=win_rate(scores["finetuned"], scores["base"]))
-    samples = [{"instruction": r["instruction"], "input": r["input"], "reference": r["output"],
+    samples = [{**sample_of(r), "reference": prompt_and_reference(r, template)[1],
                 **{role: answers[role][i]["text"] for role in roles}}
                for i, r in enumerate(gen_records[: args.num_samples])]
     report["samples"] = samples

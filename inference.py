@@ -4,6 +4,8 @@
     python inference.py --prompt "Summarize this." --input "Some text ..." --sample --temperature 0.7
     python inference.py --prompts-file prompts.jsonl --json > answers.jsonl
     python inference.py --smoke          # the tiny model from `python train.py --smoke`, on held-out prompts
+    python inference.py --chat           # a conversation in the terminal, each model with its own history
+    python inference.py --messages-file chat.jsonl --json   # the next assistant turn of each conversation
     python inference.py --web            # a local web page: type prompts, read the answers side by side (web.py)
 
 Prompts are formatted with the template saved with the fine-tuned model, exactly as in training.
@@ -25,6 +27,8 @@ ALIGNED = ""  # optional third model: a directory written by align.py, answered 
 PROMPT = "Give three tips for staying healthy."  # the instruction to answer
 INPUT = ""  # optional input / context for the instruction
 PROMPTS_FILE = ""  # many prompts: .json/.jsonl Alpaca records or a .txt file with one instruction per line
+MESSAGES_FILE = ""  # conversations to answer: a .json conversation (a list of turns), or a .jsonl of them
+CHAT = False  # a conversation in the terminal: each model answers with its own history; /reset starts over
 TEMPLATE = "auto"  # auto|seed|alpaca: auto = the template saved with the fine-tuned model
 ONLY = "both"  # both|base|finetuned: which model(s) to run
 MAX_NEW_TOKENS = 128  # most tokens generated per answer; >= 1
@@ -68,6 +72,87 @@ def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
         print(f"\n--- reference\n{record['output']}")
 
 
+def print_conversation(item: dict, answers: dict, names: dict) -> None:
+    print("=" * 78)
+    for turn in item["messages"]:
+        print(f"{turn['role']}: {turn['content']}")
+    for role, answer in answers.items():
+        note = "" if answer["stopped_at_eos"] else "  [no EOS: cut at --max-new-tokens]"
+        print(f"\n--- {role} ({names[role]}), {answer['new_tokens']} tokens{note}\n{answer['text']}")
+    if item.get("reference") is not None:
+        print(f"\n--- reference\n{item['reference']}")
+
+
+def conversation_template(models: dict, template) -> str:
+    """The chat template every model's prompts are rendered with, as --prompt's use the fine-tuned model's
+    prompt template: the one saved with the fine-tuned (else aligned, else base) model, else ours."""
+    from tuning.data.chat_template import own_chat_template
+
+    for role in ("finetuned", "aligned", "base"):
+        saved = getattr(models[role][1], "chat_template", None) if role in models else None
+        if isinstance(saved, str) and saved:
+            return saved
+    return own_chat_template(template, next(iter(models.values()))[1])
+
+
+def fit_history(history: list[dict], tokenizer, chat: str, room: int) -> bool:
+    """Drops the oldest user/assistant exchanges (a system turn stays) until the next prompt fits in `room`
+    tokens; False when even the last message alone does not fit."""
+    from tuning.data.chat_template import chat_prompt_ids
+
+    first = 1 if history and history[0]["role"] == "system" else 0
+    while len(chat_prompt_ids(tokenizer, history, chat)) > room:
+        if len(history) - first <= 1:
+            return False
+        del history[first:first + 2]
+    return True
+
+
+def chat(models: dict, names: dict, chat_template: str, gen_kwargs: dict, seed: int) -> None:
+    """--chat: a conversation in the terminal. Each model keeps its own history (its own answers), and
+    answers streamed, one after the other; /reset starts over, /quit or Ctrl-D ends."""
+    from transformers import TextStreamer
+
+    from tuning.generation.generate import generate
+    from tuning.models.loading import context_limit
+
+    histories = {role: [] for role in models}
+    print("Chat with " + ", ".join(f"{role} ({names[role]})" for role in models)
+          + ". /reset starts over; /quit or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            print()
+            return
+        if not sys.stdin.isatty():  # typed by a pipe: shown, so the transcript reads as a conversation
+            print(line)
+        if line.strip() in ("/quit", "/exit"):
+            return
+        if line.strip() == "/reset":
+            histories = {role: [] for role in models}
+            print("(every history cleared)")
+            continue
+        if not line.strip():
+            continue
+        for role, (lm, tokenizer) in models.items():
+            history = histories[role]
+            history.append({"role": "user", "content": line})
+            room = (context_limit(lm.config) or 10 ** 9) - gen_kwargs["max_new_tokens"]
+            before = len(history)
+            if not fit_history(history, tokenizer, chat_template, room):
+                history.pop()
+                print(f"--- {role}: the message alone is longer than the model's context; not sent")
+                continue
+            trimmed = f" (oldest {before - len(history)} turns dropped to fit)" if len(history) < before else ""
+            print(f"--- {role} ({names[role]}){trimmed}", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            [answer] = generate(lm, tokenizer, [history], gen_kwargs, seed, 1, streamer, chat_template=chat_template)
+            if not answer["stopped_at_eos"]:
+                print("  [no EOS: cut at --max-new-tokens]")
+            history.append({"role": "assistant", "content": answer["text"]})
+
+
 def validate_args(args) -> None:
     from tuning.cli import check_all
     from tuning.generation.generate import decoding_problems
@@ -96,6 +181,12 @@ def check_web_flags(args, explicit: set) -> None:
     if given:
         why = "not used with --web (type prompts on the page)" if args.web else "only with --web"
         raise UserError(f"{', '.join(given)}: {why}")
+    sources = [f"--{name.replace('_', '-')}" for name in ("prompt", "prompts_file", "messages_file", "chat", "web")
+               if name in explicit and getattr(args, name)]
+    if len(sources) > 1:
+        raise UserError(f"{' and '.join(sources)}: give one of them (each is a different way to ask)")
+    if args.chat and args.json:
+        raise UserError("--json: not with --chat (a conversation in the terminal); use --messages-file for JSON")
 
 
 def main(args, explicit: set) -> None:
@@ -109,13 +200,18 @@ def main(args, explicit: set) -> None:
 
     check_sampling_flags(args, explicit)
     check_web_flags(args, explicit)
-    if not args.prompt.strip() and ("prompt" in explicit or not (args.prompts_file or args.smoke or args.web)):
+    if not args.prompt.strip() and ("prompt" in explicit or not (args.prompts_file or args.messages_file or args.chat
+                                                                 or args.smoke or args.web)):
         raise UserError("--prompt is empty; give an instruction or a --prompts-file")
     if args.smoke:
         smoke.use_smoke_models(args, explicit)
     else:
         offline_unless_hub_reachable([args.base if args.only != "finetuned" else "", args.finetuned, args.aligned])
-    if args.prompts_file:
+    if args.messages_file:
+        from tuning.data.conversations import read_conversations_to_answer
+
+        records = read_conversations_to_answer(args.messages_file)
+    elif args.prompts_file:
         records = read_prompts(args.prompts_file)
     elif args.smoke and "prompt" not in explicit:
         records = smoke_prompts()
@@ -135,13 +231,16 @@ def main(args, explicit: set) -> None:
     for role in ("finetuned", "aligned"):
         if role in roles:
             require_finetuned(roles[role], role)
-    prompts = [format_prompt(r, template) for r in records]
     models = {role: load_for_generation(path, device, role)
               for role, path in roles.items()}
     gen_kwargs = generation_kwargs(args)
+    chat_template = conversation_template(models, template)
+    if args.chat:
+        return chat(models, roles, chat_template, gen_kwargs, args.seed)
+    prompts = [r["messages"] if "messages" in r else format_prompt(r, template) for r in records]
 
     answers = {}
-    stream = len(records) == 1 and not args.json and not args.prompts_file
+    stream = len(records) == 1 and not args.json and not args.prompts_file and not args.messages_file
     if stream:
         from transformers import TextStreamer
 
@@ -151,13 +250,20 @@ def main(args, explicit: set) -> None:
             print(f"\n--- {role} ({roles[role]})", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         answers[role] = generate(lm, tokenizer, prompts, gen_kwargs, args.seed, args.batch_size, streamer,
-                                 progress=not stream)
+                                 progress=not stream, chat_template=chat_template)
         if stream and not answers[role][0]["stopped_at_eos"]:
             print("  [no EOS: cut at --max-new-tokens]")
     if stream:
         return
     for i, record in enumerate(records):
         per_prompt = {role: answers[role][i] for role in answers}
+        if "messages" in record:  # a conversation: its next assistant turn
+            if args.json:
+                print(json.dumps({"messages": record["messages"], **per_prompt,
+                                  **({"reference": record["reference"]} if record["reference"] is not None else {})}))
+            else:
+                print_conversation(record, per_prompt, roles)
+            continue
         if args.json:
             print(json.dumps({"instruction": record["instruction"], "input": record.get("input", ""),
                               **per_prompt, **({"reference": record["output"]} if "output" in record else {})}))
@@ -167,8 +273,9 @@ def main(args, explicit: set) -> None:
         for role in answers:
             eos = sum(a["stopped_at_eos"] for a in answers[role])
             line = f"{role}: {eos}/{len(records)} answers stopped at EOS"
-            if all("output" in r for r in records):
-                exact = sum(a["text"] == r["output"].strip() for a, r in zip(answers[role], records))
+            references = [r.get("output", r.get("reference")) for r in records]
+            if all(reference is not None for reference in references):
+                exact = sum(a["text"] == ref.strip() for a, ref in zip(answers[role], references))
                 line += f"; exact match with the reference: {exact}/{len(records)}"
             print(line)
 

@@ -20,7 +20,9 @@ from tuning.runs import checks, launchers, runner
 MODEL = "distilgpt2"  # Hub id or local directory of the causal LM to fine-tune
 INIT = "pretrained"  # pretrained|scratch: start from the weights, or random weights from the config
 DATASET = "tatsu-lab/alpaca"  # Hub dataset id, a .json/.jsonl file of records, or a datasetup.py --save dir
-TEMPLATE = "seed"  # prompt template: seed|alpaca (see datasetup.py)
+FORMAT = "auto"  # auto|alpaca|messages|sharegpt|hh: the records' format (auto: read from the first record)
+TEMPLATE = "seed"  # prompt template: seed|alpaca (see datasetup.py); conversations: the chat template made from it
+TRAIN_ON = "all_assistant"  # conversations: all_assistant|last_assistant, the assistant turns that carry the loss
 OUTPUT_DIR = "distilgpt2-alpaca"  # checkpoints, final model, metrics.json, run_config.json, loss_curve.png
 EPOCHS = 3.0  # passes over the training split (a fraction is fine)
 MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
@@ -56,7 +58,8 @@ SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (tuning/smoke.py
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
-IDENTITY = ("model", "init", "dataset", "template", "max_length", "train_on_prompt", "val_size", "seed",
+IDENTITY = ("model", "init", "dataset", "format", "template", "train_on", "max_length", "train_on_prompt", "val_size",
+            "seed",
             "epochs", "max_steps", "batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_ratio", "weight_decay",
             "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target")
 
@@ -144,6 +147,41 @@ def data_report(args, report: dict, data, say) -> dict | None:
     return {**left_out_report(report, too_long), "empty_details": report["empty_details"]}
 
 
+def conversational(loaded) -> bool:
+    """Whether the records read are conversations (a datasetup.py --save dir is read as it was made)."""
+    from tuning.data.conversations import is_conversation
+
+    return bool(loaded and loaded[0] and is_conversation(loaded[0][0]))
+
+
+def check_chat_template(chat: str, model: str, conversations: bool) -> None:
+    """Conversations are labelled from the chat template's generation markers: refuse a template without them."""
+    from tuning.cli import UserError
+    from tuning.data.chat_template import has_generation_markers
+
+    if conversations and not has_generation_markers(chat):
+        raise UserError(f"the chat template of {model}'s tokenizer has no {{% generation %}} markers, so its "
+                        "assistant turns can't be told from the rest: add them around each assistant message "
+                        "(transformers' return_assistant_tokens_mask), or remove its chat_template to use ours")
+
+
+def audit(data, tokenizer, collator, args, say) -> None:
+    """The label audit (label_audit.py) on the tokenized conversations: stops on any problem; shows what one
+    training example teaches."""
+    from tuning.data import label_audit
+    from tuning.cli import UserError
+
+    problems = []
+    for split in ("train", "validation"):
+        problems += [f"{split}: {p}" for p in label_audit.audit_labels(list(data[split]), tokenizer.eos_token_id,
+                                                                      collator)]
+    if problems:
+        raise UserError("the labels would teach the wrong thing:\n  " + "\n  ".join(problems))
+    say(f"Labels: {args.train_on.replace('_', ' ')} turns and their end-of-turn token "
+        f"({tokenizer.eos_token!r}); checked on every example. Example 0 of train, trained tokens in [[ ]]:")
+    say("  " + label_audit.marked_example(data["train"][0], tokenizer).replace("\n", "\n  "))
+
+
 def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pad_id: int, say) -> str:
     """`packing`, or "none" when this model lets packed examples attend to each other (OPT, BLOOM, MPT)."""
     from tuning.models.packing_checks import packed_loss_matches
@@ -156,8 +194,7 @@ def main(args, explicit: set) -> None:
     import torch
     from transformers import TrainingArguments
 
-    from tuning.data import tokencache
-    from tuning.data import records, sft
+    from tuning.data import chat_template, conversations, sft, tokencache
     from tuning.models import lora
     from tuning.models import devices, loading, response_logits
     from tuning import rundir
@@ -207,12 +244,15 @@ def main(args, explicit: set) -> None:
             if args.lora:
                 smoke.prepare_lora(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
-        loaded = None if tokencache.is_saved_dir(args.dataset) else records.load_records(args.dataset,
-                                                                                          args.skip_invalid)
+        loaded = None if tokencache.is_saved_dir(args.dataset) else conversations.load_training_records(
+            args.dataset, args.format, args.skip_invalid)
         tokenizer = loading.load_tokenizer(args.model, smoke_hint=True)
+        chat = chat_template.chat_template_for(tokenizer, args.template, conversational(loaded))
+        check_chat_template(chat, args.model, conversational(loaded))
         data, report = sft.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
-                                                  args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
-                                                  loaded)
+                                            args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
+                                            loaded, chat, args.train_on)
+    tokenizer.chat_template = chat  # saved with every checkpoint and the model: plain transformers renders alike
     left_out = data_report(args, report, data, say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} validation examples"
         f" ({'cached' if report.get('from_cache') else 'tokenized'})")
@@ -223,6 +263,8 @@ def main(args, explicit: set) -> None:
     # model's own loss; otherwise the plain path is used.
     probe = checks.probe_examples(data["train"])
     packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
+    if conversational(loaded):  # before the first step, with the collator training uses
+        audit(data, tokenizer, SFTCollator(tokenizer.pad_token_id, packing), args, say)
     sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't
         model.set_attn_implementation(attn)

@@ -98,3 +98,15 @@ def smoke_lora(smoke_trained):
                             cwd=smoke_trained, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+@pytest.fixture(scope="session")
+def smoke_lora_dpo(smoke_aligned):
+    """stdout of `python align.py --smoke --lora --merge --max-steps 20` (the README's; about 25 s), run in the
+    smoke_aligned directory, into smoke-run/aligned-dpo-lora/."""
+    work, _ = smoke_aligned
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "align.py"), "--smoke", "--lora", "--merge", "--max-steps",
+                             "20"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -235,23 +235,20 @@ def test_help_lists_every_setting():
     assert len(cli.constant_specs(align)) == 34
 
 
-def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned):
+def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned, smoke_lora_dpo):
     """--lora: only adapters train, the reference is the same model with them off (so every held-out margin is
     0 and the KL 0 before training), and the output dir is an adapter dir that inference.py loads."""
     work, _ = smoke_aligned
-    dpo = run_align(work, "--smoke", "--lora", "--merge", "--lr", "1e-4", "--max-steps", "20", "--output-dir",
-                    "lora-dpo")
-    assert dpo.returncode == 0, dpo.stderr[-3000:]
-    assert "(LoRA: the reference is the SFT model, adapters off)" in dpo.stdout
-    metrics = load_json(work / "lora-dpo" / "metrics.json")
+    assert "(LoRA: the reference is the SFT model, adapters off)" in smoke_lora_dpo
+    out = work / "smoke-run" / "aligned-dpo-lora"
+    metrics = load_json(out / "metrics.json")
     assert metrics["eval_accuracy_before"] == 0.5 and metrics["eval_accuracy_after"] > 0.5
-    assert (work / "lora-dpo" / "adapter_model.safetensors").exists() and not (work / "lora-dpo" / "ref").exists()
-    assert (work / "lora-dpo" / "merged" / "model.safetensors").exists()
-    assert load_json(work / "lora-dpo" / "adapter_config.json")["base_model_name_or_path"] == str(
-        work / "smoke-run" / "model")
-    answers = [subprocess.run([sys.executable, str(ROOT / "inference.py"), "--finetuned", path, "--only", "finetuned",
-                               "--prompt", smoke.GREETING, "--input", "cat dog owl", "--json"], cwd=work, env=ENV,
-                              capture_output=True, text=True, timeout=120) for path in ("lora-dpo", "lora-dpo/merged")]
+    assert (out / "adapter_model.safetensors").exists() and not (out / "ref").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+    assert load_json(out / "adapter_config.json")["base_model_name_or_path"] == str(work / "smoke-run" / "model")
+    answers = [subprocess.run([sys.executable, str(ROOT / "inference.py"), "--finetuned", str(path), "--only",
+                               "finetuned", "--prompt", smoke.GREETING, "--input", "cat dog owl", "--json"], cwd=work,
+                              env=ENV, capture_output=True, text=True, timeout=120) for path in (out, out / "merged")]
     assert answers[0].returncode == 0 and answers[0].stdout == answers[1].stdout, answers[0].stderr[-2000:]
     rloo = run_align(work, "--smoke", "--method", "rloo", "--lora", "--max-steps", "3", "--output-dir", "lora-rloo")
     assert rloo.returncode == 0, rloo.stderr[-3000:]

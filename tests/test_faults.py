@@ -21,7 +21,7 @@ from test_train import FAST, ENV, load_json, run_train, start_train, wait_for, w
 
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(workdir):
     out = workdir / "terminated"
-    args = [*FAST, "--max-steps", "300", "--save-steps", "100", "--output-dir", str(out)]
+    args = [*FAST, "--max-steps", "60", "--save-steps", "20", "--output-dir", str(out)]
     proc = start_train(workdir, *args)
     wait_for(out / "eval_before.json", proc)
     time.sleep(2)
@@ -34,7 +34,7 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(workdir):
     result = run_train(workdir, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming from {stopped_at}" in result.stdout
-    assert load_json(out / "metrics.json")["global_step"] == 300
+    assert load_json(out / "metrics.json")["global_step"] == 60
 
 
 SITE_FULL_DISK = """
@@ -145,7 +145,7 @@ def test_a_damaged_checkpoint_is_skipped_with_a_warning(workdir, damaged, state)
 
 def test_a_resumed_run_reports_as_one_run(workdir):
     """Interrupted and resumed, or not: the same tokens, loss, and steps in metrics.json."""
-    args = [*FAST, "--max-steps", "40", "--save-steps", "5"]
+    args = [*FAST, "--max-steps", "20", "--save-steps", "5"]
     whole = run_train(workdir, *args, "--output-dir", str(workdir / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = workdir / "pieces"
@@ -157,7 +157,7 @@ def test_a_resumed_run_reports_as_one_run(workdir):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "missing keys" not in resumed.stdout + resumed.stderr  # the tied lm_head is no cause for alarm
     one, two = load_json(workdir / "whole" / "metrics.json"), load_json(out / "metrics.json")
-    assert two["train_real_tokens"] == one["train_real_tokens"] and two["global_step"] == one["global_step"] == 40
+    assert two["train_real_tokens"] == one["train_real_tokens"] and two["global_step"] == one["global_step"] == 20
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-3)
     assert two["train_runtime_s"] > 0 and two["train_tokens_per_second"] > 0
 

@@ -46,11 +46,16 @@ SMOKE_RUNS = [(command, output) for command, output in shown_runs() if "../share
 
 
 def run(work, command: str) -> str:
-    """A README command run in the smoke directory, as a user runs it; its stdout."""
+    """A README command run in the smoke directory, as a user runs it; its stdout. `printf '...' | python ...`
+    feeds the printf's text to the script's stdin."""
+    stdin = None
+    if command.startswith("printf "):
+        typed, command = command.split(" | ", 1)
+        stdin = shlex.split(typed)[1].encode().decode("unicode_escape")
     argv = shlex.split(command)
     assert argv[0] == "python", command
     result = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=work, env=ENV,
-                            capture_output=True, text=True, timeout=400)
+                            capture_output=True, text=True, timeout=400, input=stdin)
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -75,11 +80,13 @@ def work(smoke_aligned, smoke_lora):
     return smoke_aligned[0]
 
 
-def test_every_shown_smoke_output_is_what_the_command_prints(work, smoke_reward, smoke_aligned, smoke_lora):
+def test_every_shown_smoke_output_is_what_the_command_prints(work, smoke_reward, smoke_aligned, smoke_lora,
+                                                            smoke_lora_dpo):
     """The blocks of real output, command by command, in README order (the order a user follows)."""
     ran = {"python reward.py --smoke": smoke_reward[1], "python align.py --smoke": smoke_aligned[1]["dpo"],
            "python align.py --smoke --method rloo": smoke_aligned[1]["rloo"],
-           "python train.py --smoke --lora --merge": smoke_lora}  # (the shared fixtures ran these already)
+           "python train.py --smoke --lora --merge": smoke_lora,
+           "python align.py --smoke --lora --merge --max-steps 20": smoke_lora_dpo}  # (shared fixtures ran these)
     assert len(SMOKE_RUNS) >= 10
     wrong = []
     for command, shown in SMOKE_RUNS:

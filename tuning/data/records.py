@@ -107,13 +107,14 @@ def _problem(record: object) -> str | None:
     return None
 
 
-def load_records(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
+def load_records(source: str, skip_invalid: bool = False, rows: list | None = None) -> tuple[list[dict], dict]:
     """Clean {instruction, input, output} records and a report of what was skipped or changed.
 
     Invalid records raise DataError (or are skipped with `skip_invalid`); records with an empty
-    instruction or output are dropped; placeholder inputs such as "<noinput>" become "".
+    instruction or output are dropped; placeholder inputs such as "<noinput>" become "". `rows` takes an
+    earlier read_raw(source).
     """
-    rows = read_raw(source)
+    rows = read_raw(source) if rows is None else rows
     records, skipped, empty, empty_details, placeholders = [], [], [], [], 0
     for index, (where, record) in enumerate(rows):
         problem = _problem(record)

@@ -1,9 +1,10 @@
-"""SFT examples: Alpaca records as prompt/response tokens whose labels mask the prompt, the EOS kept, and the
-tokenized train/validation split (cached, or a datasetup.py --save dir).
+"""SFT examples: Alpaca records as prompt/response tokens whose labels mask the prompt, the EOS kept (or
+conversations, labelled by their chat template: chat_template.py), and the tokenized train/validation split
+(cached, or a datasetup.py --save dir).
 
     data, report = prepare_datasets("tatsu-lab/alpaca", tokenizer, "seed", 512, 0.02, 42)
 
-Data floor: imports records, templates, tokencache and rundir.
+Data floor: imports records, conversations, templates, chat_template, tokencache and rundir.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 
 from tuning.data import tokencache
+from tuning.data.chat_template import TRAIN_ON, tokenize_conversations
+from tuning.data.conversations import is_conversation
 from tuning.data.records import load_records, split_records
 from tuning.data.templates import bos_prefix, encode_prompt, format_prompt
 
@@ -65,21 +68,34 @@ def _tokenize_batch(batch, tokenizer, template, max_length, train_on_prompt):
     return out
 
 
+def _tokenize_conversation_batch(batch, tokenizer, chat_template, max_length, train_on, train_on_prompt):
+    examples = tokenize_conversations(batch["messages"], tokenizer, chat_template, max_length, train_on,
+                                      train_on_prompt)
+    return {key: [example[key] for example in examples] for key in examples[0]}
+
+
 def tokenize_records(records: list, tokenizer, template=TEMPLATE, max_length=MAX_LENGTH,
-                     train_on_prompt=TRAIN_ON_PROMPT, desc="Tokenizing"):
-    """A datasets.Dataset of input_ids/labels/length, with too-long prompts removed (see .info)."""
+                     train_on_prompt=TRAIN_ON_PROMPT, desc="Tokenizing", chat_template=None, train_on=TRAIN_ON):
+    """A datasets.Dataset of input_ids/labels/length, with too-long prompts removed (see .info). Conversation
+    records ({"messages"}, conversations.py) are rendered with `chat_template`, and their labels come from it
+    (chat_template.tokenize_conversations: every assistant turn, or the last with train_on="last_assistant")."""
     import datasets
 
     raw = datasets.Dataset.from_list(records)
-    tokenized = raw.map(_tokenize_batch, batched=True, batch_size=1000, remove_columns=raw.column_names,
-                        fn_kwargs=dict(tokenizer=tokenizer, template=template, max_length=max_length,
-                                       train_on_prompt=train_on_prompt), desc=desc)
+    if records and is_conversation(records[0]):
+        function, kwargs = _tokenize_conversation_batch, dict(chat_template=chat_template, train_on=train_on)
+    else:
+        function, kwargs = _tokenize_batch, dict(template=template)
+    tokenized = raw.map(function, batched=True, batch_size=1000, remove_columns=raw.column_names,
+                        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, train_on_prompt=train_on_prompt,
+                                       **kwargs), desc=desc)
     return tokenized.filter(lambda lengths: [n > 0 for n in lengths], input_columns="length", batched=True,
                             desc="Dropping prompts longer than --max-length")
 
 
 def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_length=MAX_LENGTH, val_size=VAL_SIZE,
-                     seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=False, loaded=None):
+                     seed=SEED, train_on_prompt=TRAIN_ON_PROMPT, skip_invalid=False, loaded=None, chat_template=None,
+                     train_on=TRAIN_ON):
     """(DatasetDict with train/validation, report). Reuses a cached tokenization when nothing changed.
 
     `source` may also be a directory written by `--save`, which is loaded as it is. `loaded` takes
@@ -92,15 +108,17 @@ def prepare_datasets(source=DATASET, tokenizer=None, template=TEMPLATE, max_leng
         return tokencache.load_saved(source, tokenizer, template, max_length, train_on_prompt)
     records, report = loaded or load_records(source, skip_invalid)
     train, val = split_records(records, val_size, seed)
-    cache = tokencache.cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed)
+    chat = [chat_template, train_on] if records and is_conversation(records[0]) else None
+    cache = tokencache.cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed, chat)
     report.update(records=len(records), cache=cache, records_per_split={"train": len(train), "validation": len(val)},
                   held_out=val)
     if os.path.isfile(os.path.join(cache, "dataset_dict.json")):
         report["from_cache"] = True
         return datasets.load_from_disk(cache), report
     args = (tokenizer, template, max_length, train_on_prompt)
-    dsd = datasets.DatasetDict(train=tokenize_records(train, *args, desc="Tokenizing train"),
-                               validation=tokenize_records(val, *args, desc="Tokenizing validation"))
+    chat_args = dict(chat_template=chat_template, train_on=train_on)
+    dsd = datasets.DatasetDict(train=tokenize_records(train, *args, desc="Tokenizing train", **chat_args),
+                               validation=tokenize_records(val, *args, desc="Tokenizing validation", **chat_args))
     report["from_cache"] = False
     tokencache.save(dsd, cache, tokenizer, template, max_length, train_on_prompt)
     return dsd, report

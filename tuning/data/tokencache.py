@@ -24,12 +24,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
 
 
-def cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed) -> str:
+def cache_dir(records, tokenizer, template, max_length, train_on_prompt, val_size, seed, chat=None) -> str:
+    """The cache of one tokenization; `chat` ([chat template, train_on]) keys conversations on what labels them."""
     import datasets
 
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, records, tokenizer_fingerprint(tokenizer),
-                                     list(template_of(template)), max_length, train_on_prompt, val_size,
-                                     seed]).encode()).hexdigest()[:20]
+    key = [CACHE_VERSION, records, tokenizer_fingerprint(tokenizer), list(template_of(template)), max_length,
+           train_on_prompt, val_size, seed] + ([chat] if chat else [])
+    key = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
     return os.path.join(datasets.config.HF_DATASETS_CACHE, "instruct-sft", key)
 
 

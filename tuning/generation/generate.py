@@ -60,6 +60,10 @@ def load_for_generation(name_or_path: str, device, role: str):
         raise UserError(f"could not load the {role} model {name_or_path!r} ({type(err).__name__}: {err}). "
                         f"Offline? Pass a local directory with {flag}.") from None
     loading.set_generation_ids(lm, tokenizer)
+    # generate() is given the pad id; the config's is read only by a padding check that misfires here: on a
+    # batch without padding, transformers drops the all-ones mask, then a finished row's EOS (= pad) looks like
+    # padding and a "we strongly recommend passing in an attention_mask" warning is printed for nothing.
+    lm.config.pad_token_id = None
     return lm, tokenizer
 
 
@@ -90,15 +94,19 @@ def generation_kwargs(args) -> dict:
     return kwargs
 
 
-def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
-             streamer=None, progress: bool = False, desc: str = "Generating", raw: bool = False) -> list[dict]:
+def generate(lm, tokenizer, prompts: list, gen_kwargs: dict, seed: int = SEED, batch_size: int = BATCH_SIZE,
+             streamer=None, progress: bool = False, desc: str = "Generating", raw: bool = False,
+             chat_template: str | None = None) -> list[dict]:
     """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first stop token
     (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3). With `raw`,
-    also raw_text: the answer as decoded, unstripped, as a reward model scores it."""
+    also raw_text: the answer as decoded, unstripped, as a reward model scores it. A prompt may also be a
+    conversation (a list of {role, content} turns): its next assistant turn is generated, the prompt rendered
+    with `chat_template` (else the tokenizer's) as plain transformers renders it."""
     import torch
     from tqdm.auto import tqdm
 
     from tuning.models.loading import stop_token_ids
+    from tuning.data.chat_template import chat_prompt_ids
     from tuning.data.templates import encode_prompt
 
     stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
@@ -107,7 +115,8 @@ def generate(lm, tokenizer, prompts: list[str], gen_kwargs: dict, seed: int = SE
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress or len(prompts) <= batch_size,
                file=sys.stderr)
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+        encoded = [chat_prompt_ids(tokenizer, p, chat_template) if isinstance(p, list) else encode_prompt(tokenizer, p)
+                   for p in prompts[start:start + batch_size]]
         width = max(map(len, encoded))
         # Left padding: every prompt ends at the same column, so generation continues right after it.
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=lm.device)

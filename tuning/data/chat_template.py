@@ -1,0 +1,131 @@
+"""The chat template: how a conversation becomes text, and which of its tokens carry the loss.
+
+    template = chat_template_for(tokenizer, "seed", conversations=True)   # the tokenizer's, else our own
+    tokenizer.chat_template = template                                   # saved with the model
+    example = tokenize_conversation(messages, tokenizer, 512)            # input_ids, labels (assistant turns)
+
+A tokenizer that brings a chat template (Llama-3, Qwen2.5, SmolLM2 instruct) is trained with it. GPT-2 and
+DistilGPT2 bring none, so the project writes its own from the prompt template (templates.py): a single-turn
+conversation renders byte for byte as the prompt template renders the same instruction, followed by the
+answer and EOS, so a model trained on Alpaca records and one trained on conversations speak alike:
+
+    ### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}<EOS>### Instruction:\\n...
+
+The EOS closes each assistant turn (the end-of-turn token: generation stops there). The assistant's answers
+sit inside `{% generation %}` markers, so the trained tokens come from the template itself, through
+`apply_chat_template(..., return_assistant_tokens_mask=True)`, never from searching the text. Every run
+saves its template in the tokenizer files, so `tokenizer.apply_chat_template(messages,
+add_generation_prompt=True)` in plain transformers gives the prompt training used.
+
+Data floor: imports templates.
+"""
+
+from __future__ import annotations
+
+from tuning.data.templates import Template, bos_prefix, template_of
+
+TRAIN_ON = "all_assistant"  # the default: loss on every assistant turn and its end-of-turn token
+TRAIN_ONS = ("all_assistant", "last_assistant")
+IGNORE_INDEX = -100  # label of tokens without loss (as sft.IGNORE_INDEX)
+
+USER_MARK = "### Instruction:\n"  # where a user turn starts in our templates
+ASSISTANT_MARK = "### Response:\n"  # where an assistant turn starts (the generation prompt)
+
+
+def template_parts(template: str | Template) -> tuple[str, str, str]:
+    """(default system text, user turn before the content, user turn after it) of a prompt template, read from
+    its no-input form: "{preamble}### Instruction:\\n{instruction}\\n\\n### Response:\\n"."""
+    head, tail = template_of(template).no_input.split("{instruction}")
+    if not head.endswith(USER_MARK) or not tail.endswith(ASSISTANT_MARK):
+        raise ValueError(f"template {template!r} does not end its prompt with {ASSISTANT_MARK!r}")
+    return head[:-len(USER_MARK)], USER_MARK, tail[:-len(ASSISTANT_MARK)]
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def own_chat_template(template: str | Template = "seed", tokenizer=None) -> str:
+    """Our Jinja chat template for a prompt template: a system turn (else the template's preamble, as the
+    'alpaca' template's "Below is an instruction ...") and a blank line, then each user turn as an
+    instruction, each assistant turn as a response ending in EOS, inside generation markers. For a
+    `tokenizer` that puts BOS before a text (Llama, OPT; not GPT-2), the text starts with it, as
+    templates.encode_prompt's prompts do."""
+    preamble, user_head, user_tail = template_parts(template)
+    bos = "{{ bos_token }}" if tokenizer is not None and bos_prefix(tokenizer) else ""
+    system = bos + ("{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+              + (f"{{%- else -%}}{{{{ {_jinja_string(preamble)} }}}}" if preamble else "") + "{%- endif -%}")
+    return (system
+            + "{%- for message in messages -%}"
+            + f"{{%- if message['role'] == 'user' -%}}{{{{ {_jinja_string(user_head)} + message['content'] + "
+              f"{_jinja_string(user_tail)} }}}}"
+            + f"{{%- elif message['role'] == 'assistant' -%}}{{{{ {_jinja_string(ASSISTANT_MARK)} }}}}"
+              "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+            + "{%- endif -%}{%- endfor -%}"
+            + f"{{%- if add_generation_prompt -%}}{{{{ {_jinja_string(ASSISTANT_MARK)} }}}}{{%- endif -%}}")
+
+
+def chat_template_for(tokenizer, template: str | Template, conversations: bool) -> str:
+    """The chat template a run trains with and saves: the tokenizer's own for conversations where it has one,
+    else ours for `template` (Alpaca records are always trained in our format, so ours describes them)."""
+    own = getattr(tokenizer, "chat_template", None)
+    return own if conversations and isinstance(own, str) and own else own_chat_template(template, tokenizer)
+
+
+def has_generation_markers(chat_template: str) -> bool:
+    return "{% generation %}" in chat_template or "{%- generation" in chat_template
+
+
+def tokenize_conversations(conversations: list[list[dict]], tokenizer, chat_template: str, max_length: int,
+                           train_on: str = TRAIN_ON, train_on_prompt: bool = False) -> list[dict]:
+    """One example per conversation: {input_ids, labels, length, truncated}, the ids of the rendered
+    conversation (cut to max_length) and labels that keep the assistant tokens (every turn's, or the last
+    turn's with train_on="last_assistant"; every token with train_on_prompt), and `spans`, the [start, end) of
+    each assistant turn's trained tokens, for the audit. An example the cut leaves without a trained token comes
+    back empty (length 0), for the caller to drop as too long; one that has none uncut is kept, for the audit to
+    stop on."""
+    out = tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+    examples = []
+    for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
+        ids, mask = list(ids), list(mask)
+        if train_on == "last_assistant":
+            mask = last_span(mask)
+        labels = list(ids) if train_on_prompt else [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+        truncated = len(ids) > max_length
+        ids, labels, mask = ids[:max_length], labels[:max_length], mask[:max_length]
+        if truncated and all(label == IGNORE_INDEX for label in labels[1:]):
+            ids, labels, mask = [], [], []  # (the first label is never predicted: nothing comes before it)
+        found = spans(mask)
+        examples.append({"input_ids": ids, "labels": labels, "length": len(ids), "truncated": truncated,
+                         "prompt_length": found[0][0] if found else len(ids), "spans": found})
+    return examples
+
+
+def spans(mask: list[int]) -> list[list[int]]:
+    """[start, end) of each run of 1s in a 0/1 mask."""
+    found, start = [], None
+    for position, value in enumerate(list(mask) + [0]):
+        if value and start is None:
+            start = position
+        elif not value and start is not None:
+            found.append([start, position])
+            start = None
+    return found
+
+
+def last_span(mask: list[int]) -> list[int]:
+    """The mask with only its last run of 1s kept."""
+    found = spans(mask)
+    if not found:
+        return list(mask)
+    start, end = found[-1]
+    return [1 if start <= position < end else 0 for position in range(len(mask))]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict], chat_template: str | None = None) -> list[int]:
+    """The token ids of a conversation's next-assistant-turn prompt, as plain transformers makes them
+    (`apply_chat_template(messages, add_generation_prompt=True)`): with `chat_template`, else the tokenizer's."""
+    out = tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)
+    return list(out["input_ids"])
