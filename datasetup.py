@@ -88,8 +88,9 @@ def validate_args(args) -> None:
 
 def main(args, explicit: set) -> None:
     from tuning.cli import UserError
-    from tuning.data import tokencache
+    from tuning.data import label_audit, tokencache
     from tuning.data.chat_template import chat_template_for
+    from tuning.data.collate import SFTCollator
     from tuning.data.conversations import is_conversation, load_training_records
     from tuning.data.sft import prepare_datasets
     from tuning.models.loading import load_tokenizer
@@ -103,9 +104,13 @@ def main(args, explicit: set) -> None:
         raise UserError("--save: conversations are tokenized by train.py itself (it audits their labels and saves "
                         "their chat template), not saved here; drop --save to see the summary")
     tokenizer = load_tokenizer(args.tokenizer, flag="--tokenizer")
+    chat = chat_template_for(tokenizer, args.template, conversational)
+    if conversational:  # the checks train.py runs before its first step
+        label_audit.require_generation_markers(chat, args.tokenizer)
     dsd, report = prepare_datasets(args.dataset, tokenizer, args.template, args.max_length, args.val_size,
-                                   args.seed, args.train_on_prompt, args.skip_invalid, loaded,
-                                   chat_template_for(tokenizer, args.template, conversational), args.train_on)
+                                   args.seed, args.train_on_prompt, args.skip_invalid, loaded, chat, args.train_on)
+    if conversational:
+        label_audit.require_sound_labels(dsd, tokenizer, SFTCollator(tokenizer.pad_token_id, "none"))
     print_summary(dsd, report, args.template, args.max_length, tokenizer, args.dataset)
     if args.save:
         tokencache.save(dsd, args.save, tokenizer, args.template, args.max_length, args.train_on_prompt,

@@ -148,7 +148,7 @@ def prompt_and_reference(record: dict, template) -> tuple[str | list, str]:
 
     if is_conversation(record):
         return record["messages"][:-1], record["messages"][-1]["content"]
-    return format_prompt(record, template), record["output"]
+    return format_prompt(record, template), record["output"]  # (a run on Alpaca records: trained in this format)
 
 
 def sample_of(record: dict) -> dict:
@@ -306,7 +306,7 @@ def check_base(args, config: dict, explicit: set) -> None:
 def main(args, explicit: set) -> dict:
     from tuning import smoke
     from tuning.cli import UserError
-    from tuning.data.conversations import is_conversation
+    from tuning.data.conversations import is_conversation, load_training_records
     from tuning.data.records import held_out_records
     from tuning.data.templates import load_template
     from tuning.generation.generate import require_finetuned
@@ -321,7 +321,7 @@ def main(args, explicit: set) -> dict:
         offline_unless_hub_reachable([args.base if args.only == "both" else "", args.finetuned, args.dataset])
     require_finetuned(args.finetuned)
     output_dir = args.output_dir or os.path.join(args.finetuned, "eval")
-    records, config = held_out_records(args.finetuned, args.dataset)
+    records, config = held_out_records(args.finetuned, args.dataset, load_training_records)
     sft_model = (read_run_config(args.finetuned) or {}).get("sft_model")  # set when align.py made it
     if "base" not in explicit and (sft_model or not args.smoke) and starting_model(args.finetuned):
         args.base = starting_model(args.finetuned)  # the model the run started from: for an aligned one, its SFT model

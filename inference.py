@@ -84,8 +84,9 @@ def print_conversation(item: dict, answers: dict, names: dict) -> None:
 
 
 def conversation_template(models: dict, template) -> str:
-    """The chat template every model's prompts are rendered with, as --prompt's use the fine-tuned model's
-    prompt template: the one saved with the fine-tuned (else aligned, else base) model, else ours."""
+    """The chat template every model's conversations are rendered with, as --prompt's use the fine-tuned model's
+    prompt template: the one saved with the fine-tuned (else aligned, else base) model, else ours. (A --prompt
+    is rendered with it too where it is a tokenizer's own: chat_template.prompt_of.)"""
     from tuning.data.chat_template import own_chat_template
 
     for role in ("finetuned", "aligned", "base"):
@@ -192,7 +193,7 @@ def check_web_flags(args, explicit: set) -> None:
 def main(args, explicit: set) -> None:
     from tuning import smoke
     from tuning.data.records import read_prompts
-    from tuning.data.templates import format_prompt
+    from tuning.data.chat_template import prompt_of
     from tuning.generation.generate import generate, generation_kwargs, load_for_generation, require_finetuned
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
@@ -237,7 +238,8 @@ def main(args, explicit: set) -> None:
     chat_template = conversation_template(models, template)
     if args.chat:
         return chat(models, roles, chat_template, gen_kwargs, args.seed)
-    prompts = [r["messages"] if "messages" in r else format_prompt(r, template) for r in records]
+    asked = models.get("finetuned", models.get("aligned", next(iter(models.values()))))[1]
+    prompts = [r["messages"] if "messages" in r else prompt_of(r, template, chat_template, asked) for r in records]
 
     answers = {}
     stream = len(records) == 1 and not args.json and not args.prompts_file and not args.messages_file

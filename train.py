@@ -154,31 +154,23 @@ def conversational(loaded) -> bool:
     return bool(loaded and loaded[0] and is_conversation(loaded[0][0]))
 
 
-def check_chat_template(chat: str, model: str, conversations: bool) -> None:
-    """Conversations are labelled from the chat template's generation markers: refuse a template without them."""
+def check_format_flags(args, explicit: set, conversations: bool) -> None:
+    """--train-on chooses among a conversation's assistant turns: given for Alpaca records, it would do nothing."""
     from tuning.cli import UserError
-    from tuning.data.chat_template import has_generation_markers
 
-    if conversations and not has_generation_markers(chat):
-        raise UserError(f"the chat template of {model}'s tokenizer has no {{% generation %}} markers, so its "
-                        "assistant turns can't be told from the rest: add them around each assistant message "
-                        "(transformers' return_assistant_tokens_mask), or remove its chat_template to use ours")
+    if "train_on" in explicit and not conversations:
+        raise UserError(f"--train-on applies to conversations; {args.dataset} holds Alpaca records (one answer each)")
 
 
 def audit(data, tokenizer, collator, args, say) -> None:
     """The label audit (label_audit.py) on the tokenized conversations: stops on any problem; shows what one
     training example teaches."""
     from tuning.data import label_audit
-    from tuning.cli import UserError
 
-    problems = []
-    for split in ("train", "validation"):
-        problems += [f"{split}: {p}" for p in label_audit.audit_labels(list(data[split]), tokenizer.eos_token_id,
-                                                                      collator)]
-    if problems:
-        raise UserError("the labels would teach the wrong thing:\n  " + "\n  ".join(problems))
-    say(f"Labels: {args.train_on.replace('_', ' ')} turns and their end-of-turn token "
-        f"({tokenizer.eos_token!r}); checked on every example. Example 0 of train, trained tokens in [[ ]]:")
+    label_audit.require_sound_labels(data, tokenizer, collator)
+    taught = ("every token (--train-on-prompt)" if args.train_on_prompt else
+              f"{args.train_on.replace('_', ' ')} turns and their end-of-turn token ({tokenizer.eos_token!r})")
+    say(f"Labels: {taught}; checked on every example. Example 0 of train, trained tokens in [[ ]]:")
     say("  " + label_audit.marked_example(data["train"][0], tokenizer).replace("\n", "\n  "))
 
 
@@ -194,7 +186,7 @@ def main(args, explicit: set) -> None:
     import torch
     from transformers import TrainingArguments
 
-    from tuning.data import chat_template, conversations, sft, tokencache
+    from tuning.data import chat_template, conversations, label_audit, sft, tokencache
     from tuning.models import lora
     from tuning.models import devices, loading, response_logits
     from tuning import rundir
@@ -248,7 +240,9 @@ def main(args, explicit: set) -> None:
             args.dataset, args.format, args.skip_invalid)
         tokenizer = loading.load_tokenizer(args.model, smoke_hint=True)
         chat = chat_template.chat_template_for(tokenizer, args.template, conversational(loaded))
-        check_chat_template(chat, args.model, conversational(loaded))
+        check_format_flags(args, explicit, conversational(loaded))
+        if conversational(loaded):
+            label_audit.require_generation_markers(chat, args.model)
         data, report = sft.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                             args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
                                             loaded, chat, args.train_on)

@@ -233,15 +233,24 @@ def test_train_py_learns_conversations_audits_them_and_saves_the_template_plain_
     assert answers == [turn["content"].strip() for turn in theirs] and answers[0] == "plum plum plum"
 
     # evaluation.py answers each held-out conversation's last assistant turn, its history rendered as in training
+    # (the split rebuilt from the data with --dataset: the very same held-out conversations)
     report = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--finetuned", str(tmp_path / "chat"),
-                             "--base", sft, "--num-generations", "2", "--max-new-tokens", "8"], env=env,
-                            capture_output=True, text=True, timeout=300)
+                             "--base", sft, "--num-generations", "2", "--max-new-tokens", "8", "--dataset", path],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "attention_mask" not in report.stderr  # (transformers' padding check misfired on unpadded batches)
     written = json.loads((tmp_path / "chat" / "eval" / "report.json").read_text())
     assert written["finetuned"]["generations"] == 2 and written["finetuned"]["perplexity_examples"] == 4
     assert written["samples"][0]["instruction"] == "Now reverse them." and written["samples"][0]["reference"] == \
         "owl cat" and written["samples"][0]["input"] == "user: List the words: cat owl\nassistant: cat, owl"
+
+
+def test_train_py_refuses_train_on_for_alpaca_records(smoke_trained, tmp_path):
+    path = write(tmp_path, "a.jsonl", [{"instruction": "Hi", "input": "", "output": "Hello."}] * 10)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", str(smoke_trained / "smoke-run" / "base"),
+                             "--dataset", path, "--train-on", "last_assistant", "--output-dir", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "--train-on applies to conversations" in result.stderr, result.stderr[-2000:]
 
 
 def test_train_py_refuses_a_tokenizer_template_without_generation_markers(smoke_trained, tmp_path):
@@ -282,3 +291,64 @@ def test_a_single_turn_conversation_gives_the_alpaca_paths_text_bos_included(fam
     assert example["input_ids"][:1] == alpaca["input_ids"][:1] and example["input_ids"][-1] == tokenizer.eos_token_id
     if family != "llama":
         assert example["input_ids"] == alpaca["input_ids"] and example["labels"] == alpaca["labels"]
+
+
+# ---------------------------------------------------------------- the review's cases
+def test_our_saved_template_is_rebuilt_from_template_and_a_foreign_one_asks_in_its_own_format(gpt2_tokenizer):
+    tokenizer = gpt2_tokenizer.__class__.from_pretrained(shared_path("gpt2-tokenizer"))
+    tokenizer.chat_template = chat_template.own_chat_template("seed", tokenizer)  # saved by an earlier run here
+    assert chat_template.chat_template_for(tokenizer, "alpaca", conversations=True) == \
+        chat_template.own_chat_template("alpaca", tokenizer)
+    record = {"instruction": "Name a colour.", "input": "warm ones"}
+    assert chat_template.prompt_of(record, "seed", tokenizer.chat_template, tokenizer) == format_prompt(record)
+    assert chat_template.prompt_of(record, "seed", CHATML, tokenizer) == [
+        {"role": "user", "content": "Name a colour.\n\nwarm ones"}]
+
+
+def test_assistant_turns_lose_leading_whitespace_that_would_merge_with_the_templates_newline(tmp_path, gpt2_tokenizer):
+    path = write(tmp_path, "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "\n\n  Sure"}]}])
+    [record], _ = conversations.load_training_records(path)
+    assert record["messages"][1]["content"] == "Sure"
+    own = chat_template.own_chat_template("seed")
+    [example] = chat_template.tokenize_conversations([record["messages"]], gpt2_tokenizer, own, 512)
+    prompt = chat_template.chat_prompt_ids(gpt2_tokenizer, record["messages"][:1], own)
+    assert example["input_ids"][:len(prompt)] == prompt and example["spans"][0][0] == len(prompt)
+
+
+def test_files_of_the_other_kind_are_pointed_to_the_right_flag(tmp_path):
+    from tuning.cli import UserError
+    from tuning.data.records import read_prompts
+
+    (tmp_path / "one.json").write_text(json.dumps({"messages": TWO_TURNS}))
+    with pytest.raises(UserError, match="holds one object; give a conversation as a list of turns"):
+        conversations.read_conversations_to_answer(str(tmp_path / "one.json"))
+    alpaca = write(tmp_path, "a.jsonl", [{"instruction": "Hi", "input": ""}])
+    with pytest.raises(UserError, match=f"holds instruction records, not conversations; use --prompts-file {alpaca}"):
+        conversations.read_conversations_to_answer(alpaca)
+    chat = write(tmp_path, "c.jsonl", [{"messages": TWO_TURNS}])
+    with pytest.raises(UserError, match=f"holds conversations; use --messages-file {chat}"):
+        read_prompts(chat)
+    system_only = write(tmp_path, "s.jsonl", [[{"role": "system", "content": "Be brief."}]])
+    with pytest.raises(DataError, match="has only a system turn: no user turn to answer"):
+        conversations.read_conversations_to_answer(system_only)
+
+
+def test_the_web_page_offers_no_conversation_as_a_single_prompt_example(tmp_path):
+    from tuning import rundir
+    from tuning.generation import web
+
+    rundir.write_json(str(tmp_path / rundir.RUN_CONFIG_FILE), {"dataset": "c.jsonl", "seed": 1, "val_size": 1})
+    rundir.write_records(str(tmp_path / rundir.HELD_OUT_FILE), [{"messages": TWO_TURNS}])
+    assert web.example_records(str(tmp_path)) == []
+
+
+def test_datasetup_runs_train_pys_checks_on_conversations(tmp_path, gpt2_tokenizer):
+    tokenizer = gpt2_tokenizer.__class__.from_pretrained(shared_path("gpt2-tokenizer"))
+    tokenizer.chat_template = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    path = write(tmp_path, "c.jsonl", [{"messages": TWO_TURNS}] * 10)
+    result = subprocess.run([sys.executable, str(ROOT / "datasetup.py"), "--dataset", path, "--tokenizer",
+                             str(tmp_path / "tok")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "has no {% generation %} markers" in result.stderr, result.stderr[-2000:]

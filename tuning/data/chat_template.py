@@ -22,7 +22,7 @@ Data floor: imports templates.
 
 from __future__ import annotations
 
-from tuning.data.templates import Template, bos_prefix, template_of
+from tuning.data.templates import TEMPLATES, Template, bos_prefix, format_prompt, template_of
 
 TRAIN_ON = "all_assistant"  # the default: loss on every assistant turn and its end-of-turn token
 TRAIN_ONS = ("all_assistant", "last_assistant")
@@ -65,11 +65,28 @@ def own_chat_template(template: str | Template = "seed", tokenizer=None) -> str:
             + f"{{%- if add_generation_prompt -%}}{{{{ {_jinja_string(ASSISTANT_MARK)} }}}}{{%- endif -%}}")
 
 
+def is_ours(chat_template: str | None, tokenizer=None) -> bool:
+    """Whether a chat template is one this project writes (for any prompt template), not a tokenizer's own."""
+    return any(chat_template == own_chat_template(name, tokenizer) for name in TEMPLATES)
+
+
 def chat_template_for(tokenizer, template: str | Template, conversations: bool) -> str:
-    """The chat template a run trains with and saves: the tokenizer's own for conversations where it has one,
-    else ours for `template` (Alpaca records are always trained in our format, so ours describes them)."""
+    """The chat template a run trains with and saves: for conversations, the tokenizer's own where it brings one
+    (Llama-3, Qwen2.5 instruct), else ours for `template` (also when the tokenizer's is ours, from an earlier run
+    here: --template decides). Alpaca records are always trained in our format, so ours describes them."""
     own = getattr(tokenizer, "chat_template", None)
-    return own if conversations and isinstance(own, str) and own else own_chat_template(template, tokenizer)
+    foreign = isinstance(own, str) and own and not is_ours(own, tokenizer)
+    return own if conversations and foreign else own_chat_template(template, tokenizer)
+
+
+def prompt_of(record: dict, template: str | Template, chat_template: str | None = None, tokenizer=None):
+    """What a model is asked for a single-turn record {instruction, input}: the prompt template's text, or, for a
+    model trained with a tokenizer's own chat template, the record as one user turn (generate renders it with
+    that template), so a prompt is never in a format the model was not trained on."""
+    if chat_template is None or is_ours(chat_template, tokenizer):
+        return format_prompt(record, template)
+    given = record.get("input") or ""
+    return [{"role": "user", "content": record["instruction"] + (f"\n\n{given}" if given.strip() else "")}]
 
 
 def has_generation_markers(chat_template: str) -> bool:

@@ -73,7 +73,9 @@ def check_turns(turns: list[dict], complete: bool = True) -> None:
             why = (f"turns {number - 1} and {number} are both from the {turn['role']}" if previous == turn["role"]
                    else f"turn {number} is from the {turn['role']}; the dialogue starts with a user turn")
             raise MalformedConversation(why)
-    if not dialogue or complete and dialogue[-1]["role"] != "assistant":
+    if not dialogue:
+        raise MalformedConversation("has only a system turn: no user turn to answer")
+    if complete and dialogue[-1]["role"] != "assistant":
         raise MalformedConversation(f"ends with a {turns[-1]['role']} turn (turn {len(turns)}), not an assistant's: "
                                     "nothing to learn after it")
 
@@ -98,6 +100,13 @@ def _turns(record: dict, field: str, role_key: str, content_key: str, roles: dic
                                         f"{'missing' if content is None else a_kind(content) + ', not a string'}")
         turns.append({"role": roles[role], "content": content})
     return turns
+
+
+def tidy(turns: list[dict]) -> list[dict]:
+    """Assistant turns without leading whitespace: a newline or spaces there would merge with the template's
+    newline before the answer into one token, trained as the answer's though half of it is the prompt's, and
+    absent from the prompt at inference."""
+    return [{**turn, "content": turn["content"].lstrip()} if turn["role"] == "assistant" else turn for turn in turns]
 
 
 def dialogue_turns(text: str, field: str = "chosen") -> list[dict]:
@@ -125,7 +134,7 @@ def parse_conversation(record: object, form: str, complete: bool = True) -> list
     else:
         turns = dialogue_turns(record.get("chosen"))
     check_turns(turns, complete)
-    return turns
+    return tidy(turns)
 
 
 def is_conversation(record: dict) -> bool:
@@ -178,7 +187,20 @@ def read_conversations_to_answer(path: str, flag: str = "--messages-file") -> li
     answered again at its last turn, which becomes the reference."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: file not found")
+    if path.endswith(".json"):
+        import json
+
+        with open(path, encoding="utf-8") as handle:
+            try:
+                whole = json.load(handle)
+            except json.JSONDecodeError:
+                whole = None  # read_raw says where
+        if isinstance(whole, dict):
+            raise UserError(f"{flag} {path}: holds one object; give a conversation as a list of turns, or a list "
+                            "of conversations (a .jsonl file takes one {\"messages\": [...]} per line)")
     rows = read_raw(path)
+    if rows and all(isinstance(record, dict) and "instruction" in record for _, record in rows):
+        raise UserError(f"{flag} {path}: holds instruction records, not conversations; use --prompts-file {path}")
     if rows and all(isinstance(record, dict) and "role" in record for _, record in rows):
         rows = [(path, [record for _, record in rows])]  # the file is one conversation
     items = []

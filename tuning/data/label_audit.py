@@ -7,12 +7,13 @@ The failures it stops on are the ones other projects shipped silently: an exampl
 (everything masked), an assistant turn whose end-of-turn token is not learned (a model that never stops), and
 a collator that masks the end-of-turn token because it is also the pad id.
 
-Data floor: imports chat_template.
+Data floor: imports cli and chat_template.
 """
 
 from __future__ import annotations
 
-from tuning.data.chat_template import IGNORE_INDEX
+from tuning.cli import UserError
+from tuning.data.chat_template import IGNORE_INDEX, has_generation_markers
 
 # Examples the collator check runs on, and problems of one kind quoted by name.
 COLLATED = 16
@@ -64,3 +65,20 @@ def marked_example(example: dict, tokenizer, start: str = "[[", end: str = "]]")
         text = tokenizer.decode(run)
         pieces.append(f"{start}{text}{end}" if trained else text)
     return "".join(pieces)
+
+
+def require_generation_markers(chat_template: str, owner: str) -> None:
+    """Conversations are labelled from the chat template's generation markers: a UserError for one without."""
+    if not has_generation_markers(chat_template):
+        raise UserError(f"the chat template of {owner}'s tokenizer has no {{% generation %}} markers, so its "
+                        "assistant turns can't be told from the rest: add them around each assistant message "
+                        "(transformers' return_assistant_tokens_mask), or remove its chat_template to use ours")
+
+
+def require_sound_labels(data, tokenizer, collator) -> None:
+    """audit_labels on every split of tokenized conversations; a UserError listing every problem found."""
+    problems = []
+    for split in data:
+        problems += [f"{split}: {p}" for p in audit_labels(list(data[split]), tokenizer.eos_token_id, collator)]
+    if problems:
+        raise UserError("the labels would teach the wrong thing:\n  " + "\n  ".join(problems))

@@ -194,12 +194,14 @@ def val_size_problems(val_size) -> list[str]:
     return []
 
 
-def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]:
+def held_out_records(run_dir: str, dataset: str = "", load=None) -> tuple[list[dict], dict]:
     """(validation records, run config) of a train.py run (or of a checkpoint-N in it; of an align.py run, its
     SFT model's).
 
     These are the exact records the run held out, saved by it as held_out.jsonl, whatever the data
-    source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size.
+    source was. With `dataset`, the split is instead rebuilt from that data with the run's seed and size, read
+    by `load(dataset, format, skip_invalid)` (conversations.load_training_records reads every format; by default
+    Alpaca records only).
     """
     path = rundir.run_file(run_dir, rundir.RUN_CONFIG_FILE)
     config = rundir.read_json(path)
@@ -207,9 +209,10 @@ def held_out_records(run_dir: str, dataset: str = "") -> tuple[list[dict], dict]
         raise DataError(f"{path} not found: train.py writes it; run `python train.py` first "
                         "(or pass --finetuned DIR)")
     if config.get("sft_model"):  # an align.py run: evaluated on its SFT model's held-out records (or split)
-        return held_out_records(config["sft_model"], dataset)
+        return held_out_records(config["sft_model"], dataset, load)
     if dataset:
-        records, _ = load_records(dataset, config.get("skip_invalid", False))
+        load = load or (lambda source, _, skip: load_records(source, skip))
+        records, _ = load(dataset, config.get("format", "alpaca"), config.get("skip_invalid", False))
         return split_records(records, config["val_size"], config["seed"])[1], config
     held_out = rundir.run_file(run_dir, rundir.HELD_OUT_FILE)
     if not os.path.isfile(held_out):
@@ -238,6 +241,9 @@ def read_prompts(path: str) -> list[dict]:
         return prompts
     records = []
     for where, record in read_raw(path):
+        if isinstance(record, (dict, list)) and ("messages" in record or "conversations" in record
+                                                 or isinstance(record, list)):
+            raise UserError(f"--prompts-file {path}: holds conversations; use --messages-file {path}")
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
             raise DataError(f"{where}: needs an 'instruction' string")
         if not isinstance(record.get("input") or "", str):

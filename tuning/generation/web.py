@@ -67,6 +67,7 @@ def example_records(finetuned: str) -> list[dict]:
         records, _ = held_out_records(finetuned)
     except (UserError, OSError, KeyError, ValueError):
         return []
+    records = [record for record in records if "instruction" in record]  # (the page asks single-turn questions)
     kind = lambda record: " ".join(record["instruction"].split()[:2])  # noqa: E731
     firsts = list({kind(record): record for record in reversed(records)}.values())[::-1]
     return (firsts + [record for record in records if record not in firsts])[:MAX_EXAMPLES]
@@ -90,9 +91,10 @@ def settings(sample: bool, temperature: float, top_p: float, top_k, max_new_toke
     return generation_kwargs(args)
 
 
-def stream_answer(lm, tokenizer, prompt: str, gen_kwargs: dict, seed: int):
+def stream_answer(lm, tokenizer, prompt, gen_kwargs: dict, seed: int, chat_template: str | None = None):
     """Yields the answer text so far while it is generated, then the answer as generate.generate returns it
-    ({text, new_tokens, stopped_at_eos}). Closed early (the page was closed), it stops the generation."""
+    ({text, new_tokens, stopped_at_eos}). Closed early (the page was closed), it stops the generation. A prompt
+    may be a conversation, rendered with `chat_template` (chat_template.prompt_of)."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     from tuning.generation.generate import generate
@@ -107,7 +109,8 @@ def stream_answer(lm, tokenizer, prompt: str, gen_kwargs: dict, seed: int):
     def run():
         try:
             stop = {"stopping_criteria": StoppingCriteriaList([Closed()])}
-            result["answer"] = generate(lm, tokenizer, [prompt], {**gen_kwargs, **stop}, seed, 1, streamer)[0]
+            result["answer"] = generate(lm, tokenizer, [prompt], {**gen_kwargs, **stop}, seed, 1, streamer,
+                                        chat_template=chat_template)[0]
         except Exception as error:  # reported on the page, and the streamer released so the page never hangs
             result["error"] = error
             streamer.on_finalized_text("", stream_end=True)
@@ -136,7 +139,7 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
     """The Generate button: yields every column's (answer, status) pair, as each answer streams in."""
     import gradio as gr
 
-    from tuning.data.templates import format_prompt
+    from tuning.data.chat_template import prompt_of
 
     problem = "" if instruction.strip() else "The instruction is empty: type one (the input is optional)."
     try:
@@ -147,7 +150,9 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
         gr.Warning(problem, duration=8)
         yield [gr.skip()] * (2 * len(roles))
         return
-    prompt = format_prompt({"instruction": instruction, "input": input_text}, template)
+    asked = (models.get("finetuned") or models.get("aligned") or next(iter(models.values())))[1]
+    chat = getattr(asked, "chat_template", None)
+    prompt = prompt_of({"instruction": instruction, "input": input_text}, template, chat, asked)
     shown = {role: ["", f"Could not load this model: {errors[role]}" if role in errors else "waiting ..."]
              for role in roles}
     yield [value for role in roles for value in shown[role]]
@@ -156,7 +161,7 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
             continue
         shown[role][1] = "generating ..."
         try:
-            for part in stream_answer(*models[role], prompt, gen_kwargs, int(seed or 0)):
+            for part in stream_answer(*models[role], prompt, gen_kwargs, int(seed or 0), chat):
                 if isinstance(part, dict):
                     shown[role] = [part["text"], describe(part)]
                 else:
