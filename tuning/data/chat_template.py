@@ -25,7 +25,6 @@ from __future__ import annotations
 from tuning.data.templates import TEMPLATES, Template, bos_prefix, format_prompt, template_of
 
 TRAIN_ON = "all_assistant"  # the default: loss on every assistant turn and its end-of-turn token
-TRAIN_ONS = ("all_assistant", "last_assistant")
 IGNORE_INDEX = -100  # label of tokens without loss (as sft.IGNORE_INDEX)
 
 USER_MARK = "### Instruction:\n"  # where a user turn starts in our templates
