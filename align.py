@@ -204,13 +204,11 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
 
 def main(args, explicit: set) -> None:
     from tuning.preference import align_report
-    from tuning.preference import align_trainers
     from tuning.models import lora
     from tuning.models import devices, loading
     from tuning.models import packing_checks, sequence_logps
     from tuning import rundir
     from tuning.data.templates import load_template
-    from tuning.runs.trainer import StopOnSignal
     from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
@@ -222,6 +220,9 @@ def main(args, explicit: set) -> None:
     checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),
                           print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None),
                           reserve=args.max_new_tokens if args.method == "rloo" else 0)
+    from tuning.preference import align_trainers  # (TRL: seconds to import, after the checks that refuse a start)
+    from tuning.runs.trainer import StopOnSignal
+
     config = {**vars(args), "device": device.type, "precision": precision, "sft_model": rundir.model_path(args.model),
               "command": shlex.join(["python", "align.py", *sys.argv[1:]])}
     training_args = align_trainers.trl_config(args, device, precision)

@@ -126,17 +126,13 @@ def check_dirs(model: str, output_dir: str) -> None:
 
 
 def main(args, explicit: set) -> None:
-    from transformers import TrainingArguments
-
     from tuning.models import lora
     from tuning.models import devices, loading
     from tuning.data import preferences
     from tuning import rundir
     from tuning.data import collate
     from tuning.models import packing_checks, scoring
-    from tuning.preference.reward_trainer import RewardTrainer
     from tuning.data.templates import load_template
-    from tuning.runs.trainer import StopOnSignal, report_targets
     from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
@@ -147,6 +143,11 @@ def main(args, explicit: set) -> None:
     check_dirs(args.model, args.output_dir)
     checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),
                           print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None))
+    from transformers import TrainingArguments  # (seconds to import, after the checks that refuse a start)
+
+    from tuning.preference.reward_trainer import RewardTrainer
+    from tuning.runs.trainer import StopOnSignal, report_targets
+
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     config = {**vars(args), "device": device.type, "precision": precision,
               "command": shlex.join(["python", "reward.py", *sys.argv[1:]])}

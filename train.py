@@ -184,15 +184,12 @@ def choose_packing(model, examples: list[dict], packing: str, explicit: bool, pa
 
 def main(args, explicit: set) -> None:
     import torch
-    from transformers import TrainingArguments
 
     from tuning.data import chat_template, conversations, label_audit, sft, tokencache
     from tuning.models import lora
     from tuning.models import devices, loading, response_logits
     from tuning import rundir
     from tuning.data.collate import SFTCollator
-    from tuning.runs.plots import plot_loss_curve
-    from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets
     from tuning.data.templates import write_template
 
     device = devices.get_device(args.device)
@@ -203,6 +200,11 @@ def main(args, explicit: set) -> None:
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None)
     loading.refuse_reward_model(args.model, "--model")  # at start, not after reading and tokenizing the data
     fit_max_length(args, explicit | use_saved_settings(args, explicit), say)
+    from transformers import TrainingArguments  # (seconds to import, after the checks that refuse a start)
+
+    from tuning.runs.plots import plot_loss_curve
+    from tuning.runs.trainer import InstructTrainer, StopOnSignal, report_targets
+
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # started by torchrun / accelerate launch
     config = {**vars(args), "device": device.type, "precision": precision,
               "model_path": rundir.model_path(args.model),  # the base model of inference.py and evaluation.py

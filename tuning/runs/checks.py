@@ -90,12 +90,12 @@ def model_positions(name_or_path: str) -> int | None:
 
 def report_to_problems(report_to: str) -> list[str]:
     """--report-to: none, all, or a comma list of integrations that the Trainer knows and that are installed."""
+    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    if names in (["none"], ["all"]):
+        return []  # (before importing the integrations: seconds, which a refused start should not wait for)
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    names = [name.strip() for name in report_to.split(",") if name.strip()]
-    if names in (["none"], ["all"]):
-        return []
     unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK] or ([] if names else ["(empty)"])
     if unknown:
         return [f"--report-to {', '.join(unknown)}: not a Trainer integration; use none, all, or a comma list of "
