@@ -278,12 +278,10 @@ def plot_report(path: str, report: dict) -> None:
 def saved_chat_template(model_dir: str, template) -> str:
     """The chat template saved with the fine-tuned model (both models' conversations are rendered with it, as
     both models' prompts with its prompt template), else ours for its prompt template."""
-    from tuning.data.chat_template import own_chat_template
+    from tuning.data.chat_template import saved_or_ours
     from tuning.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
-    saved = getattr(tokenizer, "chat_template", None)
-    return saved if isinstance(saved, str) and saved else own_chat_template(template, tokenizer)
+    return saved_or_ours(load_tokenizer(model_dir), template)
 
 
 def validate_args(args) -> None:

@@ -64,36 +64,34 @@ def print_side_by_side(record: dict, answers: dict, names: dict) -> None:
     print(f"Instruction: {record['instruction']}")
     if record.get("input"):
         print(f"Input:       {record['input']}")
-    for role, answer in answers.items():
-        note = "" if answer["stopped_at_eos"] else "  [no EOS: cut at --max-new-tokens]"
-        count = answer["new_tokens"]
-        print(f"\n--- {role} ({names[role]}), {count} token{'' if count == 1 else 's'}{note}\n{answer['text']}")
-    if record.get("output"):
-        print(f"\n--- reference\n{record['output']}")
+    print_answers(answers, names, record.get("output") or None)
 
 
 def print_conversation(item: dict, answers: dict, names: dict) -> None:
     print("=" * 78)
     for turn in item["messages"]:
         print(f"{turn['role']}: {turn['content']}")
+    print_answers(answers, names, item.get("reference"))
+
+
+def print_answers(answers: dict, names: dict, reference: str | None) -> None:
+    """Each model's answer under its name, with its length and whether it stopped at EOS; then the reference."""
     for role, answer in answers.items():
         note = "" if answer["stopped_at_eos"] else "  [no EOS: cut at --max-new-tokens]"
-        print(f"\n--- {role} ({names[role]}), {answer['new_tokens']} tokens{note}\n{answer['text']}")
-    if item.get("reference") is not None:
-        print(f"\n--- reference\n{item['reference']}")
+        count = answer["new_tokens"]
+        print(f"\n--- {role} ({names[role]}), {count} token{'' if count == 1 else 's'}{note}\n{answer['text']}")
+    if reference is not None:
+        print(f"\n--- reference\n{reference}")
 
 
 def conversation_template(models: dict, template) -> str:
     """The chat template every model's conversations are rendered with, as --prompt's use the fine-tuned model's
     prompt template: the one saved with the fine-tuned (else aligned, else base) model, else ours. (A --prompt
     is rendered with it too where it is a tokenizer's own: chat_template.prompt_of.)"""
-    from tuning.data.chat_template import own_chat_template
+    from tuning.data.chat_template import saved_or_ours
 
-    for role in ("finetuned", "aligned", "base"):
-        saved = getattr(models[role][1], "chat_template", None) if role in models else None
-        if isinstance(saved, str) and saved:
-            return saved
-    return own_chat_template(template, next(iter(models.values()))[1])
+    tokenizers = [models[role][1] for role in ("finetuned", "aligned", "base") if role in models]
+    return saved_or_ours(next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[0]), template)
 
 
 def fit_history(history: list[dict], tokenizer, chat: str, room: int) -> bool:

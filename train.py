@@ -241,9 +241,10 @@ def main(args, explicit: set) -> None:
         loaded = None if tokencache.is_saved_dir(args.dataset) else conversations.load_training_records(
             args.dataset, args.format, args.skip_invalid)
         tokenizer = loading.load_tokenizer(args.model, smoke_hint=True)
-        chat = chat_template.chat_template_for(tokenizer, args.template, conversational(loaded))
-        check_format_flags(args, explicit, conversational(loaded))
-        if conversational(loaded):
+        is_chat = conversational(loaded)
+        chat = chat_template.chat_template_for(tokenizer, args.template, is_chat)
+        check_format_flags(args, explicit, is_chat)
+        if is_chat:
             label_audit.require_generation_markers(chat, args.model)
         data, report = sft.prepare_datasets(args.dataset, tokenizer, args.template, args.max_length,
                                             args.val_size, args.seed, args.train_on_prompt, args.skip_invalid,
@@ -259,7 +260,7 @@ def main(args, explicit: set) -> None:
     # model's own loss; otherwise the plain path is used.
     probe = checks.probe_examples(data["train"])
     packing = choose_packing(model, probe, packing, "packing" in explicit, tokenizer.pad_token_id, say)
-    if conversational(loaded):  # before the first step, with the collator training uses
+    if is_chat:  # before the first step, with the collator training uses
         audit(data, tokenizer, SFTCollator(tokenizer.pad_token_id, packing), args, say)
     sparse = response_logits.enable_response_only_logits(model, SFTCollator(tokenizer.pad_token_id, packing)(probe))
     if attn and packing == "flat":  # after the checks, which run in fp32 on the CPU, where FlashAttention can't

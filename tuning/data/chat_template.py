@@ -78,6 +78,13 @@ def chat_template_for(tokenizer, template: str | Template, conversations: bool) 
     return own if conversations and foreign else own_chat_template(template, tokenizer)
 
 
+def saved_or_ours(tokenizer, template: str | Template) -> str:
+    """The chat template a model was saved with, else ours for its prompt template: what its conversations are
+    rendered with at inference and evaluation."""
+    saved = getattr(tokenizer, "chat_template", None)
+    return saved if isinstance(saved, str) and saved else own_chat_template(template, tokenizer)
+
+
 def prompt_of(record: dict, template: str | Template, chat_template: str | None = None, tokenizer=None):
     """What a model is asked for a single-turn record {instruction, input}: the prompt template's text, or, for a
     model trained with a tokenizer's own chat template, the record as one user turn (generate renders it with
