@@ -152,15 +152,17 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     from tuning.data import preferences
     from tuning.cli import UserError
     from tuning.models.loading import context_limit
-    from tuning.data.templates import encode_prompt
+    from tuning.data.chat_template import encode_prompts
 
     if args.method == "dpo":
         return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
                                          template, args.max_length, say)
     data, held_out, report = preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed,
-                                                         tokenizer, template, judge.template, args.max_length, say)
+                                                         tokenizer, template, judge.tokenizer, judge.template,
+                                                         args.max_length, say)
     judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + EOS
-    longest = max(len(encode_prompt(judge.tokenizer, text)) for part in data.values() for text in part["judge_prompt"])
+    longest = max(len(ids) for part in data.values()
+                  for ids in encode_prompts(judge.tokenizer, list(part["judge_prompt"]), judge.chat_template))
     if judge_limit and longest + args.max_new_tokens + 1 > judge_limit:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt, in the reward model's template, is "
                         f"{longest} tokens, and with an answer and EOS that is more than the {judge_limit} positions "
@@ -191,14 +193,14 @@ def probe_loss(args, data: dict, tokenizer, packing: str):
     import torch
 
     from tuning.data import collate
-    from tuning.data.templates import encode_prompt
+    from tuning.data.chat_template import prompt_ids
     from tuning.models import sequence_logps
 
     if args.method == "dpo":
         batch = sequence_logps.model_inputs(collate.PairCollator(tokenizer.pad_token_id, packing)(
             checks.probe_examples(data["train"])))
         return lambda model: model(**batch).logits.sum()
-    ids = torch.tensor([encode_prompt(tokenizer, data["train"][0]["prompt"])])
+    ids = torch.tensor([prompt_ids(tokenizer, data["train"][0]["prompt"])])
     return lambda model: model(input_ids=ids, labels=ids).loss
 
 
@@ -208,8 +210,8 @@ def main(args, explicit: set) -> None:
     from tuning.models import devices, loading
     from tuning.models import packing_checks, sequence_logps
     from tuning import rundir
-    from tuning.data.templates import load_template
-    from tuning.data.templates import write_template
+    from tuning.data.chat_template import saved_or_ours
+    from tuning.data.templates import load_template, write_template
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
@@ -241,6 +243,7 @@ def main(args, explicit: set) -> None:
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
+        tokenizer.chat_template = saved_or_ours(tokenizer, template)  # conversations as SFT rendered them; saved
         if args.method == "rloo":
             judge = align_trainers.Judge(args.reward_model, device, args.batch_size * args.num_generations,
                                        args.missing_eos_penalty)

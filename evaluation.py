@@ -108,20 +108,27 @@ def metrics_of(report: dict) -> dict:
 # ---------------------------------------------------------------- model-side measurements
 def rewards(judge, records: list[dict], answers: dict, batch_size: int) -> dict:
     """Each role's scores by the reward model `judge` = (model, tokenizer, template) of its answers (as decoded,
-    unstripped: as align.py scores them), the prompts formatted with the RM's template, and cut to its context
-    as align.py cuts them (scoring.within_context). Each distinct (prompt, answer) text is scored once, so two
-    roles' identical answers get the very same score, a tie, whatever batch shapes they would have been scored in."""
-    from tuning.data.templates import format_prompt
+    unstripped: as align.py scores them), each prompt in the RM's own format (an instruction in its template, a
+    conversation in its chat template), and cut to its context as align.py cuts them (scoring.within_context).
+    Each distinct (prompt, answer) is scored once, so two roles' identical answers get the very same score, a tie,
+    whatever batch shapes they would have been scored in."""
+    import json
+
+    from tuning.data.chat_template import prompt_of, saved_or_ours
+    from tuning.data.conversations import is_conversation
     from tuning.models import scoring
 
     rm, tokenizer, template = judge
-    prompts = [format_prompt(r, template) for r in records]
-    distinct = sorted({(prompt, answer["raw_text"]) for texts in answers.values()
-                       for prompt, answer in zip(prompts, texts)})
-    values = scoring.score_texts(rm, tokenizer, [p for p, _ in distinct], [a for _, a in distinct], batch_size,
-                                 cut=True)
+    chat_template = saved_or_ours(tokenizer, template)
+    prompts = [r["messages"][:-1] if is_conversation(r) else prompt_of(r, template, chat_template, tokenizer)
+               for r in records]
+    keys = [json.dumps(prompt) for prompt in prompts]  # (a conversation, a list, can't be a set's member)
+    distinct = sorted({(key, answer["raw_text"]) for texts in answers.values() for key, answer in zip(keys, texts)})
+    asked = dict(zip(keys, prompts))
+    values = scoring.score_texts(rm, tokenizer, [asked[key] for key, _ in distinct], [a for _, a in distinct],
+                                 batch_size, cut=True, chat_template=chat_template)
     score = dict(zip(distinct, values))
-    return {role: [score[prompt, answer["raw_text"]] for prompt, answer in zip(prompts, texts)]
+    return {role: [score[key, answer["raw_text"]] for key, answer in zip(keys, texts)]
             for role, texts in answers.items()}
 
 
@@ -303,8 +310,7 @@ def check_base(args, config: dict, explicit: set) -> None:
 
 def main(args, explicit: set) -> dict:
     from tuning import smoke
-    from tuning.cli import UserError
-    from tuning.data.conversations import is_conversation, load_training_records
+    from tuning.data.conversations import load_training_records
     from tuning.data.records import held_out_records
     from tuning.data.templates import load_template
     from tuning.generation.generate import require_finetuned
@@ -328,9 +334,6 @@ def main(args, explicit: set) -> dict:
     device = get_device(args.device)
     template = load_template(args.finetuned)
     chat_template = saved_chat_template(args.finetuned, template)
-    if args.reward_model and records and is_conversation(records[0]):
-        raise UserError(f"--reward-model: {args.finetuned} was trained on conversations, and reward models here "
-                        "judge single-turn prompts only so far; drop --reward-model")
     # The judge loads first: a --reward-model that is no reward model is said before minutes of generating.
     judge = scoring.load_reward_model(args.reward_model, device) if args.reward_model else None
     roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}

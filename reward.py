@@ -50,7 +50,7 @@ SCORE = False  # score answers with the reward model in OUTPUT_DIR instead of tr
 PROMPT = ""  # --score: the instruction, formatted with the reward model's template
 INPUT = ""  # --score: optional input of the instruction
 ANSWER = ""  # --score: the answer to score
-PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" and "rejected"), and a prompt
+PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" and "rejected"), and a prompt or "messages"
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
@@ -132,8 +132,8 @@ def main(args, explicit: set) -> None:
     from tuning import rundir
     from tuning.data import collate
     from tuning.models import packing_checks, scoring
-    from tuning.data.templates import load_template
-    from tuning.data.templates import write_template
+    from tuning.data.chat_template import saved_or_ours
+    from tuning.data.templates import load_template, write_template
 
     device = devices.get_device(args.device)
     precision, why = devices.resolve_precision(args.precision, device)
@@ -175,6 +175,7 @@ def main(args, explicit: set) -> None:
             smoke.prepare_pairs(os.path.dirname(args.dataset))
         tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
+        tokenizer.chat_template = saved_or_ours(tokenizer, template)  # conversations as SFT rendered them; saved
         data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
                                                            tokenizer, template, args.max_length, say)
     model = scoring.reward_model_from(args.model)
@@ -259,20 +260,22 @@ def score_main(args) -> None:
     from tuning.models import devices
     from tuning.models import scoring
     from tuning.data import preferences
+    from tuning.data.chat_template import saved_or_ours
     from tuning.data.preferences import pair_prompt
 
     device = devices.get_device(args.device)
     rm, tokenizer, template = scoring.load_reward_model(args.output_dir, device, flag="--output-dir")
+    chat_template = saved_or_ours(tokenizer, template)
     items = preferences.read_scoring_file(args.prompts_file) if args.prompts_file else [
-        {"instruction": args.prompt, "input": args.input, "prompt": None, "answers": [args.answer]}]
-    prompts = [pair_prompt(item, template) for item in items for _ in item["answers"]]
+        {"instruction": args.prompt, "input": args.input, "prompt": None, "messages": None, "answers": [args.answer]}]
+    prompts = [pair_prompt(item, template, chat_template, tokenizer) for item in items for _ in item["answers"]]
     scores = iter(scoring.score_texts(rm, tokenizer, prompts, [a for item in items for a in item["answers"]],
-                                      args.batch_size))
+                                      args.batch_size, chat_template=chat_template))
     right = 0
     for item in items:
         values = [next(scores) for _ in item["answers"]]
-        shown = item["prompt"] if item["prompt"] is not None else " / ".join(filter(None, (item["instruction"],
-                                                                                           item["input"])))
+        shown = (item["messages"][-1]["content"] if item["messages"] else item["prompt"] if item["prompt"] is not None
+                 else " / ".join(filter(None, (item["instruction"], item["input"]))))
         print(f"prompt: {shown.strip()[-200:]!r}")
         for label, answer, value in zip(("chosen", "rejected") if len(values) == 2 else ("answer",),
                                         item["answers"], values):

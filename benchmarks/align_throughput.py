@@ -51,8 +51,10 @@ def _setup(workdir: str, n: int):
 
     from tuning.models import loading
     from tuning.data import preferences
+    from tuning.data.chat_template import own_chat_template
 
     tokenizer = loading.load_tokenizer(MODEL)
+    tokenizer.chat_template = own_chat_template("seed", tokenizer)  # as align.py's SFT model carries it
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(MODEL))
     policy.save_pretrained(os.path.join(workdir, "policy"))
@@ -93,7 +95,7 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
 
         from tuning.data import preferences
 
-        data = Dataset.from_list([{"prompt": preferences.pair_prompt(p, "seed"), "chosen": p["chosen"],
+        data = Dataset.from_list([{"prompt": preferences.prompt_text(p, "seed", tokenizer), "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in pairs])
         config = DPOConfig(output_dir=os.path.join(workdir, "out"), per_device_train_batch_size=BATCH_SIZE,
                            num_train_epochs=1, logging_steps=1, save_strategy="no", report_to="none",

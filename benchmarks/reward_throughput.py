@@ -79,7 +79,7 @@ def run_row(row: str, precision: str, n: int) -> dict:
 
         from tuning.data import preferences
 
-        data = Dataset.from_list([{"prompt": preferences.pair_prompt(p, "seed"), "chosen": p["chosen"],
+        data = Dataset.from_list([{"prompt": preferences.prompt_text(p, "seed", tokenizer), "chosen": p["chosen"],
                                    "rejected": p["rejected"]} for p in pairs])
         extra = {"gradient_checkpointing": False} if row == "trl_tuned" else {}
         trainer = RewardTrainer(model=model, args=RewardConfig(**common, max_length=MAX_LENGTH, **extra),

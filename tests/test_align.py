@@ -1,6 +1,7 @@
 """align.py's parts: the tokens DPO and RLOO train on, our DPO loss against TRL's own, RLOO's evaluation
 (KL, RNG, truncation), the reward-model judge and the checks made before training. End to end: test_align_smoke.py."""
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from tuning.data import sft
 from tuning.models import loading
 from tuning.data import preferences
 from conftest import shared_path
+from tuning.data.chat_template import own_chat_template, tokenize_conversations
 from tuning.data.templates import encode_prompt, format_prompt
 
 
@@ -135,11 +137,15 @@ def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
 
 
 def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2"):
+    """A tiny RLOO trainer on `records`: Alpaca records (prompts in the seed template), or conversations (lists
+    of turns, asked with our chat template, which the tokenizer then carries, as align.py's does)."""
     from datasets import Dataset
 
     from tuning.preference import align_trainers
 
-    prompts = [format_prompt(r, "seed") for r in records]
+    prompts = [r if isinstance(r, list) else format_prompt(r, "seed") for r in records]
+    if any(isinstance(r, list) for r in records):
+        tokenizer.chat_template = own_chat_template("seed", tokenizer)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=1, lr=1e-5, warmup_ratio=0.0,
                            eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo", gradient_checkpointing=False, lora=False, report_to="none",
                            batch_size=2, num_generations=2, max_new_tokens=4, temperature=0.7)
@@ -164,6 +170,71 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
     for record, prompt_ids in zip(records, ids):
         example = sft.tokenize_example(record, tok, "seed", 1024)
         assert prompt_ids == [t for t, label in zip(example["input_ids"], example["labels"]) if label == -100]
+
+
+TALKS = [[{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
+          {"role": "user", "content": "Name a color."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}]]
+
+
+def test_rloo_asks_a_conversation_its_next_turn_as_sft_rendered_it(tmp_path, gpt2_tokenizer):
+    """Conversation prompts (multi-turn, with a system turn) are encoded as SFT encoded the dialogue before an
+    answer, trained on for a step, and judged: the reward function gets each prompt's conversation and each
+    answer's text, and the held-out answers are inference.py's."""
+    from tuning.generation import generate
+
+    tok = loading.ready_tokenizer(copy.deepcopy(gpt2_tokenizer))  # (it gets a chat template)
+    seen = []
+
+    def judge(completions=(), judge_prompt=(), **kwargs):
+        seen.append((list(judge_prompt), list(completions)))
+        return [float(len(c[-1]["content"])) for c in completions]
+
+    judge.score = lambda records, answers: [0.0] * len(answers)
+    trainer, prompts = rloo_trainer(tmp_path, tok, TALKS, judge=judge)
+    ids, _, _ = trainer._tokenize_prompts(prompts)
+    for talk, prompt_ids in zip(TALKS, ids):
+        [example] = tokenize_conversations([talk + [{"role": "assistant", "content": "Blue."}]], tok,
+                                           tok.chat_template, 1024, train_on="last_assistant")
+        assert prompt_ids == example["input_ids"][:example["spans"][-1][0]]
+    assert tok.decode(ids[1]) == "Be brief.\n\n### Instruction:\nCount to three.\n\n### Response:\n"
+    trainer.train()
+    assert seen and all(prompt in TALKS for prompt in seen[0][0])
+    assert all(c[-1]["role"] == "assistant" and isinstance(c[-1]["content"], str) for c in seen[0][1])
+    held_out = [{"prompt": p} for p in prompts]
+    assert trainer.greedy_answers(held_out) == generate.generate(trainer.model, tok, prompts, {
+        "max_new_tokens": 4, "do_sample": False}, raw=True)
+
+
+def test_the_judge_scores_a_conversation_answer_in_its_dialogue(tmp_path, gpt2_tokenizer):
+    """The reward model reads a conversation's answer as the last turn of the dialogue, as reward.py trained it on
+    pairs (the SFT tokens of the dialogue), and the same whether TRL hands the answer as text or as a turn."""
+    from tuning.data.templates import write_template
+    from tuning.models import scoring
+    from tuning.preference import align_trainers
+
+    tok = loading.ready_tokenizer(copy.deepcopy(gpt2_tokenizer))  # (it gets a chat template)
+    tok.chat_template = own_chat_template("seed", tok)
+    tiny_policy(tmp_path, tok)
+    rm = scoring.reward_model_from(str(tmp_path / "policy"))
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    scoring.without_pad_id(rm)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    write_template(str(tmp_path / "rm"), "seed")
+    judge = align_trainers.Judge(str(tmp_path / "rm"), torch.device("cpu"))
+    [example] = tokenize_conversations([TALKS[0] + [{"role": "assistant", "content": "Blue."}]], tok,
+                                       tok.chat_template, 1024)
+    assert judge.sequence(TALKS[0], "Blue.") == example["input_ids"]
+    pair = preferences.parse_pair({"prompt": TALKS[0], "chosen": [{"role": "assistant", "content": "Blue."}],
+                                   "rejected": [{"role": "assistant", "content": "No."}]})
+    tokens = preferences.tokenize_pair(pair, tok, "seed", 1024)
+    assert judge.sequence(TALKS[0], "Blue.") == tokens["prompt_ids"] + tokens["chosen_ids"]
+    as_text = judge(completions=["Blue.", "No."], judge_prompt=[TALKS[0]] * 2)
+    as_turns = judge(completions=[[{"role": "assistant", "content": a}] for a in ("Blue.", "No.")],
+                     judge_prompt=[TALKS[0]] * 2)
+    assert as_text == as_turns and as_text[0] != as_text[1]
 
 
 @pytest.mark.parametrize("method", ["dpo", "rloo"])
@@ -291,7 +362,7 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
                            reward_model="rm", skip_invalid=False, val_size=4, seed=0, max_length=512, max_new_tokens=32)
     for positions, fits in ((longest + 33, True), (longest + 32, False)):
         judge = SimpleNamespace(model=SimpleNamespace(config=GPT2Config(n_positions=positions)), tokenizer=tok,
-                                template="seed")
+                                template="seed", chat_template=None)
         if fits:
             data, _, _ = align.prepare_data(args, tok, "seed", judge, lambda *a: None)
             assert len(data["train"]) + len(data["validation"]) == 20

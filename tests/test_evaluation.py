@@ -74,7 +74,7 @@ def test_identical_answers_are_scored_once_so_they_tie(monkeypatch):
 
     calls = []
 
-    def score_texts(model, tokenizer, prompts, answers, batch_size, cut=False):
+    def score_texts(model, tokenizer, prompts, answers, batch_size, cut=False, chat_template=None):
         calls.append(len(answers))
         return [len(answer) + 1e-8 * len(calls) * i for i, answer in enumerate(answers)]
 

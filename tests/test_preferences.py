@@ -1,4 +1,5 @@
-"""tuning/data/preferences.py: the three pair formats, record errors, dropped pairs, split, tokens, and the real HH-RLHF file."""
+"""tuning/data/preferences.py: the pair formats (text and conversations), record errors, dropped pairs, split, tokens
+(conversations as SFT renders them), and the real HH-RLHF file."""
 
 import gzip
 import json
@@ -6,7 +7,7 @@ import re
 
 import pytest
 
-from tuning.data import records, templates
+from tuning.data import chat_template, records, templates
 import families
 from tuning.data import preferences as pf
 from conftest import shared_path
@@ -16,6 +17,15 @@ ALPACA_IN = {"instruction": "Add the numbers.", "input": "2 + 3", "chosen": "5",
 EXPLICIT = {"prompt": "Q: What is 2 + 2?\nA:", "chosen": " 4", "rejected": " 5"}
 TURNS = "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: Name a color.\n\nAssistant:"
 HH = {"chosen": TURNS + " Blue.", "rejected": TURNS + " I won't."}
+MESSAGES = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Name a color."}]
+TRL = {"prompt": MESSAGES, "chosen": [{"role": "assistant", "content": "Blue."}],
+       "rejected": [{"role": "assistant", "content": "I won't."}]}
+IMPLICIT = {"chosen": MESSAGES + TRL["chosen"], "rejected": MESSAGES + TRL["rejected"]}
+# The two turns before the answers, in our chat template for the seed template (a single-turn conversation
+# renders as the seed template renders the instruction).
+RENDERED = ("### Instruction:\nHi there.\n\n### Response:\nHello! How can I help?<|endoftext|>"
+            "### Instruction:\nName a color.\n\n### Response:\n")
 
 
 def write(tmp_path, name, text):
@@ -34,7 +44,7 @@ def jsonl(*records):
 # ---------------------------------------------------------------- the three formats (exact strings)
 def test_alpaca_style_keeps_instruction_and_uses_the_template():
     pair = pf.parse_pair(ALPACA)
-    assert pair == {"instruction": "Name a color.", "input": "", "prompt": None, "chosen": "Blue.",
+    assert pair == {"instruction": "Name a color.", "input": "", "prompt": None, "messages": None, "chosen": "Blue.",
                     "rejected": "Seven."}
     assert pf.pair_prompt(pair, "seed") == "### Instruction:\nName a color.\n\n### Response:\n"
     assert pf.pair_prompt(pf.parse_pair(ALPACA_IN), templates.TEMPLATES["alpaca"]) == (
@@ -45,28 +55,32 @@ def test_alpaca_style_keeps_instruction_and_uses_the_template():
 
 def test_explicit_prompt_is_verbatim_whatever_the_template():
     pair = pf.parse_pair(EXPLICIT)
-    assert pair == {"instruction": None, "input": None, "prompt": "Q: What is 2 + 2?\nA:", "chosen": " 4",
-                    "rejected": " 5"}
+    assert pair == {"instruction": None, "input": None, "prompt": "Q: What is 2 + 2?\nA:", "messages": None,
+                    "chosen": " 4", "rejected": " 5"}
     assert pf.pair_prompt(pair, "seed") == pf.pair_prompt(pair, "alpaca") == "Q: What is 2 + 2?\nA:"
 
 
-def test_hh_dialogue_prompt_ends_at_the_last_assistant_turn():
+def test_hh_dialogue_is_read_as_turns_up_to_the_last_assistant_turn():
     pair = pf.parse_pair(HH)
-    assert pair["prompt"] == ("\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?"
-                              "\n\nHuman: Name a color.\n\nAssistant:")
-    assert (pair["chosen"], pair["rejected"]) == (" Blue.", " I won't.")
-    assert pair["instruction"] is None and pf.pair_prompt(pair, "alpaca") == pair["prompt"]
+    assert pair == {"instruction": None, "input": None, "prompt": None, "messages": MESSAGES, "chosen": "Blue.",
+                    "rejected": "I won't."}
+    assert pf.pair_prompt(pair, "alpaca") == MESSAGES
+
+
+@pytest.mark.parametrize("record", [TRL, IMPLICIT], ids=["trl-prompt", "trl-implicit"])
+def test_trl_conversational_pairs_read_as_the_hh_dialogue(record):
+    assert pf.parse_pair(record) == pf.parse_pair(HH)
 
 
 def test_hh_answers_may_share_their_first_words():
     pair = pf.parse_pair({"chosen": TURNS + " Blue, like the sky.", "rejected": TURNS + " Blue, like a bruise."})
-    assert pair["prompt"] == TURNS and pair["chosen"] == " Blue, like the sky."
+    assert pair["messages"] == MESSAGES and pair["chosen"] == "Blue, like the sky."
 
 
 def test_formats_are_detected_per_record(tmp_path):
-    pairs, report = pf.load_pairs(write(tmp_path, "d.jsonl", jsonl(ALPACA, EXPLICIT, HH, ALPACA_IN)))
-    assert [p["prompt"] is None for p in pairs] == [True, False, False, True]
-    assert report["formats"] == {"alpaca": 2, "prompt": 1, "dialogue": 1}
+    pairs, report = pf.load_pairs(write(tmp_path, "d.jsonl", jsonl(ALPACA, EXPLICIT, HH, ALPACA_IN, TRL)))
+    assert [p["prompt"] is None for p in pairs] == [True, False, True, True, True]
+    assert report["formats"] == {"alpaca": 2, "prompt": 1, "conversation": 1, "dialogue": 1}
 
 
 def test_placeholder_input_becomes_empty(tmp_path):
@@ -93,7 +107,7 @@ def test_hub_id_goes_through_datasets(monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: [HH, {"chosen": "x", "rejected": "y"}])
-    with pytest.raises(pf.DataError, match="Anthropic/hh-rlhf: record 1: field 'chosen' has no"):
+    with pytest.raises(pf.DataError, match="Anthropic/hh-rlhf: record 1: field 'chosen' does not start with"):
         pf.load_pairs("Anthropic/hh-rlhf")
 
     def offline(name, split):
@@ -111,18 +125,34 @@ OTHER = "\n\nHuman: Hi.\n\nAssistant:"
 @pytest.mark.parametrize("name,text,expected", [
     ("d.jsonl", jsonl(HH) + "\n" + jsonl({"chosen": TURNS + " Blue.", "rejected": OTHER + " No."}),
      ("d.jsonl: record 1 (line 3): fields 'chosen' and 'rejected' do not share the dialogue up to their last "
-      "'\\n\\nAssistant:' ('chosen' has 2 Assistant turns, 'rejected' 1)")),
+      "Assistant turn ('chosen' has 2 Assistant turns, 'rejected' 1)")),
     ("d.jsonl.gz", jsonl(HH, HH, {"chosen": TURNS + " Blue.", "rejected": TURNS.replace("color", "number") + " 7"}),
      ("d.jsonl.gz: record 2 (line 3): fields 'chosen' and 'rejected' do not share the dialogue up to their last "
-      "'\\n\\nAssistant:' (they differ from character 69 on)")),
+      "Assistant turn (they differ at turn 3)")),
     ("d.json", json.dumps([HH, {"chosen": TURNS + " Blue.", "rejected": "Red."}]),
-     "d.json: record 1: field 'rejected' has no '\\n\\nAssistant:' turn"),
+     "d.json: record 1: field 'rejected' does not start with a '\\n\\nHuman:' turn"),
+    ("d.json", json.dumps([{"chosen": TURNS + " Blue.\n\nHuman: And?", "rejected": TURNS + " Red."}]),
+     "d.json: record 0: field 'chosen' does not end with an Assistant turn"),
+    ("d.json", json.dumps([{"chosen": TURNS.replace("Human: Name", "Assistant: Name") + " Blue.",
+                            "rejected": TURNS.replace("Human: Name", "Assistant: Name") + " Red."}]),
+     "d.json: record 0: the dialogue before the answers: turns 2 and 3 are both from the assistant"),
+    ("d.json", json.dumps([dict(TRL, chosen=[{"role": "user", "content": "Blue."}])]),
+     "d.json: record 0: field 'chosen' must hold one assistant turn, the answer to 'prompt' (it has user)"),
+    ("d.json", json.dumps([dict(TRL, prompt=MESSAGES[:2])]),
+     "d.json: record 0: field 'prompt' ends with a assistant turn; the answers reply to a user turn"),
+    ("d.json", json.dumps([dict(TRL, prompt=[{"role": "bot", "content": "x"}])]),
+     "d.json: record 0: turn 1 of 'prompt': field 'role' is 'bot'; expected 'system', 'user', 'assistant'"),
+    ("d.json", json.dumps([dict(TRL, prompt=[{"role": "user", "content": ""}])]),
+     "d.json: record 0: field 'prompt': turn 1 (user): its content is empty"),
+    ("d.json", json.dumps([dict(IMPLICIT, rejected=MESSAGES[:1] + TRL["rejected"])]),
+     "do not share the dialogue up to their last assistant turn ('chosen' has 2 assistant turns, 'rejected' 1)"),
     ("d.json", json.dumps([{"instruction": "a", "rejected": "b"}]), "d.json: record 0: field 'chosen' is missing"),
     ("d.json", json.dumps([{"prompt": "p", "chosen": 3, "rejected": "b"}]),
      "d.json: record 0: field 'chosen' is an int, not a string"),
-    ("d.json", json.dumps([{"prompt": ["p"], "chosen": "a", "rejected": "b"}]), "record 0: field 'prompt' is a list"),
+    ("d.json", json.dumps([{"prompt": ["p"], "chosen": "a", "rejected": "b"}]),
+     "record 0: field 'chosen' is a str, not a list of turns"),
     ("d.json", json.dumps([dict(ALPACA, input=5)]), "d.json: record 0: field 'input' is an int, not a string"),
-    ("d.json", json.dumps([dict(ALPACA, prompt="p")]), "record 0: has both a 'prompt' and an 'instruction' field"),
+    ("d.json", json.dumps([dict(ALPACA, prompt="p")]), "record 0: has both a 'prompt' (or message lists) and an 'instruction'"),
     ("d.json", json.dumps([ALPACA, 7]), "d.json: record 1: is an int, not an object"),
     ("d.jsonl", jsonl(ALPACA) + '{"chosen": \n', "d.jsonl: record 1 (line 2): malformed JSON"),
 ])
@@ -173,30 +203,69 @@ def test_split_is_datasetups_deterministic_split():
 
 # ---------------------------------------------------------------- tokens
 @pytest.mark.parametrize("family,bos", [("llama", True), ("gpt2", False)])
-def test_prompt_is_encode_prompt_and_answers_end_with_eos(family, bos):
+def test_text_prompt_is_encode_prompt_and_answers_end_with_eos(family, bos):
     tok = families.tokenizer(family)
-    for pair, template in ((pf.parse_pair(HH), "seed"), (pf.parse_pair(ALPACA_IN), "alpaca")):
+    for pair, template in ((pf.parse_pair(EXPLICIT), "seed"), (pf.parse_pair(ALPACA_IN), "alpaca")):
         ids = pf.tokenize_pair(pair, tok, template, 512)
         prompt = pf.pair_prompt(pair, template)
-        assert ids["prompt_ids"] == pf.encode_prompt(tok, prompt)
+        assert ids["prompt_ids"] == templates.encode_prompt(tok, prompt)
         assert (ids["prompt_ids"][0] == tok.bos_token_id) == bos
         assert ids["prompt_ids"][bos:] == tok(prompt, add_special_tokens=False)["input_ids"]
         for answer in ("chosen", "rejected"):
             assert ids[f"{answer}_ids"] == tok(pair[answer], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_conversation_pair_is_the_sft_example_of_its_dialogue(family):
+    """A multi-turn pair's prompt + answer are exactly the ids SFT trains on for the same dialogue (our chat
+    template, its BOS where the tokenizer adds one), and the answer its trained tokens, EOS included."""
+    tok = families.tokenizer(family)
+    chat = chat_template.own_chat_template("seed", tok)
+    ids = pf.tokenize_pair(pf.parse_pair(HH), tok, "seed", 512, chat)
+    for answer in ("Blue.", "I won't."):
+        key = "chosen_ids" if answer == "Blue." else "rejected_ids"
+        [example] = chat_template.tokenize_conversations([MESSAGES + [{"role": "assistant", "content": answer}]], tok,
+                                                         chat, 512, train_on="last_assistant")
+        assert ids["prompt_ids"] + ids[key] == example["input_ids"]
+        assert [label for label in example["labels"] if label != -100] == ids[key]
+    assert ids["prompt_ids"] == chat_template.chat_prompt_ids(tok, MESSAGES, chat)
+
+
 def test_real_gpt2_tokens_decode_to_the_exact_texts(gpt2_tokenizer):
     ids = pf.tokenize_pair(pf.parse_pair(HH), gpt2_tokenizer, "seed", 512)
-    assert gpt2_tokenizer.decode(ids["prompt_ids"]) == TURNS
-    assert gpt2_tokenizer.decode(ids["chosen_ids"]) == " Blue.<|endoftext|>"
-    assert gpt2_tokenizer.decode(ids["rejected_ids"]) == " I won't.<|endoftext|>"
+    assert gpt2_tokenizer.decode(ids["prompt_ids"]) == RENDERED
+    assert gpt2_tokenizer.decode(ids["chosen_ids"]) == "Blue.<|endoftext|>"
+    assert gpt2_tokenizer.decode(ids["rejected_ids"]) == "I won't.<|endoftext|>"
+    single = pf.tokenize_pair(pf.parse_pair({"prompt": [MESSAGES[2]], **{k: TRL[k] for k in ("chosen", "rejected")}}),
+                              gpt2_tokenizer, "seed", 512)
+    assert single == pf.tokenize_pair(pf.parse_pair(ALPACA), gpt2_tokenizer, "seed", 512) | {
+        "rejected_ids": single["rejected_ids"]}, "one user turn: the same ids as the instruction in the seed template"
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_a_tokenizers_own_template_closes_answers_with_its_end_of_turn(gpt2_tokenizer):
+    """With a tokenizer's own (ChatML-like) template, the prompt is its render and each answer ends with its
+    end-of-turn text, as the whole rendered dialogue has it; Alpaca pairs are asked as one user turn."""
+    tok = gpt2_tokenizer
+    ids = pf.tokenize_pair(pf.parse_pair(TRL), tok, "seed", 512, CHATML)
+    whole = tok.apply_chat_template(MESSAGES + TRL["chosen"], chat_template=CHATML, tokenize=False)
+    assert tok.decode(ids["prompt_ids"] + ids["chosen_ids"]) == whole
+    assert tok.decode(ids["chosen_ids"]) == "Blue.<|im_end|>\n"
+    alpaca = pf.tokenize_pair(pf.parse_pair(ALPACA), tok, "seed", 512, CHATML)
+    assert tok.decode(alpaca["prompt_ids"]) == "<|im_start|>user\nName a color.<|im_end|>\n<|im_start|>assistant\n"
+    assert pf.tokenize_pairs([pf.parse_pair(p) for p in (TRL, ALPACA, EXPLICIT)], tok, "seed", 512, CHATML)[0] == [
+        ids, alpaca, pf.tokenize_pair(pf.parse_pair(EXPLICIT), tok, "seed", 512, CHATML)]
 
 
 def test_fit_is_prompt_plus_longer_answer_plus_eos():
-    assert pf.build_pair([1, 2], [3], [4, 5], 9, 5) == {"prompt_ids": [1, 2], "chosen_ids": [3, 9],
-                                                        "rejected_ids": [4, 5, 9]}
-    assert pf.build_pair([1, 2], [3], [4, 5], 9, 4) is None, "the longer answer + EOS must fit, not be cut"
-    assert pf.build_pair([1, 2], [4, 5], [3], 9, 4) is None
+    assert pf.build_pair([1, 2], [3], [4, 5], [9], 5) == {"prompt_ids": [1, 2], "chosen_ids": [3, 9],
+                                                          "rejected_ids": [4, 5, 9]}
+    assert pf.build_pair([1, 2], [3], [4, 5], [9], 4) is None, "the longer answer + EOS must fit, not be cut"
+    assert pf.build_pair([1, 2], [4, 5], [3], [9], 4) is None
+    assert pf.build_pair([1], [3], [4], [8, 9], 4)["chosen_ids"] == [3, 8, 9], "an end-of-turn of two tokens"
 
 
 def test_too_long_pairs_are_reported_not_cut():
@@ -216,7 +285,7 @@ def test_too_long_pairs_are_reported_not_cut():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batched_tokenization_matches_single(family):
     tok = families.tokenizer(family)
-    pairs = [pf.parse_pair(p) for p in (HH, ALPACA, ALPACA_IN, EXPLICIT)]
+    pairs = [pf.parse_pair(p) for p in (HH, ALPACA, ALPACA_IN, EXPLICIT, TRL)]
     tokenized, report = pf.tokenize_pairs(pairs, tok, "alpaca", 512)
     assert tokenized == [pf.tokenize_pair(p, tok, "alpaca", 512) for p in pairs] and report["too_long_dropped"] == []
 
@@ -224,19 +293,25 @@ def test_batched_tokenization_matches_single(family):
 # ---------------------------------------------------------------- the real HH-RLHF file (skips without ../shared)
 def test_real_hh_rlhf_pairs(gpt2_tokenizer):
     path = str(shared_path("data", "hh-rlhf-harmless-base-test.jsonl.gz"))
-    with pytest.raises(pf.DataError, match=re.escape("record 1254 (line 1255): fields 'chosen' and 'rejected' do not "
-                                                     "share the dialogue")):
+    with pytest.raises(pf.DataError, match=re.escape("record 667 (line 668): the dialogue before the answers: turns 4 "
+                                                     "and 5 are both from the assistant")):
         pf.load_pairs(path)
     pairs, report = pf.load_pairs(path, skip_invalid=True)
-    # Five pairs whose last Assistant turn is not shared: in four the chosen dialogue has one turn more,
-    # in record 1950 the rejected one has. (../shared/README.md says 4: it misses 1950.)
+    # Five pairs whose last Assistant turn is not shared (in four the chosen dialogue has one turn more, in record
+    # 1950 the rejected one has; ../shared/README.md says 4: it misses 1950), and four with two Assistant turns in
+    # a row, which no chat template can render as a dialogue.
     assert report["read"] == 2312
-    assert [int(re.search(r"record (\d+)", s).group(1)) for s in report["skipped"]] == [1254, 1688, 1950, 1952, 2036]
+    assert [int(re.search(r"record (\d+)", s).group(1)) for s in report["skipped"]] == [
+        667, 763, 1254, 1319, 1688, 1849, 1950, 1952, 2036]
+    assert "record 1254 (line 1255): fields 'chosen' and 'rejected' do not share the dialogue up to their last " \
+           "Assistant turn ('chosen' has 3 Assistant turns, 'rejected' 2)" in report["skipped"][2]
     assert report["empty_dropped"] == [86, 516, 925, 1103] and report["equal_dropped"] == []
-    assert len(pairs) == report["formats"]["dialogue"] == 2303
-    assert all(p["prompt"].startswith("\n\nHuman:") and p["prompt"].endswith("\n\nAssistant:") for p in pairs)
+    assert len(pairs) == report["formats"]["dialogue"] == 2299
+    assert sum(len(p["messages"]) > 1 for p in pairs) == 1641, "most are multi-turn"
+    assert all(p["messages"][-1]["role"] == "user" for p in pairs)
     tokenized, fit = pf.tokenize_pairs(pairs, gpt2_tokenizer, "seed", 512)
-    assert fit["tokenized"] == 2225 and len(fit["too_long_dropped"]) == 78
-    assert round(fit["fit_share"], 3) == 0.966, "../shared/README.md: 96.6% fit in 512 tokens"
+    assert fit["tokenized"] == 2214 and len(fit["too_long_dropped"]) == 85
+    assert round(fit["fit_share"], 3) == 0.963, "in our chat template (HH's own turn markers: 96.6%, ../shared/README)"
     assert all(len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) <= 512 for t in tokenized)
     assert all(t["chosen_ids"][-1] == t["rejected_ids"][-1] == gpt2_tokenizer.eos_token_id for t in tokenized)
+    assert gpt2_tokenizer.decode(tokenized[0]["prompt_ids"]).startswith("### Instruction:\n")

@@ -261,17 +261,29 @@ def test_smoke_reward_needs_the_smoke_sft_model_first(tmp_path):
 def test_hh_rlhf_pairs_train_a_few_steps_from_a_distilgpt2_sft_dir(distilgpt2_sft, tmp_path):
     data = str(shared_path("data", "hh-rlhf-harmless-base-test.jsonl.gz"))
     strict = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm")
-    assert strict.returncode == 2 and "record 1254 (line 1255)" in strict.stderr and "--skip-invalid" in strict.stderr
+    assert strict.returncode == 2 and "record 667 (line 668): the dialogue before the answers: turns 4 and 5" in \
+        strict.stderr and "--skip-invalid" in strict.stderr
     result = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm",
                         "--skip-invalid", "--max-steps", "2", "--batch-size", "2", "--val-size", "16",
                         "--precision", "fp32", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert ("Pairs: 2312 read from" in result.stdout and "left out: 5 malformed (--skip-invalid), 4 with an empty answer"
+    assert ("Pairs: 2312 read from" in result.stdout and "left out: 9 malformed (--skip-invalid), 4 with an empty answer"
             in result.stdout and "longer than --max-length 512" in result.stdout)
     metrics = load_json(tmp_path / "rm" / "metrics.json")
     assert metrics["global_step"] == 2 and metrics["eval_pairs"] == 16 and metrics["eval_accuracy_before"] == 0.5
     report = load_json(tmp_path / "rm" / "run_config.json")["data_report"]
-    assert report["malformed"] == 5 and report["empty"] == 4 and 0 < report["too_long"] < 100
+    assert report["malformed"] == 9 and report["empty"] == 4 and 0 < report["too_long"] < 100
+    # The multi-turn dialogues were rendered with the SFT model's chat template, which the reward model keeps.
+    from tuning.data.chat_template import own_chat_template
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "rm").chat_template
+    assert saved == own_chat_template("seed")
+    talk = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+    (tmp_path / "talk.jsonl").write_text(json.dumps({"messages": talk}) + "\n")
+    scored = run_reward(tmp_path, "--score", "--output-dir", "rm", "--prompts-file", "talk.jsonl")
+    assert scored.returncode == 0 and "prompt: 'Name a color.'" in scored.stdout and "answer: 'Blue.'" in scored.stdout
 
 
 def test_torchrun_two_cpu_processes_score_every_held_out_pair_once(smoke_reward):

@@ -22,7 +22,9 @@ Data floor: imports templates.
 
 from __future__ import annotations
 
-from tuning.data.templates import TEMPLATES, Template, bos_prefix, format_prompt, template_of
+import re
+
+from tuning.data.templates import TEMPLATES, Template, bos_prefix, encode_prompt, format_prompt, template_of
 
 TRAIN_ON = "all_assistant"  # the default: loss on every assistant turn and its end-of-turn token
 IGNORE_INDEX = -100  # label of tokens without loss (as sft.IGNORE_INDEX)
@@ -95,8 +97,11 @@ def prompt_of(record: dict, template: str | Template, chat_template: str | None 
     return [{"role": "user", "content": record["instruction"] + (f"\n\n{given}" if given.strip() else "")}]
 
 
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # Jinja's {% generation %}, with any trim marks
+
+
 def has_generation_markers(chat_template: str) -> bool:
-    return "{% generation %}" in chat_template or "{%- generation" in chat_template
+    return bool(GENERATION_MARK.search(chat_template))
 
 
 def tokenize_conversations(conversations: list[list[dict]], tokenizer, chat_template: str, max_length: int,
@@ -152,3 +157,80 @@ def chat_prompt_ids(tokenizer, messages: list[dict], chat_template: str | None =
     out = tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
                                         tokenize=True, return_dict=True)
     return list(out["input_ids"])
+
+
+def render_prompts(tokenizer, conversations: list[list[dict]], chat_template: str | None = None) -> list[str]:
+    """The next-assistant-turn prompt text of each conversation: tokenized without special tokens, each gives
+    chat_prompt_ids (plain transformers renders, then tokenizes so)."""
+    if not conversations:
+        return []
+    return list(tokenizer.apply_chat_template(conversations, chat_template=chat_template, add_generation_prompt=True,
+                                              tokenize=False))
+
+
+PROBE = "Z7q"  # an assistant turn's content that no template changes, for answer_end_ids
+
+
+def answer_end_ids(tokenizer, chat_template: str | None = None) -> list[int]:
+    """The ids a chat template puts after an assistant turn's content: the end-of-turn that closes an answer (ours:
+    EOS; ChatML's: <|im_end|> and a newline). Each trained assistant turn ends so, so a preference pair's answers
+    and a reward model's scored answers end so too."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": PROBE}]
+    text = tokenizer.apply_chat_template(probe, chat_template=chat_template, tokenize=False)
+    if PROBE not in text:
+        raise ValueError("the chat template does not render an assistant turn's content")
+    return tokenizer(text[text.rindex(PROBE) + len(PROBE):], add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, prompt, chat_template: str | None = None) -> list[int]:
+    """The token ids of a prompt: a text as training and inference encode it (templates.encode_prompt), or a
+    conversation (a list of turns) as chat_prompt_ids renders its next assistant turn's prompt."""
+    if isinstance(prompt, list):
+        return chat_prompt_ids(tokenizer, prompt, chat_template)
+    return encode_prompt(tokenizer, prompt)
+
+
+def encode_prompts(tokenizer, prompts: list, chat_template: str | None = None) -> list[list[int]]:
+    """prompt_ids of each prompt (texts and conversations, mixed), batched: a text's ids after the BOS that
+    encode_prompt adds, a conversation's as the template renders them (with its own BOS, if any)."""
+    talks = [position for position, prompt in enumerate(prompts) if isinstance(prompt, list)]
+    rendered = dict(zip(talks, render_prompts(tokenizer, [prompts[i] for i in talks], chat_template)))
+    texts = [rendered.get(position, prompt) for position, prompt in enumerate(prompts)]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    bos = bos_prefix(tokenizer)
+    return [list(x) if position in rendered else bos + list(x) for position, x in enumerate(ids)]
+
+
+def encode_answers(tokenizer, conversations: list[list[dict]], answers: list[str],
+                   chat_template: str | None = None) -> list[list[int]]:
+    """Each answer's ids as the next assistant turn of its conversation, exactly as SFT tokenizes the dialogue
+    that ends with it (tokenize_conversations): the whole dialogue rendered and tokenized, and the ids after the
+    prompt's (chat_prompt_ids), the template's end-of-turn included. A tokenizer that marks a word's start
+    (SentencePiece's "▁") would give an answer tokenized alone other ids. Where the prompt's ids are not a prefix
+    of the dialogue's (a template that renders earlier turns otherwise once answered), the answer is tokenized
+    alone and closed by answer_end_ids."""
+    if not conversations:
+        return []
+    whole = tokenizer.apply_chat_template([talk + [{"role": "assistant", "content": answer}]
+                                           for talk, answer in zip(conversations, answers)],
+                                          chat_template=chat_template, tokenize=False)
+    prompts = tokenizer(render_prompts(tokenizer, conversations, chat_template), add_special_tokens=False,
+                        verbose=False)["input_ids"]
+    dialogues = tokenizer(list(whole), add_special_tokens=False, verbose=False)["input_ids"]
+    out, end = [], None
+    for prompt, dialogue, answer in zip(prompts, dialogues, answers):
+        if dialogue[:len(prompt)] == prompt:
+            out.append(list(dialogue[len(prompt):]))
+        else:
+            end = answer_end_ids(tokenizer, chat_template) if end is None else end
+            out.append(tokenizer(answer, add_special_tokens=False, verbose=False)["input_ids"] + end)
+    return out
+
+
+def answer_tokens(tokenizer, prompt, answer: str, chat_template: str | None = None) -> list[int]:
+    """An answer's ids after `prompt`, closed as the prompt's format closes an answer: after a text, tokenized
+    apart from it (no merge across the boundary) and EOS; in a conversation, as the next assistant turn
+    (encode_answers), ending with the template's end-of-turn."""
+    if isinstance(prompt, list):
+        return encode_answers(tokenizer, [prompt], [answer], chat_template)[0]
+    return tokenizer(answer, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -80,7 +80,7 @@ def check_turns(turns: list[dict], complete: bool = True) -> None:
                                     "nothing to learn after it")
 
 
-def _turns(record: dict, field: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
+def read_turns(record: dict, field: str, role_key: str, content_key: str, roles: dict) -> list[dict]:
     """The normalized turns of record[field], a list of {role_key, content_key} objects."""
     value = record.get(field)
     if value is None:
@@ -128,9 +128,9 @@ def parse_conversation(record: object, form: str, complete: bool = True) -> list
     if not isinstance(record, dict):
         raise MalformedConversation(f"is {a_kind(record)}, not an object")
     if form == "messages":
-        turns = _turns(record, "messages", "role", "content", {role: role for role in ROLES})
+        turns = read_turns(record, "messages", "role", "content", {role: role for role in ROLES})
     elif form == "sharegpt":
-        turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+        turns = read_turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
     else:
         turns = dialogue_turns(record.get("chosen"))
     check_turns(turns, complete)

@@ -1,30 +1,35 @@
 """Preference pairs (a prompt, a chosen and a rejected answer) from a Hub dataset id or a local .json,
-.jsonl or .jsonl.gz file, with errors that name the file, the record (and line) and the field; and their
-tokens, the prompt and each answer apart, every answer ending in EOS.
+.jsonl or .jsonl.gz file, with errors that name the file, the record (and line), the field and the turn; and
+their tokens, the prompt and each answer apart, every answer closed as SFT closed it.
 
-Three formats, detected per record:
+Formats, detected per record:
     {"instruction", "input" (optional), "chosen", "rejected"}   Alpaca style: the prompt is formatted with
                                                                 the SFT model's template (data/templates.py)
-    {"prompt", "chosen", "rejected"}                            the prompt is used verbatim
-    {"chosen", "rejected"}                                      whole Anthropic HH-RLHF dialogues: the prompt
-                                                                is the shared text up to and including the
-                                                                last "\\n\\nAssistant:", each answer what follows
+    {"prompt": str, "chosen": str, "rejected": str}             the prompt is used verbatim
+    {"prompt": [turns], "chosen": [turn], "rejected": [turn]}   TRL's conversational pairs: {role, content}
+    {"chosen": [turns], "rejected": [turns]}                    turns; whole conversations share all but the last
+    {"chosen": str, "rejected": str}                            whole Anthropic HH-RLHF dialogues, read as turns
+                                                                ("\n\nHuman:", "\n\nAssistant:") the same way
 
-Data floor: it imports records and templates.
+A conversation's prompt is its turns up to the user turn the answers reply to, rendered with the SFT model's
+chat template (chat_template.py), as SFT rendered it; the answers are the next assistant turn, each closed by
+the template's end-of-turn. So a multi-turn pair is scored, and tuned, in the context it was written in.
+
+Data floor: it imports records, templates, conversations and chat_template.
 """
 
 from __future__ import annotations
 
-import os
+from tuning.data.chat_template import encode_answers, encode_prompts, prompt_of, render_prompts
+from tuning.data.chat_template import saved_or_ours
+from tuning.data.conversations import ROLES, MalformedConversation, read_turns, check_turns, dialogue_turns
+from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw
+from tuning.data.records import say_left_out, split_records
+from tuning.data.templates import Template
 
-from tuning.data.records import split_records
-from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw, say_left_out
-from tuning.data.templates import Template, bos_prefix, encode_prompt, format_prompt
-
-# The turn marker of Anthropic HH-RLHF dialogues; a dialogue's prompt ends with its last one.
-HH_ASSISTANT = "\n\nAssistant:"
-# The fields of a normalized pair; "prompt" is None for Alpaca style, "instruction" and "input" otherwise.
-PAIR_FIELDS = ("instruction", "input", "prompt", "chosen", "rejected")
+# The fields of a normalized pair: "instruction" and "input" (Alpaca style), "prompt" (a text used verbatim) or
+# "messages" (a conversation's turns up to the user turn the answers reply to); the others are None.
+PAIR_FIELDS = ("instruction", "input", "prompt", "messages", "chosen", "rejected")
 # How many problems a "no usable pairs" error quotes.
 SHOWN = 3
 # Pairs tokenized per chunk; sets of 4 chunks or more show a progress bar.
@@ -45,29 +50,79 @@ def _string_problem(record: dict, field: str, optional: bool = False) -> str | N
     return None
 
 
-def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str]:
-    """(prompt, chosen answer, rejected answer) of two whole HH-RLHF dialogues.
-
-    The prompt is the text up to and including the last "\\n\\nAssistant:", and it must be the same in both;
-    otherwise MalformedPair says what differs."""
-    for field, text in (("chosen", chosen), ("rejected", rejected)):
-        if HH_ASSISTANT not in text:
-            raise MalformedPair(f"field '{field}' has no {HH_ASSISTANT!r} turn: expected a whole HH-RLHF "
-                                "dialogue (or give the pair a 'prompt' or an 'instruction' field)")
-    end_c, end_r = (text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT) for text in (chosen, rejected))
-    if chosen[:end_c] != rejected[:end_r]:
-        turns_c, turns_r = chosen.count(HH_ASSISTANT), rejected.count(HH_ASSISTANT)
-        if turns_c != turns_r:
-            why = f"'chosen' has {turns_c} Assistant turn{'s' * (turns_c != 1)}, 'rejected' {turns_r}"
+def _shared_turns(chosen: list[dict], rejected: list[dict], what: str) -> list[dict]:
+    """The turns two whole conversations share before their last (assistant) turn; MalformedPair when either
+    does not end with an assistant turn, or they differ before it."""
+    for field, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or turns[-1]["role"] != "assistant":
+            raise MalformedPair(f"field '{field}' does not end with an {what} turn: expected a whole dialogue "
+                                "(or give the pair a 'prompt' or an 'instruction' field)")
+    if chosen[:-1] != rejected[:-1]:
+        count_c, count_r = (sum(turn["role"] == "assistant" for turn in turns) for turns in (chosen, rejected))
+        if count_c != count_r:
+            why = f"'chosen' has {count_c} {what} turn{'s' * (count_c != 1)}, 'rejected' {count_r}"
         else:
-            why = f"they differ from character {len(os.path.commonprefix([chosen, rejected]))} on"
-        raise MalformedPair(f"fields 'chosen' and 'rejected' do not share the dialogue up to their last "
-                            f"{HH_ASSISTANT!r} ({why})")
-    return chosen[:end_c], chosen[end_c:], rejected[end_r:]
+            turn = next(n for n, (a, b) in enumerate(zip(chosen, rejected), start=1) if a != b)
+            why = f"they differ at turn {turn}"
+        raise MalformedPair(f"fields 'chosen' and 'rejected' do not share the dialogue up to their last {what} turn "
+                            f"({why})")
+    return chosen[:-1]
+
+
+def _checked(read, *args) -> list[dict]:
+    """conversations' turn reading and checks, their MalformedConversation said as a MalformedPair."""
+    try:
+        return read(*args)
+    except MalformedConversation as err:
+        raise MalformedPair(str(err)) from None
+
+
+def _prompt_turns(turns: list[dict], where: str) -> list[dict]:
+    """A pair's prompt turns, checked: an optional system turn, then user and assistant by turns, ending with the
+    user's (the turn the answers reply to). `where` names them in an error."""
+    try:
+        check_turns(turns, complete=False)
+    except MalformedConversation as err:
+        raise MalformedPair(f"{where}: {err}") from None
+    if turns[-1]["role"] != "user":
+        raise MalformedPair(f"{where} ends with a {turns[-1]['role']} turn; the answers reply to a user turn")
+    return turns
+
+
+def split_dialogue(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
+    """(prompt turns, chosen answer, rejected answer) of two whole HH-RLHF dialogues ("\n\nHuman: ...\n\nAssistant:
+    ..."): the turns up to their last Assistant turn, which must be the same in both, and that turn of each."""
+    turns = [_checked(dialogue_turns, text, field) for field, text in (("chosen", chosen), ("rejected", rejected))]
+    prompt = _shared_turns(*turns, "Assistant")
+    return _prompt_turns(prompt, "the dialogue before the answers"), turns[0][-1]["content"], turns[1][-1]["content"]
+
+
+def _messages(record: dict, field: str) -> list[dict]:
+    return _checked(read_turns, record, field, "role", "content", {role: role for role in ROLES})
+
+
+def split_conversations(record: dict) -> tuple[list[dict], str, str]:
+    """(prompt turns, chosen answer, rejected answer) of a pair in TRL's conversational format: {"prompt": turns,
+    "chosen": [assistant turn], "rejected": [assistant turn]}, or whole conversations {"chosen": turns,
+    "rejected": turns} that share all but their last assistant turn."""
+    if record.get("prompt") is not None:
+        answers = []
+        for field in ("chosen", "rejected"):
+            turns = _messages(record, field)
+            if len(turns) != 1 or turns[0]["role"] != "assistant":
+                raise MalformedPair(f"field '{field}' must hold one assistant turn, the answer to 'prompt' (it has "
+                                    f"{', '.join(turn['role'] for turn in turns) or 'none'})")
+            answers.append(turns[0]["content"])
+        return _prompt_turns(_messages(record, "prompt"), "field 'prompt'"), *answers
+    prompt = _shared_turns(_messages(record, "chosen"), _messages(record, "rejected"), "assistant")
+    return (_prompt_turns(prompt, "the conversation before the answers"), record["chosen"][-1]["content"],
+            record["rejected"][-1]["content"])
 
 
 def pair_format(record: dict) -> str:
-    """'alpaca', 'prompt' or 'dialogue': which of the three formats a record is in."""
+    """'alpaca', 'prompt', 'conversation' or 'dialogue': which of the formats a record is in."""
+    if any(isinstance(record.get(field), list) for field in ("prompt", "chosen", "rejected")):
+        return "conversation"
     if record.get("prompt") is not None:
         return "prompt"
     return "alpaca" if record.get("instruction") is not None else "dialogue"
@@ -75,14 +130,18 @@ def pair_format(record: dict) -> str:
 
 def parse_pair(record: object) -> dict:
     """The normalized pair of one record: a dict with PAIR_FIELDS. A malformed record raises MalformedPair
-    saying what is wrong with which field."""
+    saying what is wrong with which field (and turn)."""
     if isinstance(record, MalformedRow):  # a JSONL line that did not parse, with its error
         raise MalformedPair(str(record))
     if not isinstance(record, dict):
         raise MalformedPair(f"is {a_kind(record)}, not an object")
     form = pair_format(record)
-    if form == "prompt" and record.get("instruction") is not None:
-        raise MalformedPair("has both a 'prompt' and an 'instruction' field; give one of them")
+    if form in ("prompt", "conversation") and record.get("instruction") is not None:
+        raise MalformedPair("has both a 'prompt' (or message lists) and an 'instruction' field; give one of them")
+    if form == "conversation":
+        messages, chosen, rejected = split_conversations(record)
+        return {"instruction": None, "input": None, "prompt": None, "messages": messages,
+                "chosen": chosen.lstrip(), "rejected": rejected.lstrip()}
     fields = {"alpaca": ["instruction", "chosen", "rejected"], "prompt": ["prompt", "chosen", "rejected"],
               "dialogue": ["chosen", "rejected"]}[form]
     problem = next(filter(None, (_string_problem(record, field) for field in fields)), None)
@@ -90,18 +149,25 @@ def parse_pair(record: object) -> dict:
     if problem:
         raise MalformedPair(problem)
     if form == "dialogue":
-        prompt, chosen, rejected = split_dialogue(record["chosen"], record["rejected"])
-        return {"instruction": None, "input": None, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        messages, chosen, rejected = split_dialogue(record["chosen"], record["rejected"])
+        return {"instruction": None, "input": None, "prompt": None, "messages": messages, "chosen": chosen,
+                "rejected": rejected}
     if form == "prompt":
-        return {"instruction": None, "input": None, "prompt": record["prompt"], "chosen": record["chosen"],
-                "rejected": record["rejected"]}
+        return {"instruction": None, "input": None, "prompt": record["prompt"], "messages": None,
+                "chosen": record["chosen"], "rejected": record["rejected"]}
     return {"instruction": record["instruction"], "input": record.get("input") or "", "prompt": None,
-            "chosen": record["chosen"], "rejected": record["rejected"]}
+            "messages": None, "chosen": record["chosen"], "rejected": record["rejected"]}
 
 
-def pair_prompt(pair: dict, template: str | Template) -> str:
-    """The prompt text of a pair: the template's (the SFT model's) for Alpaca style, else the prompt verbatim."""
-    return format_prompt(pair, template) if pair["prompt"] is None else pair["prompt"]
+def pair_prompt(pair: dict, template: str | Template, chat_template: str | None = None, tokenizer=None):
+    """What the model is asked in a pair: its conversation (a list of turns, rendered with the chat template), its
+    prompt verbatim, or, for Alpaca style, the prompt template's text (chat_template.prompt_of: a user turn for a
+    model trained with a tokenizer's own chat template)."""
+    if pair.get("messages") is not None:
+        return pair["messages"]
+    if pair["prompt"] is not None:
+        return pair["prompt"]
+    return prompt_of(pair, template, chat_template, tokenizer)
 
 
 def load_pairs(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
@@ -114,7 +180,7 @@ def load_pairs(source: str, skip_invalid: bool = False) -> tuple[list[dict], dic
     """
     rows = read_raw(source)
     pairs, skipped, empty, empty_details, equal, equal_details = [], [], [], [], [], []
-    formats, placeholders = {"alpaca": 0, "prompt": 0, "dialogue": 0}, 0
+    formats, placeholders = {"alpaca": 0, "prompt": 0, "conversation": 0, "dialogue": 0}, 0
     for index, (where, record) in enumerate(rows):
         try:
             pair = parse_pair(record)
@@ -148,47 +214,78 @@ def load_pairs(source: str, skip_invalid: bool = False) -> tuple[list[dict], dic
     return pairs, report
 
 
+def prompt_text(pair: dict, template: str | Template, tokenizer) -> str:
+    """A pair's prompt as one text (a conversation rendered with the tokenizer's chat template, else ours): for
+    trainers that take text, as TRL's own do in the benchmarks."""
+    chat_template = saved_or_ours(tokenizer, template)
+    prompt = pair_prompt(pair, template, chat_template, tokenizer)
+    return render_prompts(tokenizer, [prompt], chat_template)[0] if isinstance(prompt, list) else prompt
+
+
 # ---------------------------------------------------------------- tokenization
-def build_pair(prompt_ids, chosen_ids, rejected_ids, eos_id, max_length) -> dict | None:
-    """The token ids of a pair, each answer + EOS; None when prompt + the longer answer + EOS exceeds
-    max_length (the answer that carries the score is never cut)."""
-    chosen, rejected = list(chosen_ids) + [eos_id], list(rejected_ids) + [eos_id]
+def build_pair(prompt_ids, chosen_ids, rejected_ids, end_ids, max_length) -> dict | None:
+    """The token ids of a pair, each answer closed by `end_ids` (EOS; nothing for answers that carry their end);
+    None when prompt + the longer answer + its end exceeds max_length (the answer that carries the score is never
+    cut)."""
+    chosen, rejected = list(chosen_ids) + list(end_ids), list(rejected_ids) + list(end_ids)
     if len(prompt_ids) + max(len(chosen), len(rejected)) > max_length:
         return None
     return {"prompt_ids": list(prompt_ids), "chosen_ids": chosen, "rejected_ids": rejected}
 
 
-def tokenize_pair(pair: dict, tokenizer, template: str | Template, max_length: int) -> dict | None:
-    """{"prompt_ids", "chosen_ids", "rejected_ids"} of one pair, or None when it does not fit max_length.
-
-    The prompt is encoded as in training and inference (encode_prompt: BOS where the tokenizer adds one),
-    each answer apart from it without special tokens, so no merge crosses the boundary."""
-    answers = tokenizer([pair["chosen"], pair["rejected"]], add_special_tokens=False)["input_ids"]
-    prompt_ids = encode_prompt(tokenizer, pair_prompt(pair, template))
-    return build_pair(prompt_ids, answers[0], answers[1], tokenizer.eos_token_id, max_length)
+def pair_chat_template(tokenizer, template: str | Template, chat_template: str | None = None) -> str:
+    """The chat template a pair's conversation is rendered with: the given one, else the tokenizer's saved one (the
+    SFT model's), else ours for `template`."""
+    return chat_template or saved_or_ours(tokenizer, template)
 
 
-def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_length: int) -> tuple[list, dict]:
-    """(tokenized pairs, report): tokenize_pair over a list, batched. Pairs that do not fit are dropped and
-    reported: "too_long_dropped" lists their positions in `pairs`, "fit_share" the share that fits."""
+def tokenize_pair(pair: dict, tokenizer, template: str | Template, max_length: int,
+                  chat_template: str | None = None) -> dict | None:
+    """{"prompt_ids", "chosen_ids", "rejected_ids"} of one pair (tokenize_pairs says how), or None when it does not
+    fit max_length."""
+    tokenized, _ = tokenize_pairs([pair], tokenizer, template, max_length, chat_template)
+    return tokenized[0] if tokenized else None
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_length: int,
+                   chat_template: str | None = None) -> tuple[list, dict]:
+    """(tokenized pairs, report): each pair's {"prompt_ids", "chosen_ids", "rejected_ids"}, batched. Pairs that do
+    not fit max_length are dropped and reported: "too_long_dropped" lists their positions in `pairs`,
+    "fit_share" the share that fits.
+
+    Each is tokenized as SFT tokenized its kind. A text prompt is encoded as in training and inference
+    (encode_prompt: BOS where the tokenizer adds one), and each answer apart from it, without special tokens
+    (no merge crosses the boundary), + EOS. A conversation is rendered with the chat template: the prompt as
+    its next assistant turn's (chat_prompt_ids), each answer as that turn, ending with the template's
+    end-of-turn, exactly the ids SFT trains on for the dialogue that ends with it (encode_answers)."""
     from tqdm.auto import tqdm
 
-    texts = ([pair_prompt(pair, template) for pair in pairs] + [pair["chosen"] for pair in pairs]
-             + [pair["rejected"] for pair in pairs])
-    ids = []
-    with tqdm(total=len(pairs), desc="Tokenizing pairs", unit="pair", disable=len(pairs) < 4 * CHUNK) as bar:
-        for start in range(0, len(texts), 3 * CHUNK):  # in chunks, for the progress bar on large sets
-            ids += tokenizer(texts[start:start + 3 * CHUNK], add_special_tokens=False)["input_ids"]
-            bar.update(min(CHUNK, len(pairs) - bar.n))
-    n, bos = len(pairs), bos_prefix(tokenizer)  # bos + a prompt's ids = encode_prompt's, in one batch
+    chat_template = pair_chat_template(tokenizer, template, chat_template)
+    prompts = [pair_prompt(pair, template, chat_template, tokenizer) for pair in pairs]
     tokenized, too_long = [], []
-    for position in range(n):
-        built = build_pair(bos + ids[position], ids[n + position], ids[2 * n + position], tokenizer.eos_token_id,
-                           max_length)
-        if built is None:
-            too_long.append(position)
-        else:
-            tokenized.append(built)
+    with tqdm(total=len(pairs), desc="Tokenizing pairs", unit="pair", disable=len(pairs) < 4 * CHUNK) as bar:
+        for start in range(0, len(pairs), CHUNK):  # in chunks, for the progress bar on large sets
+            part, asked = pairs[start:start + CHUNK], prompts[start:start + CHUNK]
+            talks = [i for i, prompt in enumerate(asked) if isinstance(prompt, list)]
+            texts = [i for i, prompt in enumerate(asked) if not isinstance(prompt, list)]
+            answers = {}
+            if texts:
+                ids = tokenizer([part[i][key] for key in ("chosen", "rejected") for i in texts],
+                                add_special_tokens=False)["input_ids"]
+                for n, i in enumerate(texts):
+                    answers[i] = (ids[n] + [tokenizer.eos_token_id], ids[len(texts) + n] + [tokenizer.eos_token_id])
+            if talks:
+                ids = encode_answers(tokenizer, [asked[i] for i in talks] * 2,
+                                     [part[i][key] for key in ("chosen", "rejected") for i in talks], chat_template)
+                for n, i in enumerate(talks):
+                    answers[i] = (ids[n], ids[len(talks) + n])
+            for offset, ids in enumerate(encode_prompts(tokenizer, asked, chat_template)):
+                built = build_pair(ids, *answers[offset], (), max_length)
+                if built is None:
+                    too_long.append(start + offset)
+                else:
+                    tokenized.append(built)
+            bar.update(len(part))
     report = {"pairs": len(pairs), "tokenized": len(tokenized), "too_long_dropped": too_long,
               "max_length": max_length, "fit_share": len(tokenized) / len(pairs) if pairs else 0.0}
     return tokenized, report
@@ -211,33 +308,46 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
 
 
 def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
-    """Prompts for online RL, each {"instruction", "input", "prompt"} as in a normalized pair: the prompts of
-    preference pairs (any of the three formats), or of instruction records such as train.py reads."""
+    """Prompts for online RL, each {"instruction", "input", "prompt", "messages"} as in a normalized pair: the
+    prompts of preference pairs (any format), the instructions of Alpaca records, or the conversations train.py
+    reads (messages, ShareGPT) up to their last user turn: the model answers that turn."""
+    from tuning.data.conversations import detect_format, load_conversations
     from tuning.data.records import load_records
 
-    first = next((record for _, record in read_raw(source) if isinstance(record, dict)), {})
+    rows = read_raw(source)
+    first = next((record for _, record in rows if isinstance(record, dict)), {})
     if "chosen" in first or "rejected" in first:
         pairs, report = load_pairs(source, skip_invalid)
-        return [{key: pair[key] for key in ("instruction", "input", "prompt")} for pair in pairs], report
-    records, report = load_records(source, skip_invalid)
-    return [{"instruction": r["instruction"], "input": r["input"], "prompt": None} for r in records], report
+        return [{key: pair[key] for key in ("instruction", "input", "prompt", "messages")} for pair in pairs], report
+    if detect_format(rows) in ("messages", "sharegpt"):
+        talks, report = load_conversations(source, skip_invalid=skip_invalid, rows=rows)
+        return [{"instruction": None, "input": None, "prompt": None, "messages": talk["messages"][:-1]}
+                for talk in talks], report
+    records, report = load_records(source, skip_invalid, rows=rows)
+    return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None}
+            for r in records], report
 
 
-def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, judge_template,
-                    max_length: int, say=print) -> tuple[dict, list[dict], dict]:
-    """({"train", "validation"} Datasets of {"prompt", "judge_prompt"}: each prompt formatted with the policy's
-    and with the judging reward model's template), the held-out prompts as read, report. Prompts longer than
-    max_length tokens are left out and counted."""
+def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, judge_tokenizer,
+                    judge_template, max_length: int, say=print) -> tuple[dict, list[dict], dict]:
+    """({"train", "validation"} Datasets of {"prompt", "judge_prompt"}: what the policy is asked, in its template
+    or chat template (pair_prompt), and what the judging reward model reads, in its own), the held-out prompts as
+    read, report. Prompts longer than max_length tokens are left out and counted."""
     prompts, report = load_prompts(source, skip_invalid)
     train, held_out = split_records(prompts, val_size, seed)
+    chat_template = pair_chat_template(tokenizer, template)
+    judge_chat_template = pair_chat_template(judge_tokenizer, judge_template)
     data, too_long = {}, 0
     for name, part in (("train", train), ("validation", held_out)):
-        texts = [pair_prompt(p, template) for p in part]
-        lengths = [len(bos_prefix(tokenizer)) + len(ids) for ids in
-                   tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-        data[name] = [{"prompt": text, "judge_prompt": pair_prompt(p, judge_template)}
-                      for p, text, n in zip(part, texts, lengths) if n <= max_length]
+        asked = [pair_prompt(p, template, chat_template, tokenizer) for p in part]
+        lengths = map(len, encode_prompts(tokenizer, asked, chat_template))
+        data[name] = [{"prompt": prompt, "judge_prompt": pair_prompt(p, judge_template, judge_chat_template,
+                                                                     judge_tokenizer)}
+                      for p, prompt, n in zip(part, asked, lengths) if n <= max_length]
         too_long += len(part) - len(data[name])
+    if any(len({type(row[column]) for part in data.values() for row in part}) > 1 for column in ("prompt",
+                                                                                                 "judge_prompt")):
+        raise DataError(f"{source}: mixes conversations and text prompts; give online RL one kind")
     say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "records", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out prompts")
     return _as_datasets(data, source, "prompts"), held_out, left_out_report(report, too_long)
@@ -257,19 +367,27 @@ def _as_datasets(data: dict, source: str, what: str) -> dict:
 
 # ---------------------------------------------------------------- answers to score (reward.py --score)
 def read_scoring_file(path: str) -> list[dict]:
-    """Records to score from a .json/.jsonl(.gz) file: {"prompt" or "instruction" (+ "input"), "answer"}, or a
-    preference pair in any of the formats above. Each comes back as a normalized pair (prompt,
+    """Records to score from a .json/.jsonl(.gz) file: {"prompt" (a text or a list of turns) or "instruction"
+    (+ "input"), "answer"}; a conversation {"messages": turns} whose last assistant turn is the answer; or a
+    preference pair in any of the formats above. Each comes back as a normalized pair (prompt, messages,
     instruction, input) with "answers": [answer] or [chosen, rejected]."""
     items = []
     for where, record in read_raw(path):
         try:
+            if isinstance(record, dict) and "messages" in record and "chosen" not in record:
+                turns = _messages(record, "messages")
+                if not turns or turns[-1]["role"] != "assistant":
+                    raise MalformedPair("field 'messages' must end with the assistant turn to score")
+                record = {"prompt": turns[:-1], "answer": turns[-1]["content"]}
             if isinstance(record, dict) and "answer" in record:
                 if not isinstance(record["answer"], str):
                     raise MalformedPair("field 'answer' is not a string")
                 if record.get("prompt") is None and record.get("instruction") is None:
-                    raise MalformedPair("an 'answer' needs a 'prompt' or an 'instruction' field")
-                pair = parse_pair({**record, "chosen": record["answer"], "rejected": record["answer"]})
-                items.append({**pair, "answers": [record["answer"]]})
+                    raise MalformedPair("an 'answer' needs a 'prompt', 'messages' or 'instruction' field")
+                answer = ([{"role": "assistant", "content": record["answer"]}] if isinstance(record["prompt"], list)
+                          else record["answer"]) if record.get("prompt") is not None else record["answer"]
+                pair = parse_pair({**record, "chosen": answer, "rejected": answer})
+                items.append({**pair, "answers": [pair["chosen"]]})
             else:
                 pair = parse_pair(record)
                 items.append({**pair, "answers": [pair["chosen"], pair["rejected"]]})

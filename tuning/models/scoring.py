@@ -29,7 +29,7 @@ from tuning.models import lora
 from tuning.cli import UserError
 from tuning.data.collate import ScoreCollator
 from tuning.models.loading import context_limit
-from tuning.data.templates import encode_prompt
+from tuning.data.chat_template import answer_tokens, prompt_ids
 
 
 class _ScoreAtIndex:
@@ -145,11 +145,12 @@ def load_reward_model(path: str, device=None, flag: str = "--reward-model"):
     return rm, tokenizer, load_template(path)
 
 
-def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
-    """prompt + answer + EOS as the reward model reads it: the prompt as training and inference encode it,
-    the answer apart from it (no merge across the boundary), exactly as preferences.tokenize_pair."""
-    answer_part = tokenizer(answer, add_special_tokens=False, verbose=False)["input_ids"]  # (long ones: cut later)
-    return encode_prompt(tokenizer, prompt) + answer_part + [tokenizer.eos_token_id]
+def answer_ids(tokenizer, prompt, answer: str, chat_template: str | None = None) -> list[int]:
+    """prompt + answer + its end as the reward model reads it, exactly as preferences.tokenize_pair makes a pair:
+    a text prompt as training and inference encode it and the answer + EOS; a conversation (a list of turns)
+    rendered with `chat_template` (else the tokenizer's) and the answer + the template's end-of-turn. The answer
+    is tokenized apart from the prompt (no merge across the boundary); long ones are cut later."""
+    return prompt_ids(tokenizer, prompt, chat_template) + answer_tokens(tokenizer, prompt, answer, chat_template)
 
 
 @torch.no_grad()
@@ -179,11 +180,12 @@ def within_context(ids: list[int], limit: int | None) -> list[int]:
     return ids if not limit or len(ids) <= limit else ids[:limit - 1] + ids[-1:]
 
 
-def score_texts(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 16,
-                cut: bool = False) -> list[float]:
-    """The reward of each answer to its (already formatted) prompt. A text longer than the model's context is
-    cut to fit with `cut` (generated answers: within_context), else refused with a UserError naming it."""
-    sequences = [answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+def score_texts(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 16,
+                cut: bool = False, chat_template: str | None = None) -> list[float]:
+    """The reward of each answer to its prompt: a formatted text, or a conversation rendered with `chat_template`
+    (the reward model's). A text longer than the model's context is cut to fit with `cut` (generated answers:
+    within_context), else refused with a UserError naming it."""
+    sequences = [answer_ids(tokenizer, p, a, chat_template) for p, a in zip(prompts, answers)]
     limit = context_limit(model.config)
     too_long = [i for i, s in enumerate(sequences) if limit and len(s) > limit]
     if too_long and not cut:

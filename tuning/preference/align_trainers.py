@@ -5,7 +5,8 @@ model saw, and evaluated the way metrics.json reports them.
 - DPO trains on pairs tokenized by preferences.tokenize_pairs (the SFT template's prompt, each answer + EOS),
   not TRL's text tokenization. Its reference log-probs are computed once, before training, by the frozen
   SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
-- RLOO encodes prompts as inference.py does (templates.encode_prompt), and scores its samples with
+- RLOO encodes prompts as inference.py does (a text as templates.encode_prompt, a conversation with the SFT
+  model's chat template), and scores its samples with
   a reward model through models/scoring.py, which reads the score at the answer's final token.
 """
 
@@ -20,7 +21,7 @@ import torch
 from trl import DPOTrainer, RLOOTrainer
 
 from tuning.data.collate import PairCollator, positions_from_mask
-from tuning.data.templates import encode_prompt
+from tuning.data.chat_template import encode_prompts, saved_or_ours
 from tuning.models.loading import context_limit
 from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids, within_context
 from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, sigmoid_dpo_loss
@@ -130,7 +131,9 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         return {}  # prompts only: counted once their answers are generated (_prepare_inputs)
 
     def _tokenize_prompts(self, prompts: list):
-        return [encode_prompt(self._tokenizer, prompt) for prompt in prompts], None, {}
+        """Each prompt's ids as inference.py encodes it: a text (encode_prompt), or a conversation rendered with
+        the SFT model's chat template (the tokenizer's, saved with the model), its next assistant turn's prompt."""
+        return encode_prompts(self._tokenizer, prompts), None, {}
 
     def _generate(self, prompts: list):
         started = time.perf_counter()
@@ -221,7 +224,8 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
         values, pad = [], self._tokenizer.pad_token_id
         for start in range(0, len(records), self.args.per_device_eval_batch_size):
             chunk = range(start, min(len(records), start + self.args.per_device_eval_batch_size))
-            sequences = [encode_prompt(self._tokenizer, records[i]["prompt"]) + answers[i] for i in chunk]
+            sequences = [ids + answers[i] for i, ids in zip(chunk, encode_prompts(self._tokenizer,
+                                                                                 [records[i]["prompt"] for i in chunk]))]
             width = max(map(len, sequences))
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.args.device)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.args.device)
@@ -285,17 +289,20 @@ def without_adapters(model):
 
 class Judge:
     """A reward model (reward.py's output dir) as RLOO's reward function and as the evaluation's judge. Each
-    answer is scored, exactly as decoded, after its prompt formatted with the reward model's own template
-    ("judge_prompt"). In training, an answer cut off at --max-new-tokens (no stop token among `stop_ids`) is
+    answer is scored, exactly as decoded, after its prompt formatted with the reward model's own template, or,
+    for a conversation, rendered with its chat template ("judge_prompt"). In training, an answer cut off at --max-new-tokens (no stop token among `stop_ids`) is
     scored as if it had ended there, minus `missing_eos_penalty`: a cut answer must not pass for a finished one."""
 
     __name__ = "reward_model"  # TRL names a reward function in its logs
 
     def __init__(self, path: str, device, batch_size: int = 16, missing_eos_penalty: float = 0.0):
         self.model, self.tokenizer, self.template = load_reward_model(path, device)
+        self.chat_template = saved_or_ours(self.tokenizer, self.template)
         self.batch_size, self.missing_eos_penalty, self.stop_ids = batch_size, missing_eos_penalty, ()
 
     def __call__(self, prompts=None, completions=(), judge_prompt=(), completion_ids=None, **kwargs) -> list[float]:
+        # TRL gives a conversation's answers as one assistant turn each: [{"role": "assistant", "content": ...}]
+        completions = [answer[-1]["content"] if isinstance(answer, list) else answer for answer in completions]
         rewards = score_ids(self.model, [self.sequence(p, a) for p, a in zip(judge_prompt, completions)],
                             self.tokenizer.pad_token_id, self.batch_size)
         if completion_ids is None or not self.missing_eos_penalty:
@@ -305,11 +312,12 @@ class Judge:
         return [reward - self.missing_eos_penalty * (not ids or ids[-1] not in self.stop_ids)
                 for reward, ids in zip(rewards, completion_ids)]
 
-    def sequence(self, prompt: str, answer: str) -> list[int]:
-        """prompt + answer + EOS as the reward model reads them. Re-encoding decoded text can take more tokens
+    def sequence(self, prompt, answer: str) -> list[int]:
+        """prompt + answer + its end (EOS, or the chat template's end-of-turn) as the reward model reads them. Re-encoding decoded text can take more tokens
         than were sampled (a character cut mid-way, another tokenizer), so an answer is cut to fit the
         reward model's context (align.py checks that every prompt leaves room for --max-new-tokens)."""
-        return within_context(answer_ids(self.tokenizer, prompt, answer), context_limit(self.model.config))
+        return within_context(answer_ids(self.tokenizer, prompt, answer, self.chat_template),
+                              context_limit(self.model.config))
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
