@@ -258,7 +258,9 @@ def test_smoke_reward_needs_the_smoke_sft_model_first(tmp_path):
 
 
 # ---------------------------------------------------------------- the real HH-RLHF pairs
-def test_hh_rlhf_pairs_train_a_few_steps_from_a_distilgpt2_sft_dir(distilgpt2_sft, tmp_path):
+def test_hh_rlhf_dialogues_train_a_reward_model_then_dpo_and_rloo_from_a_distilgpt2_sft_dir(distilgpt2_sft, tmp_path):
+    """The real HH-RLHF pairs, as multi-turn conversations in the SFT model's chat template, through reward.py,
+    then align.py's DPO and RLOO (against that reward model), a few steps each on DistilGPT2's architecture."""
     data = str(shared_path("data", "hh-rlhf-harmless-base-test.jsonl.gz"))
     strict = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm")
     assert strict.returncode == 2 and "record 667 (line 668): the dialogue before the answers: turns 4 and 5" in \
@@ -284,6 +286,19 @@ def test_hh_rlhf_pairs_train_a_few_steps_from_a_distilgpt2_sft_dir(distilgpt2_sf
     (tmp_path / "talk.jsonl").write_text(json.dumps({"messages": talk}) + "\n")
     scored = run_reward(tmp_path, "--score", "--output-dir", "rm", "--prompts-file", "talk.jsonl")
     assert scored.returncode == 0 and "prompt: 'Name a color.'" in scored.stdout and "answer: 'Blue.'" in scored.stdout
+
+    common = ["--model", str(distilgpt2_sft), "--dataset", data, "--skip-invalid", "--precision", "fp32",
+              "--batch-size", "2"]
+    for method, extra in (("dpo", ["--max-steps", "2", "--val-size", "8"]),
+                          ("rloo", ["--reward-model", "rm", "--max-steps", "1", "--num-generations", "2",
+                                    "--max-new-tokens", "8", "--val-size", "4"])):
+        aligned = subprocess.run([sys.executable, str(ROOT / "align.py"), "--method", method, *common, *extra,
+                                  "--output-dir", method], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                                 timeout=600)
+        assert aligned.returncode == 0, aligned.stderr[-3000:]
+        assert load_json(tmp_path / method / "metrics.json")["global_step"] == int(extra[extra.index("--max-steps") + 1])
+        assert load_json(tmp_path / method / "run_config.json")["data_report"]["malformed"] == 9
+        assert AutoTokenizer.from_pretrained(tmp_path / method).chat_template == own_chat_template("seed")
 
 
 def test_torchrun_two_cpu_processes_score_every_held_out_pair_once(smoke_reward):
