@@ -84,36 +84,13 @@ def print_answers(answers: dict, names: dict, reference: str | None) -> None:
         print(f"\n--- reference\n{reference}")
 
 
-def conversation_template(models: dict, template) -> str:
-    """The chat template every model's conversations are rendered with, as --prompt's use the fine-tuned model's
-    prompt template: the one saved with the fine-tuned (else aligned, else base) model, else ours. (A --prompt
-    is rendered with it too where it is a tokenizer's own: chat_template.prompt_of.)"""
-    from tuning.data.chat_template import saved_or_ours
-
-    tokenizers = [models[role][1] for role in ("finetuned", "aligned", "base") if role in models]
-    return saved_or_ours(next((t for t in tokenizers if getattr(t, "chat_template", None)), tokenizers[0]), template)
-
-
-def fit_history(history: list[dict], tokenizer, chat: str, room: int) -> bool:
-    """Drops the oldest user/assistant exchanges (a system turn stays) until the next prompt fits in `room`
-    tokens; False when even the last message alone does not fit."""
-    from tuning.data.chat_template import chat_prompt_ids
-
-    first = 1 if history and history[0]["role"] == "system" else 0
-    while len(chat_prompt_ids(tokenizer, history, chat)) > room:
-        if len(history) - first <= 1:
-            return False
-        del history[first:first + 2]
-    return True
-
-
 def chat(models: dict, names: dict, chat_template: str, gen_kwargs: dict, seed: int) -> None:
     """--chat: a conversation in the terminal. Each model keeps its own history (its own answers), and
     answers streamed, one after the other; /reset starts over, /quit or Ctrl-D ends."""
     from transformers import TextStreamer
 
+    from tuning.generation.chat import add_user_turn
     from tuning.generation.generate import generate
-    from tuning.models.loading import context_limit
 
     histories = {role: [] for role in models}
     print("Chat with " + ", ".join(f"{role} ({names[role]})" for role in models)
@@ -136,14 +113,11 @@ def chat(models: dict, names: dict, chat_template: str, gen_kwargs: dict, seed: 
             continue
         for role, (lm, tokenizer) in models.items():
             history = histories[role]
-            history.append({"role": "user", "content": line})
-            room = (context_limit(lm.config) or 10 ** 9) - gen_kwargs["max_new_tokens"]
-            before = len(history)
-            if not fit_history(history, tokenizer, chat_template, room):
-                history.pop()
+            dropped = add_user_turn(history, line, lm, tokenizer, chat_template, gen_kwargs["max_new_tokens"])
+            if dropped is None:
                 print(f"--- {role}: the message alone is longer than the model's context; not sent")
                 continue
-            trimmed = f" (oldest {before - len(history)} turns dropped to fit)" if len(history) < before else ""
+            trimmed = f" (oldest {dropped} turns dropped to fit)" if dropped else ""
             print(f"--- {role} ({names[role]}){trimmed}", flush=True)
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             [answer] = generate(lm, tokenizer, [history], gen_kwargs, seed, 1, streamer, chat_template=chat_template)
@@ -192,6 +166,7 @@ def main(args, explicit: set) -> None:
     from tuning import smoke
     from tuning.data.records import read_prompts
     from tuning.data.chat_template import prompt_of
+    from tuning.generation.chat import conversation_template
     from tuning.generation.generate import generate, generation_kwargs, load_for_generation, require_finetuned
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
@@ -233,7 +208,7 @@ def main(args, explicit: set) -> None:
     models = {role: load_for_generation(path, device, role)
               for role, path in roles.items()}
     gen_kwargs = generation_kwargs(args)
-    chat_template = conversation_template(models, template)
+    chat_template = conversation_template(models, template)  # (tuning/generation/chat.py)
     if args.chat:
         return chat(models, roles, chat_template, gen_kwargs, args.seed)
     asked = models.get("finetuned", models.get("aligned", next(iter(models.values()))))[1]

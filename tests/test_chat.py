@@ -41,7 +41,7 @@ def test_conversations_to_answer_take_every_shape_and_keep_a_last_answer_as_the_
 
 def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_turn(tiny_tokenizer):
     sys.path.insert(0, str(ROOT))
-    from inference import fit_history
+    from tuning.generation.chat import fit_history
 
     chat = own_chat_template("seed")
     history = [{"role": "system", "content": "Be brief."}]

@@ -70,24 +70,28 @@ def browser():
     driver.quit()
 
 
-def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_it(smoke_trained, browser, tmp_path):
-    """Type a held-out instruction and input, click Generate: the fine-tuned column holds exactly the answer
-    that `inference.py --json` prints, the base column another one, and an --aligned dir that can't load
-    leaves its column with the reason. An empty instruction gets a message, not a dead spinner."""
+def test_the_page_in_chromium_answers_as_inference_does_and_chats_with_every_model(smoke_aligned, browser, tmp_path):
+    """Compare tab: type a held-out instruction and input, click Generate: the fine-tuned column holds exactly the
+    answer that `inference.py --json` prints, the base column another one. An empty instruction gets a message,
+    not a dead spinner. Chat tab: two turns, and every column answers each (the fine-tuned one as generate()
+    answers its history); the screenshot of that is docs/web.png."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from tuning.data.templates import load_template
     from tuning.generation import web
+    from tuning.generation.chat import conversation_template
+    from tuning.generation.generate import generate, load_for_generation
 
-    record = held_out_record(smoke_trained)
-    proc, url = start_page(smoke_trained, "--aligned", "no-such-run")
+    work, _ = smoke_aligned
+    record = held_out_record(work)
+    proc, url = start_page(work, "--aligned", "smoke-run/aligned-dpo", "--max-new-tokens", "24")
+    roles, turns = ("base", "finetuned", "aligned"), ["Repeat the word plum 3 times.", "Now the word owl, 2 times."]
     try:
         browser.get(url)
         wait = WebDriverWait(browser, 120)
         find = browser.find_element
         box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#instruction textarea"))
-        assert "Could not load this model: --aligned no-such-run: no aligned model there" in find(
-            By.CSS_SELECTOR, "#status-aligned").text
         assert record["instruction"] in browser.page_source  # among the held-out example prompts
         find(By.CSS_SELECTOR, "#generate").click()  # nothing typed yet
         wait.until(lambda b: "The instruction is empty" in b.page_source)
@@ -101,6 +105,19 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
                  for role in ("base", "finetuned")}
         status = find(By.CSS_SELECTOR, "#status-finetuned").text
         wait.until(lambda b: "The instruction is empty" not in b.page_source)  # the message goes after 8 s
+
+        next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text == "Chat").click()
+        message = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#message input, #message textarea"))
+        for count, turn in enumerate(turns, start=1):
+            message.send_keys(turn)
+            find(By.CSS_SELECTOR, "#send").click()
+            wait.until(lambda b: all(len(b.find_elements(By.CSS_SELECTOR, f"#chat-{role} [data-testid=bot]")) == count
+                                     and "EOS" in b.find_element(By.CSS_SELECTOR, f"#chat-status-{role}").text
+                                     for role in roles))
+        chats = {role: [element.text for element in browser.find_elements(By.CSS_SELECTOR,
+                                                                           f"#chat-{role} [data-testid=bot]")]
+                 for role in roles}
+        asked = [element.text for element in browser.find_elements(By.CSS_SELECTOR, "#chat-aligned [data-testid=user]")]
         browser.save_screenshot(str(tmp_path / "web.png"))
         if os.environ.get("WEB_SCREENSHOT"):  # how docs/web.png was taken
             browser.save_screenshot(os.environ["WEB_SCREENSHOT"])
@@ -108,13 +125,23 @@ def test_the_page_in_chromium_shows_each_models_answer_as_inference_json_gives_i
         proc.terminate()
         proc.wait(timeout=30)
     cli = subprocess.run([sys.executable, str(ROOT / "inference.py"), "--smoke", "--prompt", record["instruction"],
-                          "--input", record["input"], "--json"], cwd=smoke_trained, env=ENV, capture_output=True,
-                         text=True, timeout=120)
+                          "--input", record["input"], "--json", "--max-new-tokens", "24"], cwd=work, env=ENV,
+                         capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr[-3000:]
     expected = json.loads(cli.stdout.strip().splitlines()[-1])
     assert shown["finetuned"] == expected["finetuned"]["text"] == record["output"]
     assert status == web.describe(expected["finetuned"]) and status.endswith(", stopped at EOS")
     assert shown["base"] == expected["base"]["text"] != shown["finetuned"]
+
+    assert asked == turns and all(len(answers) == 2 and all(answers) for answers in chats.values())
+    model_dir = str(work / "smoke-run" / "model")
+    lm, tokenizer = load_for_generation(model_dir, torch.device("cpu"), "finetuned")
+    chat, history = conversation_template({"finetuned": (lm, tokenizer)}, load_template(model_dir)), []
+    for turn, answer in zip(turns, chats["finetuned"]):
+        history.append({"role": "user", "content": turn})
+        [expected] = generate(lm, tokenizer, [history], {"max_new_tokens": 24, "do_sample": False}, chat_template=chat)
+        assert answer == expected["text"]
+        history.append({"role": "assistant", "content": expected["text"]})
 
 
 def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
@@ -134,6 +161,41 @@ def test_answers_stream_and_end_as_inference_generate_gives_them(smoke_trained):
     stream = web.stream_answer(lm, tokenizer, prompt, {"max_new_tokens": 512, "do_sample": False}, 42)
     next(stream)
     stream.close()  # the page went away: generation stops, its thread ends (no hang, no error)
+
+
+def test_a_chat_keeps_each_models_history_and_answers_as_inference_chat_does(smoke_trained):
+    """The chat tab's Send: every model gets the message after its own history, its answer streams into its
+    chat, and each final answer is generate()'s for that history (inference.py --chat's); a model that could
+    not load keeps its reason, and an empty message changes nothing."""
+    from tuning.data.templates import load_template
+    from tuning.generation import web
+    from tuning.generation.chat import conversation_template
+    from tuning.generation.generate import generate
+
+    model_dir = str(smoke_trained / "smoke-run" / "model")
+    models, errors = web.load_models({"finetuned": model_dir, "aligned": str(smoke_trained / "no-such-run")},
+                                     torch.device("cpu"))
+    assert list(models) == ["finetuned"] and "no-such-run: no aligned model there" in errors["aligned"]
+    roles, chat = ["finetuned", "aligned"], conversation_template(models, load_template(model_dir))
+    decoding = dict(sample=False, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16, repetition_penalty=1.0)
+    histories = {}
+    for message in ("Repeat the word plum 3 times.", "Now the word owl, 2 times."):
+        steps = list(web.chat_turn(models, errors, roles, chat, message, histories, 42, **decoding))
+        assert len(steps) >= 3, "the answer streams in"
+        shown, status, (histories, box) = steps[-1][:2], steps[-1][2:4], steps[-1][4:]
+        *before, asked, answer = histories["finetuned"]
+        assert asked == {"role": "user", "content": message} and box == ""
+        expected = generate(*models["finetuned"], [before + [asked]], {"max_new_tokens": 16, "do_sample": False},
+                            chat_template=chat)[0]
+        assert answer == {"role": "assistant", "content": expected["text"]} and shown[0] == histories["finetuned"]
+        assert status == [web.describe(expected), f"Could not load this model: {errors['aligned']}"]
+        assert shown[1] == [] and histories["aligned"] == []
+    assert [turn["content"] for turn in histories["finetuned"]][::2] == ["Repeat the word plum 3 times.",
+                                                                       "Now the word owl, 2 times."]
+    assert histories["finetuned"][1]["content"] == "plum plum plum"
+    kept = json.dumps(histories)
+    assert len(list(web.chat_turn(models, errors, roles, chat, "  ", histories, 42, **decoding))) == 1
+    assert json.dumps(histories) == kept
 
 
 def test_the_example_prompts_cover_every_kind_of_instruction(smoke_trained):

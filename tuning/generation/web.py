@@ -1,15 +1,19 @@
-"""The web page of `python inference.py --web`: one instruction, each model's answer side by side.
+"""The web page of `python inference.py --web`: each model's answers side by side, to one instruction or in a chat.
 
     python inference.py --web                          # base and fine-tuned, on http://127.0.0.1:<free port>
     python inference.py --web --aligned distilgpt2-alpaca-aligned --port 7860 --host 0.0.0.0
     python inference.py --web --smoke                  # after `python train.py --smoke`
 
-A Gradio page with the instruction and input boxes, inference.py's decoding settings, a Generate button,
-and one column per model (base, fine-tuned, and aligned with --aligned). Each answer streams in as it is
-generated, then shows its token count and whether it stopped at EOS; its final text is exactly what
-`inference.py --json` prints for the same prompt and settings (the same `generate.generate`). The example
-prompts are the fine-tuned run's held-out records. Mistakes reach the page as messages: an empty
-instruction, or a model that failed to load (its column says why; the others still answer).
+A Gradio page with inference.py's decoding settings and two tabs, each with one column per model (base,
+fine-tuned, and aligned with --aligned):
+- Compare: the instruction and input boxes and a Generate button. Each answer streams in as it is
+  generated, then shows its token count and whether it stopped at EOS; its final text is exactly what
+  `inference.py --json` prints for the same prompt and settings (the same `generate.generate`). The example
+  prompts are the fine-tuned run's held-out records.
+- Chat: a message box, Send and Reset. Each model keeps its own history, as in `inference.py --chat`
+  (generation/chat.py), and each turn streams in, one model after the other.
+Mistakes reach the page as messages: an empty instruction or message, or a model that failed to load (its
+column says why; the others still answer).
 
 Generation floor, above generate.py: it imports generation and the floors below, never training code.
 """
@@ -172,24 +176,114 @@ def compare(models: dict, errors: dict, roles: list, template, instruction: str,
             yield [value for role in roles for value in shown[role]]
 
 
+def chat_turn(models: dict, errors: dict, roles: list, chat_template: str, message: str, histories: dict, seed,
+              **decoding):
+    """The Send button: `message` joins every model's history ({role: turns}, each model's own), and each model's
+    answer streams into its chat, one model after the other. Yields [each role's chat, each role's status, the
+    histories, the message box] as the answers grow; a history that outgrows its model's context loses its
+    oldest exchanges, and the status says so."""
+    import gradio as gr
+
+    from tuning.generation.chat import add_user_turn
+
+    problem = "" if message.strip() else "The message is empty: type one."
+    try:
+        gen_kwargs = settings(**decoding)
+    except UserError as error:
+        problem = problem or str(error)
+    if problem:
+        gr.Warning(problem, duration=8)
+        yield [gr.skip()] * (2 * len(roles) + 2)
+        return
+    histories = {role: list(histories.get(role, [])) for role in roles}
+    status = {role: f"Could not load this model: {errors[role]}" if role in errors else "waiting ..." for role in roles}
+    shown = {role: list(histories[role]) for role in roles}
+
+    def state(box=""):
+        return [shown[role] for role in roles] + [status[role] for role in roles] + [histories, box]
+
+    for role in roles:
+        if role in models:
+            shown[role] = shown[role] + [{"role": "user", "content": message}]
+    yield state()
+    for role in roles:
+        if role not in models:
+            continue
+        lm, tokenizer = models[role]
+        history = histories[role]
+        dropped = add_user_turn(history, message, lm, tokenizer, chat_template, gen_kwargs["max_new_tokens"])
+        if dropped is None:
+            status[role] = "The message alone is longer than this model's context: not sent."
+            shown[role] = list(history)
+            yield state()
+            continue
+        note = f"; the oldest {dropped} turns were dropped to fit the context" if dropped else ""
+        status[role] = "generating ..."
+        try:
+            for part in stream_answer(lm, tokenizer, history, gen_kwargs, int(seed or 0), chat_template):
+                text = part["text"] if isinstance(part, dict) else part
+                shown[role] = history + [{"role": "assistant", "content": text}]
+                if isinstance(part, dict):
+                    history.append({"role": "assistant", "content": part["text"]})
+                    status[role] = describe(part) + note
+                yield state()
+        except Exception as error:  # a generation failure stays in its column; the message is taken back
+            history.pop()
+            status[role] = f"Generation failed: {type(error).__name__}: {error}"
+            yield state()
+
+
 def build_page(models: dict, errors: dict, names: dict, template, examples: list[dict], defaults):
     """The Gradio Blocks page; `defaults` are inference.py's parsed flags (the settings' starting values)."""
     import gradio as gr
 
     from tuning.data.templates import TEMPLATES
+    from tuning.generation.chat import conversation_template
 
     roles, template_name = list(names), next((n for n, t in TEMPLATES.items() if t == template), "saved")
+    chat_template = conversation_template(models, template) if models else None
+    loading_error = {role: f"Could not load this model: {errors[role]}" if role in errors else "" for role in roles}
     with gr.Blocks(title="distilgpt2-alpaca: compare the models", analytics_enabled=False) as page:
         gr.Markdown("## Compare the models\nThe same instruction, formatted with the fine-tuned model's template "
-                    f"(`{template_name}`), answered by each model.")
+                    f"(`{template_name}`), or the same chat, each model with its own history, answered by each model.")
         with gr.Row():
             with gr.Column(scale=3):
-                instruction = gr.Textbox(label="Instruction", lines=2, elem_id="instruction",
-                                         placeholder="Type an instruction, or click a held-out prompt below")
-                input_box = gr.Textbox(label="Input (optional)", lines=2, elem_id="input")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Tabs():
+                    with gr.Tab("Compare", elem_id="tab-compare"):
+                        instruction = gr.Textbox(label="Instruction", lines=2, elem_id="instruction",
+                                                 placeholder="Type an instruction, or click a held-out prompt below")
+                        input_box = gr.Textbox(label="Input (optional)", lines=2, elem_id="input")
+                        button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        outputs = []
+                        with gr.Row(equal_height=True):
+                            for role in roles:
+                                with gr.Column(min_width=200):  # alike: a one-line title, a fixed-height box, a status
+                                    gr.Markdown(f"**{ROLES[role]}**: `{names[role]}`", elem_classes="model-name")
+                                    outputs.append(gr.Textbox(show_label=False, lines=8, max_lines=8,
+                                                              interactive=False, elem_id=f"answer-{role}"))
+                                    outputs.append(gr.Markdown(loading_error[role], elem_id=f"status-{role}"))
+                        if examples:
+                            gr.Examples([[r["instruction"], r.get("input", "")] for r in examples],
+                                        [instruction, input_box], label="Held-out prompts (click one)")
+                    with gr.Tab("Chat", elem_id="tab-chat"):
+                        chats, chat_status = [], []
+                        with gr.Row(equal_height=True):
+                            for role in roles:
+                                with gr.Column(min_width=200):
+                                    gr.Markdown(f"**{ROLES[role]}**: `{names[role]}`", elem_classes="model-name")
+                                    chats.append(gr.Chatbot(show_label=False, height=360, elem_id=f"chat-{role}",
+                                                            feedback_options=None, buttons=[]))
+                                    chat_status.append(gr.Markdown(loading_error[role],
+                                                                   elem_id=f"chat-status-{role}"))
+                        message = gr.Textbox(label="Message", lines=1, elem_id="message",
+                                             placeholder="Type a message; each model answers with its own history")
+                        with gr.Row():
+                            send = gr.Button("Send", variant="primary", elem_id="send")
+                            reset = gr.Button("Reset", elem_id="reset")
+                        histories = gr.State({})
             with gr.Column(scale=2):
                 sample = gr.Checkbox(label="Sample (off: greedy decoding)", value=defaults.sample, elem_id="sample")
+
                 def slider(name, step, label, **kwargs):
                     low, high = RANGES[name]
                     value = getattr(defaults, name)
@@ -204,26 +298,27 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
                 no_repeat = slider("no_repeat_ngram_size", 1, "No repeated n-grams of this size (0: off)")
                 seed = gr.Number(value=defaults.seed, precision=0, label="Seed")
         sample.change(lambda on: [gr.update(interactive=on)] * 3, sample, [temperature, top_p, top_k])
-        outputs = []
-        with gr.Row(equal_height=True):
-            for role in roles:
-                with gr.Column():  # every column alike: a one-line title, an answer box of fixed height, a status
-                    gr.Markdown(f"**{ROLES[role]}**: `{names[role]}`", elem_classes="model-name")
-                    outputs.append(gr.Textbox(show_label=False, lines=8, max_lines=8, interactive=False,
-                                              elem_id=f"answer-{role}"))
-                    outputs.append(gr.Markdown(f"Could not load this model: {errors[role]}" if role in errors
-                                               else "", elem_id=f"status-{role}"))
-        if examples:
-            gr.Examples([[r["instruction"], r.get("input", "")] for r in examples], [instruction, input_box],
-                        label="Held-out prompts (click one)")
+        decoding = [sample, temperature, top_p, top_k, max_new_tokens, penalty, no_repeat, seed]
 
         def run(instruction_text, input_text, sample_on, temp, p, k, tokens, rep, ngram, seed_value):
             yield from compare(models, errors, roles, template, instruction_text, input_text, seed_value,
                                sample=sample_on, temperature=temp, top_p=p, top_k=k, max_new_tokens=tokens,
                                repetition_penalty=rep, no_repeat_ngram_size=ngram)
 
-        inputs = [instruction, input_box, sample, temperature, top_p, top_k, max_new_tokens, penalty, no_repeat, seed]
-        button.click(run, inputs, outputs, concurrency_limit=1)  # one generation at a time: they share the models
+        def talk(text, state, sample_on, temp, p, k, tokens, rep, ngram, seed_value):
+            yield from chat_turn(models, errors, roles, chat_template, text, state, seed_value, sample=sample_on,
+                                 temperature=temp, top_p=p, top_k=k, max_new_tokens=tokens, repetition_penalty=rep,
+                                 no_repeat_ngram_size=ngram)
+
+        # One generation at a time, in either tab: they share the models.
+        button.click(run, [instruction, input_box, *decoding], outputs, concurrency_limit=1, concurrency_id="models")
+        chat_outputs = [*chats, *chat_status, histories, message]
+        for event in (send.click, message.submit):
+            event(talk, [message, histories, *decoding], chat_outputs, concurrency_limit=1, concurrency_id="models")
+        reset.click(lambda: [[] for _ in roles] + [loading_error[role] for role in roles] + [{}, ""], None,
+                    chat_outputs)
+        for role, chat in zip(roles, chats):  # a chat's own clear button forgets that model's history too
+            chat.clear(lambda state, role=role: {**state, role: []}, histories, histories)
     return page
 
 
