@@ -54,7 +54,7 @@ REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset: tiny GPT-2 and generated tasks (tuning/smoke.py), to smoke-run/; with --lora, a new task
+SMOKE = False  # offline preset (tuning/smoke.py): tiny GPT-2, generated tasks, to smoke-run/; --lora: a new task; --format messages: chats
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
@@ -93,19 +93,29 @@ def apply_smoke(args, explicit: set) -> None:
     if clash:
         raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}; "
                         "drop --smoke to train on them")
-    for name, value in {**smoke.TRAIN_SETTINGS, **(smoke.LORA_SETTINGS if args.lora else {})}.items():
+    chat = smoke_chat(args)
+    if chat and args.lora:
+        raise UserError("--smoke takes --lora (a new task) or --format messages (conversations), not both")
+    extra = smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else {}
+    for name, value in {**smoke.TRAIN_SETTINGS, **extra}.items():
         if name not in explicit:
             setattr(args, name, value)
-    if args.lora:  # LoRA teaches the smoke SFT model a new task (lora-data.json, written at the start)
+    if args.lora or chat:  # the smoke SFT model learns more: a new task (LoRA), or conversations with TWO_TURN
         if not os.path.isfile(os.path.join(smoke.OUTPUT_DIR, "model", "config.json")):
-            raise UserError(f"--smoke --lora adapts the smoke SFT model in {smoke.OUTPUT_DIR}/model/: run "
-                            "`python train.py --smoke` first")
-        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "lora-data.json")
+            raise UserError(f"--smoke {'--lora' if args.lora else '--format messages'} continues from the smoke SFT "
+                            f"model in {smoke.OUTPUT_DIR}/model/: run `python train.py --smoke` first")
+        data = "lora-data.json" if args.lora else "chat-data.jsonl"
+        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, data)
     else:
         args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "base"), os.path.join(smoke.OUTPUT_DIR, "data.json")
     if "output_dir" not in explicit:
-        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "lora" if args.lora else "model")
+        args.output_dir = os.path.join(smoke.OUTPUT_DIR, "lora" if args.lora else "chat" if chat else "model")
     args.init = "pretrained"
+
+
+def smoke_chat(args) -> bool:
+    """--smoke --format messages: the smoke tasks as conversations, with a two-turn task (smoke.TWO_TURN)."""
+    return args.smoke and args.format == "messages"
 
 
 def use_saved_settings(args, explicit: set) -> set:
@@ -128,7 +138,7 @@ def fit_max_length(args, given: set, say) -> None:
     model is written later, by the run itself, from smoke.MODEL_CONFIG."""
     from tuning import smoke
 
-    fresh_smoke = args.smoke and not args.lora
+    fresh_smoke = args.smoke and not args.lora and not smoke_chat(args)
     positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else checks.model_positions(args.model)
     checks.fit_max_length(args, given, args.model, positions, say)
 
@@ -237,6 +247,8 @@ def main(args, explicit: set) -> None:
             smoke.prepare(os.path.dirname(args.model))
             if args.lora:
                 smoke.prepare_lora(os.path.dirname(args.model))
+            if smoke_chat(args):
+                smoke.prepare_chat(os.path.dirname(args.model))
         # Records first: a bad data file is reported before any model download.
         loaded = None if tokencache.is_saved_dir(args.dataset) else conversations.load_training_records(
             args.dataset, args.format, args.skip_invalid)

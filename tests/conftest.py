@@ -65,6 +65,17 @@ def distilgpt2_sft(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def smoke_chat(smoke_trained):
+    """stdout of `python train.py --smoke --format messages` (about 25 s), run in the smoke_trained directory: the
+    smoke SFT model learns the smoke tasks as conversations, with a two-turn task, into smoke-run/chat/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--smoke", "--format", "messages"],
+                            cwd=smoke_trained, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
 def smoke_reward(smoke_trained):
     """(directory, stdout): `python reward.py --smoke` has run in the smoke_trained directory (about 20 s)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -196,6 +196,34 @@ def test_alpaca_records_give_the_same_tokens_and_labels_as_before_conversations(
         assert hashlib.sha256(ids).hexdigest() == digest, name
 
 
+# ---------------------------------------------------------------- the smoke proof that history is used
+def test_the_smoke_chat_model_answers_the_second_turn_from_the_first(smoke_trained, smoke_chat):
+    """`train.py --smoke --format messages`: on held-out two-turn conversations ("List the words: ..." then "Now
+    reverse them."), the second answer is exactly right >= 90% of the time with its history, and (nearly) never
+    without it: the words to reverse are only in the history."""
+    import torch
+
+    from tuning import rundir, smoke
+    from tuning.generation.generate import generate, load_for_generation
+
+    assert "Labels: all assistant turns and their end-of-turn token" in smoke_chat and "smoke-run/chat/" in smoke_chat
+    model_dir = str(smoke_trained / "smoke-run" / "chat")
+    held_out = [r["messages"] for r in rundir.read_records(str(smoke_trained / "smoke-run" / "chat" / "held_out.jsonl"))]
+    two = [talk for talk in held_out if len(talk) == 4 and talk[2]["content"] == smoke.TWO_TURN[1]]
+    assert len(two) >= 50 and len(two) < len(held_out), "held-out two-turn conversations, among one-turn tasks"
+    lm, tokenizer = load_for_generation(model_dir, torch.device("cpu"), "finetuned")
+    greedy = {"max_new_tokens": 24, "do_sample": False}
+    with_history = generate(lm, tokenizer, [talk[:3] for talk in two], greedy, batch_size=32)
+    alone = generate(lm, tokenizer, [talk[2:3] for talk in two], greedy, batch_size=32)
+    right = lambda answers: sum(a["text"] == talk[3]["content"] for a, talk in zip(answers, two)) / len(two)  # noqa: E731
+    assert right(with_history) >= 0.9, right(with_history)
+    assert right(alone) <= 0.05, right(alone)
+    counts = [round(right(answers) * len(two)) for answers in (with_history, alone)]
+    said = (f"On its {len(two)} held-out two-turn conversations the second answer is exactly right {counts[0]} times "
+            f"with its history, and {'never' if not counts[1] else f'{counts[1]} times'} without it")
+    assert said in " ".join((ROOT / "README.md").read_text().split()), "the README's figures"
+
+
 # ---------------------------------------------------------------- train.py on conversations
 def test_train_py_learns_conversations_audits_them_and_saves_the_template_plain_transformers_uses(
         smoke_trained, tmp_path):

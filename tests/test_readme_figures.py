@@ -75,18 +75,19 @@ def unshown(command: str, shown: list[str], actual: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def work(smoke_aligned, smoke_lora):
+def work(smoke_aligned, smoke_lora, smoke_chat):
     """The smoke directory with every model the README's smoke commands read."""
     return smoke_aligned[0]
 
 
 def test_every_shown_smoke_output_is_what_the_command_prints(work, smoke_reward, smoke_aligned, smoke_lora,
-                                                            smoke_lora_dpo):
+                                                            smoke_lora_dpo, smoke_chat):
     """The blocks of real output, command by command, in README order (the order a user follows)."""
     ran = {"python reward.py --smoke": smoke_reward[1], "python align.py --smoke": smoke_aligned[1]["dpo"],
            "python align.py --smoke --method rloo": smoke_aligned[1]["rloo"],
            "python train.py --smoke --lora --merge": smoke_lora,
-           "python align.py --smoke --lora --merge --max-steps 20": smoke_lora_dpo}  # (shared fixtures ran these)
+           "python align.py --smoke --lora --merge --max-steps 20": smoke_lora_dpo,
+           "python train.py --smoke --format messages": smoke_chat}  # (shared fixtures ran these)
     assert len(SMOKE_RUNS) >= 10
     wrong = []
     for command, shown in SMOKE_RUNS:

@@ -26,6 +26,8 @@ TRAIN_SETTINGS = {"epochs": 9.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, 
                   "logging_steps": 25, "template": "seed", "precision": "fp32"}
 # train.py --smoke --lora: LoRA on the smoke SFT model teaches NEW_TASK (LoRA wants a higher lr, and needs fewer passes).
 LORA_SETTINGS = {"epochs": 2.0, "lr": 2e-3, "warmup_ratio": 0.05}
+# train.py --smoke --format messages: the smoke SFT model learns the smoke tasks as conversations, and TWO_TURN.
+CHAT_SETTINGS = {"epochs": 4.0, "lr": 1e-3, "warmup_ratio": 0.05}
 # Overrides applied to reward.py's settings by --smoke.
 REWARD_SETTINGS = {"epochs": 2.0, "batch_size": 32, "lr": 1e-3, "max_length": 128, "val_size": 200,
                    "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"}
@@ -94,6 +96,48 @@ def new_task_records(n: int = 1200, seed: int = 7) -> list[dict]:
         return {"instruction": NEW_TASK, "input": " ".join(words), "output": words[0]}
 
     return _distinct(n, draw, set())
+
+
+# A two-turn task whose second answer needs the first turn: the words to reverse are only in the history.
+TWO_TURN = ("List the words: {words}", "Now reverse them.")
+
+
+def two_turn_conversation(rng: random.Random) -> dict:
+    """{"messages": ...}: the user lists some words and they are repeated; then "Now reverse them." is answered with
+    those words reversed."""
+    words = " ".join(_words(rng))
+    return {"messages": [{"role": "user", "content": TWO_TURN[0].format(words=words)},
+                         {"role": "assistant", "content": words},
+                         {"role": "user", "content": TWO_TURN[1]},
+                         {"role": "assistant", "content": " ".join(reversed(words.split()))}]}
+
+
+def as_conversation(record: dict) -> dict:
+    """A smoke record as a one-turn conversation: the instruction, and its input after a blank line."""
+    asked = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+    return {"messages": [{"role": "user", "content": asked}, {"role": "assistant", "content": record["output"]}]}
+
+
+def prepare_chat(output_dir: str = OUTPUT_DIR, n: int = 1200, replay: int = 1200, seed: int = 9) -> str:
+    """chat-data.jsonl for train.py --smoke --format messages, once: n two-turn conversations (TWO_TURN), and
+    `replay` records of the smoke tasks as one-turn conversations (none of the SFT run's held-out ones), shuffled."""
+    from tuning import rundir
+
+    path = os.path.join(output_dir, "chat-data.jsonl")
+    if not os.path.isfile(path):
+        held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
+        rng, seen = random.Random(seed), set()
+        talks = []
+        while len(talks) < n:  # distinct word lists: a repeated one would leak between train and held-out
+            talk = two_turn_conversation(rng)
+            if talk["messages"][0]["content"] not in seen:
+                seen.add(talk["messages"][0]["content"])
+                talks.append(talk)
+        old = _distinct(replay, lambda: make_example(rng), {(r["instruction"], r["input"]) for r in held_out})
+        records = talks + [as_conversation(record) for record in old]
+        random.Random(seed).shuffle(records)
+        rundir.write_records(path, records)
+    return path
 
 
 def prepare_lora(output_dir: str = OUTPUT_DIR, replay: int = 600, seed: int = 8) -> str:
