@@ -22,12 +22,13 @@ Data floor: imports templates.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from tuning.data.templates import TEMPLATES, Template, bos_prefix, encode_prompt, format_prompt, template_of
 
 TRAIN_ON = "all_assistant"  # the default: loss on every assistant turn and its end-of-turn token
-IGNORE_INDEX = -100  # label of tokens without loss (as sft.IGNORE_INDEX)
+IGNORE_INDEX = -100  # label of tokens without loss (PyTorch cross-entropy's ignore_index); fixed, so not a flag
 
 USER_MARK = "### Instruction:\n"  # where a user turn starts in our templates
 ASSISTANT_MARK = "### Response:\n"  # where an assistant turn starts (the generation prompt)
@@ -52,10 +53,15 @@ def own_chat_template(template: str | Template = "seed", tokenizer=None) -> str:
     instruction, each assistant turn as a response ending in EOS, inside generation markers. For a
     `tokenizer` that puts BOS before a text (Llama, OPT; not GPT-2), the text starts with it, as
     templates.encode_prompt's prompts do."""
+    return _own_chat_template(template_of(template), bool(tokenizer is not None and bos_prefix(tokenizer)))
+
+
+@functools.lru_cache(maxsize=16)
+def _own_chat_template(template: Template, bos: bool) -> str:
     preamble, user_head, user_tail = template_parts(template)
-    bos = "{{ bos_token }}" if tokenizer is not None and bos_prefix(tokenizer) else ""
-    system = bos + ("{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
-              + (f"{{%- else -%}}{{{{ {_jinja_string(preamble)} }}}}" if preamble else "") + "{%- endif -%}")
+    system = ("{{ bos_token }}" if bos else "") + (
+        "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+        + (f"{{%- else -%}}{{{{ {_jinja_string(preamble)} }}}}" if preamble else "") + "{%- endif -%}")
     return (system
             + "{%- for message in messages -%}"
             + f"{{%- if message['role'] == 'user' -%}}{{{{ {_jinja_string(user_head)} + message['content'] + "
@@ -68,7 +74,8 @@ def own_chat_template(template: str | Template = "seed", tokenizer=None) -> str:
 
 def is_ours(chat_template: str | None, tokenizer=None) -> bool:
     """Whether a chat template is one this project writes (for any prompt template), not a tokenizer's own."""
-    return any(chat_template == own_chat_template(name, tokenizer) for name in TEMPLATES)
+    bos = bool(tokenizer is not None and bos_prefix(tokenizer))
+    return any(chat_template == _own_chat_template(template_of(name), bos) for name in TEMPLATES)
 
 
 def chat_template_for(tokenizer, template: str | Template, conversations: bool) -> str:

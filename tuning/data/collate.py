@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from tuning.data.chat_template import IGNORE_INDEX  # noqa: F401 (the one label without loss)
 PACKING_MODES = ("none", "rows", "flat")
 
 

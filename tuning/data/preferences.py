@@ -21,7 +21,7 @@ Data floor: it imports records, templates, conversations and chat_template.
 from __future__ import annotations
 
 from tuning.data.chat_template import encode_answers, encode_prompts, prompt_of, render_prompts
-from tuning.data.chat_template import saved_or_ours
+from tuning.data.chat_template import is_ours, saved_or_ours
 from tuning.data.conversations import ROLES, MalformedConversation, read_turns, check_turns, dialogue_turns
 from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw
 from tuning.data.records import say_left_out, split_records
@@ -239,6 +239,12 @@ def pair_chat_template(tokenizer, template: str | Template, chat_template: str |
     return chat_template or saved_or_ours(tokenizer, template)
 
 
+def foreign(chat_template: str, tokenizer) -> str | None:
+    """`chat_template` where it is a tokenizer's own, else None: what pair_prompt needs to know to ask an Alpaca
+    pair as a user turn (decided once per set, not per pair)."""
+    return None if is_ours(chat_template, tokenizer) else chat_template
+
+
 def tokenize_pair(pair: dict, tokenizer, template: str | Template, max_length: int,
                   chat_template: str | None = None) -> dict | None:
     """{"prompt_ids", "chosen_ids", "rejected_ids"} of one pair (tokenize_pairs says how), or None when it does not
@@ -261,7 +267,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_l
     from tqdm.auto import tqdm
 
     chat_template = pair_chat_template(tokenizer, template, chat_template)
-    prompts = [pair_prompt(pair, template, chat_template, tokenizer) for pair in pairs]
+    prompts = [pair_prompt(pair, template, foreign(chat_template, tokenizer), tokenizer) for pair in pairs]
     tokenized, too_long = [], []
     with tqdm(total=len(pairs), desc="Tokenizing pairs", unit="pair", disable=len(pairs) < 4 * CHUNK) as bar:
         for start in range(0, len(pairs), CHUNK):  # in chunks, for the progress bar on large sets
@@ -338,10 +344,11 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
     chat_template = pair_chat_template(tokenizer, template)
     judge_chat_template = pair_chat_template(judge_tokenizer, judge_template)
     data, too_long = {}, 0
+    policy_foreign, judge_foreign = foreign(chat_template, tokenizer), foreign(judge_chat_template, judge_tokenizer)
     for name, part in (("train", train), ("validation", held_out)):
-        asked = [pair_prompt(p, template, chat_template, tokenizer) for p in part]
+        asked = [pair_prompt(p, template, policy_foreign, tokenizer) for p in part]
         lengths = map(len, encode_prompts(tokenizer, asked, chat_template))
-        data[name] = [{"prompt": prompt, "judge_prompt": pair_prompt(p, judge_template, judge_chat_template,
+        data[name] = [{"prompt": prompt, "judge_prompt": pair_prompt(p, judge_template, judge_foreign,
                                                                      judge_tokenizer)}
                       for p, prompt, n in zip(part, asked, lengths) if n <= max_length]
         too_long += len(part) - len(data[name])

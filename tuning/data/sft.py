@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from tuning.data import tokencache
-from tuning.data.chat_template import TRAIN_ON, tokenize_conversations
+from tuning.data.chat_template import IGNORE_INDEX, TRAIN_ON, tokenize_conversations
 from tuning.data.conversations import is_conversation
 from tuning.data.records import load_records, split_records
 from tuning.data.templates import bos_prefix, encode_prompt, format_prompt
@@ -24,8 +24,6 @@ SEED = 42  # the default seed of the split
 TRAIN_ON_PROMPT = False  # the default: loss on the response and its EOS only
 DATASET = "tatsu-lab/alpaca"  # the default dataset
 
-# Label of tokens that carry no loss (PyTorch cross-entropy's ignore_index); fixed, so not a flag.
-IGNORE_INDEX = -100
 
 
 def build_example(prompt_ids, response_ids, eos_id, max_length, train_on_prompt=TRAIN_ON_PROMPT) -> dict | None:
