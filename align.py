@@ -152,6 +152,7 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     from tuning.data import preferences
     from tuning.cli import UserError
     from tuning.models.loading import context_limit
+    from tuning.models.scoring import end_length
     from tuning.data.chat_template import encode_prompts
 
     if args.method == "dpo":
@@ -160,12 +161,13 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
     data, held_out, report = preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed,
                                                          tokenizer, template, judge.tokenizer, judge.template,
                                                          args.max_length, say)
-    judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + EOS
-    longest = max(len(ids) for part in data.values()
-                  for ids in encode_prompts(judge.tokenizer, list(part["judge_prompt"]), judge.chat_template))
-    if judge_limit and longest + args.max_new_tokens + 1 > judge_limit:
+    judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + its end
+    asked = [prompt for part in data.values() for prompt in part["judge_prompt"]]
+    longest = max(map(len, encode_prompts(judge.tokenizer, asked, judge.chat_template)))
+    end = end_length(judge.tokenizer, asked[0], judge.chat_template)  # EOS, or the chat template's end-of-turn
+    if judge_limit and longest + args.max_new_tokens + end > judge_limit:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt, in the reward model's template, is "
-                        f"{longest} tokens, and with an answer and EOS that is more than the {judge_limit} positions "
+                        f"{longest} tokens, and with an answer and its end that is more than the {judge_limit} positions "
                         f"of --reward-model {args.reward_model}; lower --max-length or --max-new-tokens")
     return data, held_out, report
 

@@ -132,6 +132,15 @@ def rewards(judge, records: list[dict], answers: dict, batch_size: int) -> dict:
             for role, texts in answers.items()}
 
 
+def judged_conversations(reward_model: str) -> bool:
+    """Whether a reward model learnt from pairs in a conversation (its run_config.json's data report), or can't be
+    told (an older run, a model from elsewhere)."""
+    from tuning.rundir import read_run_config
+
+    formats = ((read_run_config(reward_model) or {}).get("data_report") or {}).get("formats")
+    return formats is None or formats.get("conversation", 0) + formats.get("dialogue", 0) > 0
+
+
 def held_out_examples(tokenizer, records: list[dict], template, chat_template: str, config: dict) -> list[dict]:
     """The records as training tokenized them, labels and all: Alpaca records with the prompt template,
     conversations with the chat template (their assistant turns, as the run's --train-on chose)."""
@@ -310,7 +319,7 @@ def check_base(args, config: dict, explicit: set) -> None:
 
 def main(args, explicit: set) -> dict:
     from tuning import smoke
-    from tuning.data.conversations import load_training_records
+    from tuning.data.conversations import is_conversation, load_training_records
     from tuning.data.records import held_out_records
     from tuning.data.templates import load_template
     from tuning.generation.generate import require_finetuned
@@ -336,6 +345,9 @@ def main(args, explicit: set) -> dict:
     chat_template = saved_chat_template(args.finetuned, template)
     # The judge loads first: a --reward-model that is no reward model is said before minutes of generating.
     judge = scoring.load_reward_model(args.reward_model, device) if args.reward_model else None
+    if judge and records and is_conversation(records[0]) and not judged_conversations(args.reward_model):
+        print(f"note: --reward-model {args.reward_model} was trained on no conversation pairs (its run_config.json), "
+              "so its scores of answers in a dialogue may mean little", file=sys.stderr)
     roles = {"base": args.base, "finetuned": args.finetuned} if args.only == "both" else {"finetuned": args.finetuned}
     results, answers = {}, {}
     for role, path in roles.items():

@@ -274,9 +274,10 @@ def score_main(args) -> None:
     right = 0
     for item in items:
         values = [next(scores) for _ in item["answers"]]
+        earlier = len(item["messages"]) - 1 if item["messages"] else 0
         shown = (item["messages"][-1]["content"] if item["messages"] else item["prompt"] if item["prompt"] is not None
                  else " / ".join(filter(None, (item["instruction"], item["input"]))))
-        print(f"prompt: {shown.strip()[-200:]!r}")
+        print(f"prompt: {shown.strip()[-200:]!r}" + (f" (after {earlier} earlier turns)" if earlier else ""))
         for label, answer, value in zip(("chosen", "rejected") if len(values) == 2 else ("answer",),
                                         item["answers"], values):
             print(f"  {value:+9.4f}  {label}: {answer.strip()[:200]!r}")

@@ -94,6 +94,9 @@ def apply_smoke(args, explicit: set) -> None:
         raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}; "
                         "drop --smoke to train on them")
     chat = smoke_chat(args)
+    if args.format not in ("auto", "alpaca", "messages"):
+        raise UserError(f"--smoke --format {args.format}: the smoke data is Alpaca records (--format auto), or, with "
+                        "--format messages, conversations")
     if chat and args.lora:
         raise UserError("--smoke takes --lora (a new task) or --format messages (conversations), not both")
     extra = smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else {}

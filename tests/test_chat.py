@@ -56,6 +56,25 @@ def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_turn(tiny_t
     assert not fit_history(history, tiny_tokenizer, chat, 3) and history == [kept[0], kept[-1]]
 
 
+def test_a_message_too_long_for_the_context_leaves_the_history_as_it_was(tiny_tokenizer):
+    """add_user_turn: the oldest exchanges go to make room, but a message that can't fit even alone is not sent and
+    costs the history nothing (in the terminal chat and on the web page alike)."""
+    from types import SimpleNamespace
+
+    from tuning.generation.chat import add_user_turn
+
+    chat = own_chat_template("seed")
+    history = [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]
+    one_turn = len(tiny_tokenizer.apply_chat_template(history[:1], chat_template=chat,
+                                                      add_generation_prompt=True)["input_ids"])
+    lm = SimpleNamespace(config=SimpleNamespace(n_positions=one_turn + 4, max_position_embeddings=None))
+    assert add_user_turn(history, "question", lm, tiny_tokenizer, chat, max_new_tokens=4) == 2
+    assert history == [{"role": "user", "content": "question"}]
+    history.append({"role": "assistant", "content": "answer"})
+    assert add_user_turn(history, "word " * 200, lm, tiny_tokenizer, chat, max_new_tokens=4) is None
+    assert history == [{"role": "user", "content": "question"}, {"role": "assistant", "content": "answer"}]
+
+
 def test_messages_file_answers_as_the_prompt_does_and_chat_keeps_each_models_history(smoke_trained):
     work = smoke_trained
     (work / "asked.jsonl").write_text(json.dumps([{"role": "user", "content": "Repeat the word plum 3 times."},

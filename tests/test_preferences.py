@@ -139,7 +139,7 @@ OTHER = "\n\nHuman: Hi.\n\nAssistant:"
     ("d.json", json.dumps([dict(TRL, chosen=[{"role": "user", "content": "Blue."}])]),
      "d.json: record 0: field 'chosen' must hold one assistant turn, the answer to 'prompt' (it has user)"),
     ("d.json", json.dumps([dict(TRL, prompt=MESSAGES[:2])]),
-     "d.json: record 0: field 'prompt' ends with a assistant turn; the answers reply to a user turn"),
+     "d.json: record 0: field 'prompt' ends with an assistant turn; the answers reply to a user turn"),
     ("d.json", json.dumps([dict(TRL, prompt=[{"role": "bot", "content": "x"}])]),
      "d.json: record 0: turn 1 of 'prompt': field 'role' is 'bot'; expected 'system', 'user', 'assistant'"),
     ("d.json", json.dumps([dict(TRL, prompt=[{"role": "user", "content": ""}])]),
@@ -315,3 +315,44 @@ def test_real_hh_rlhf_pairs(gpt2_tokenizer):
     assert all(len(t["prompt_ids"]) + max(len(t["chosen_ids"]), len(t["rejected_ids"])) <= 512 for t in tokenized)
     assert all(t["chosen_ids"][-1] == t["rejected_ids"][-1] == gpt2_tokenizer.eos_token_id for t in tokenized)
     assert gpt2_tokenizer.decode(tokenized[0]["prompt_ids"]).startswith("### Instruction:\n")
+
+
+# ---------------------------------------------------------------- prompts for online RL
+def test_rl_prompts_from_conversations_pairs_and_records_are_the_turn_to_answer(tmp_path):
+    """RLOO's prompts: a conversation file's turns up to its last user turn, a pair's prompt (its turns, for a
+    conversational pair), an Alpaca record's instruction; and a set that mixes conversations with text prompts is
+    refused, since one Arrow column can't hold both."""
+    talks = write(tmp_path, "chat.jsonl", jsonl({"messages": MESSAGES + TRL["chosen"]}))
+    assert pf.load_prompts(talks)[0] == [{"instruction": None, "input": None, "prompt": None, "messages": MESSAGES}]
+    pairs = write(tmp_path, "pairs.jsonl", jsonl(TRL, HH))
+    assert [p["messages"] for p in pf.load_prompts(pairs)[0]] == [MESSAGES, MESSAGES]
+    alpaca = write(tmp_path, "a.json", json.dumps([{"instruction": "Name a color.", "input": "", "output": "Blue."}]))
+    assert pf.load_prompts(alpaca)[0][0]["instruction"] == "Name a color."
+    tok = families.tokenizer("gpt2")
+    mixed = write(tmp_path, "mixed.jsonl", jsonl(*([TRL, EXPLICIT] * 4)))
+    with pytest.raises(pf.DataError, match="mixes conversations and text prompts"):
+        pf.prepare_prompts(mixed, False, 2, 0, tok, "seed", tok, "seed", 512, say=lambda *a: None)
+    data, _, _ = pf.prepare_prompts(write(tmp_path, "t.jsonl", jsonl(*[TRL] * 4)), False, 2, 0, tok, "seed", tok,
+                                    "seed", 512, say=lambda *a: None)
+    assert data["train"][0]["prompt"] == data["train"][0]["judge_prompt"] == MESSAGES
+    # TRL's prompt-only records: a text verbatim, or turns (tidied as SFT tidies them), with named errors.
+    untidy = [dict(turn, content="  " + turn["content"]) if turn["role"] == "assistant" else turn for turn in MESSAGES]
+    only = write(tmp_path, "only.jsonl", jsonl({"prompt": untidy}, {"prompt": "Q: 2 + 2?\nA:"}, {"prompt": ""}))
+    prompts, report = pf.load_prompts(only)
+    assert [p["messages"] for p in prompts] == [MESSAGES, None] and prompts[1]["prompt"] == "Q: 2 + 2?\nA:"
+    assert report["empty_dropped"] == [2]
+    with pytest.raises(pf.DataError, match=re.escape("bad.jsonl: record 1 (line 2): field 'prompt' ends with an "
+                                                     "assistant turn; the answers reply to a user turn")):
+        pf.load_prompts(write(tmp_path, "bad.jsonl", jsonl({"prompt": "x"}, {"prompt": MESSAGES[:2]})))
+
+
+def test_a_conversational_pairs_earlier_turns_are_tidied_as_sft_tidies_them():
+    untidy = [dict(turn, content="\n " + turn["content"]) if turn["role"] == "assistant" else turn for turn in MESSAGES]
+    assert pf.parse_pair(dict(TRL, prompt=untidy)) == pf.parse_pair(TRL)
+
+
+def test_a_cut_answer_keeps_its_whole_end_of_turn():
+    from tuning.models.scoring import within_context
+
+    assert within_context([1, 2, 3, 4, 8, 9], 5, end=2) == [1, 2, 3, 8, 9]
+    assert within_context([1, 2, 3, 4, 9], 4) == [1, 2, 3, 9] and within_context([1, 9], 4) == [1, 9]

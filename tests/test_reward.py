@@ -258,14 +258,22 @@ def test_smoke_reward_needs_the_smoke_sft_model_first(tmp_path):
 
 
 # ---------------------------------------------------------------- the real HH-RLHF pairs
-def test_hh_rlhf_dialogues_train_a_reward_model_then_dpo_and_rloo_from_a_distilgpt2_sft_dir(distilgpt2_sft, tmp_path):
-    """The real HH-RLHF pairs, as multi-turn conversations in the SFT model's chat template, through reward.py,
-    then align.py's DPO and RLOO (against that reward model), a few steps each on DistilGPT2's architecture."""
+def test_hh_rlhf_dialogues_through_sft_reward_model_dpo_and_rloo_on_distilgpt2s_architecture(tmp_path):
+    """The real HH-RLHF file end to end on DistilGPT2's architecture, a few steps each: train.py on its chosen
+    dialogues (multi-turn conversations), then reward.py, and align.py's DPO and RLOO (against that reward
+    model) on its pairs, read as multi-turn conversations in the SFT model's chat template."""
     data = str(shared_path("data", "hh-rlhf-harmless-base-test.jsonl.gz"))
-    strict = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm")
+    sft = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", "scratch", "--model",
+                          str(shared_path("distilgpt2-config")), "--dataset", data, "--skip-invalid", "--max-steps", "2",
+                          "--batch-size", "2", "--grad-accum", "1", "--val-size", "8", "--output-dir", "sft"],
+                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "Labels: all assistant turns and their end-of-turn token" in sft.stdout
+    sft_dir = tmp_path / "sft"  # trained on conversations: our chat template, saved
+    strict = run_reward(tmp_path, "--model", str(sft_dir), "--dataset", data, "--output-dir", "rm")
     assert strict.returncode == 2 and "record 667 (line 668): the dialogue before the answers: turns 4 and 5" in \
         strict.stderr and "--skip-invalid" in strict.stderr
-    result = run_reward(tmp_path, "--model", str(distilgpt2_sft), "--dataset", data, "--output-dir", "rm",
+    result = run_reward(tmp_path, "--model", str(sft_dir), "--dataset", data, "--output-dir", "rm",
                         "--skip-invalid", "--max-steps", "2", "--batch-size", "2", "--val-size", "16",
                         "--precision", "fp32", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -287,7 +295,7 @@ def test_hh_rlhf_dialogues_train_a_reward_model_then_dpo_and_rloo_from_a_distilg
     scored = run_reward(tmp_path, "--score", "--output-dir", "rm", "--prompts-file", "talk.jsonl")
     assert scored.returncode == 0 and "prompt: 'Name a color.'" in scored.stdout and "answer: 'Blue.'" in scored.stdout
 
-    common = ["--model", str(distilgpt2_sft), "--dataset", data, "--skip-invalid", "--precision", "fp32",
+    common = ["--model", str(sft_dir), "--dataset", data, "--skip-invalid", "--precision", "fp32",
               "--batch-size", "2"]
     for method, extra in (("dpo", ["--max-steps", "2", "--val-size", "8"]),
                           ("rloo", ["--reward-model", "rm", "--max-steps", "1", "--num-generations", "2",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from tuning.data.chat_template import encode_answers, encode_prompts, prompt_of, render_prompts
 from tuning.data.chat_template import is_ours, saved_or_ours
-from tuning.data.conversations import ROLES, MalformedConversation, read_turns, check_turns, dialogue_turns
+from tuning.data.conversations import ROLES, MalformedConversation, check_turns, dialogue_turns, read_turns, tidy
 from tuning.data.records import DataError, MalformedRow, a_kind, is_placeholder_input, left_out_report, read_raw
 from tuning.data.records import say_left_out, split_records
 from tuning.data.templates import Template
@@ -85,7 +85,7 @@ def _prompt_turns(turns: list[dict], where: str) -> list[dict]:
     except MalformedConversation as err:
         raise MalformedPair(f"{where}: {err}") from None
     if turns[-1]["role"] != "user":
-        raise MalformedPair(f"{where} ends with a {turns[-1]['role']} turn; the answers reply to a user turn")
+        raise MalformedPair(f"{where} ends with an {turns[-1]['role']} turn; the answers reply to a user turn")
     return turns
 
 
@@ -98,7 +98,8 @@ def split_dialogue(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
 
 
 def _messages(record: dict, field: str) -> list[dict]:
-    return _checked(read_turns, record, field, "role", "content", {role: role for role in ROLES})
+    """record[field]'s {role, content} turns, assistant turns tidied as SFT tidies them (conversations.tidy)."""
+    return tidy(_checked(read_turns, record, field, "role", "content", {role: role for role in ROLES}))
 
 
 def split_conversations(record: dict) -> tuple[list[dict], str, str]:
@@ -310,7 +311,8 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
         too_long += len(tokens["too_long_dropped"])
     say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
-    return _as_datasets(data, source, "pairs"), held_out, left_out_report(report, too_long)
+    return _as_datasets(data, source, "pairs"), held_out, {**left_out_report(report, too_long),
+                                                           "formats": report["formats"]}
 
 
 def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
@@ -325,6 +327,8 @@ def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
     if "chosen" in first or "rejected" in first:
         pairs, report = load_pairs(source, skip_invalid)
         return [{key: pair[key] for key in ("instruction", "input", "prompt", "messages")} for pair in pairs], report
+    if "prompt" in first:  # TRL's prompt-only records: {"prompt": text or turns}
+        return _prompt_only(source, rows, skip_invalid)
     if detect_format(rows) in ("messages", "sharegpt"):
         talks, report = load_conversations(source, skip_invalid=skip_invalid, rows=rows)
         return [{"instruction": None, "input": None, "prompt": None, "messages": talk["messages"][:-1]}
@@ -332,6 +336,39 @@ def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
     records, report = load_records(source, skip_invalid, rows=rows)
     return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None}
             for r in records], report
+
+
+def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict], dict]:
+    """Prompts from TRL's prompt-only records, {"prompt": a text, used verbatim, or a list of turns ending with the
+    user's}, with the same errors, skipping and report as load_pairs."""
+    prompts, skipped, empty, empty_details = [], [], [], []
+    for index, (where, record) in enumerate(rows):
+        try:
+            if isinstance(record, MalformedRow):  # a JSONL line that did not parse, with its error
+                raise MalformedPair(str(record))
+            if not isinstance(record, dict):
+                raise MalformedPair(f"is {a_kind(record)}, not an object")
+            if isinstance(record.get("prompt"), list):
+                turns = _prompt_turns(_messages(record, "prompt"), "field 'prompt'")
+                prompts.append({"instruction": None, "input": None, "prompt": None, "messages": turns})
+                continue
+            problem = _string_problem(record, "prompt")
+            if problem:
+                raise MalformedPair(problem)
+        except MalformedPair as err:
+            if not skip_invalid:
+                raise DataError(f"{where}: {err} (use --skip-invalid to drop such records)") from None
+            skipped.append(f"{where}: {err}")
+            continue
+        if not record["prompt"].strip():
+            empty.append(index)
+            empty_details.append(f"{where}: empty 'prompt'")
+            continue
+        prompts.append({"instruction": None, "input": None, "prompt": record["prompt"], "messages": None})
+    if not prompts:
+        raise DataError(f"{source}: no usable prompts ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
+    return prompts, {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "empty_details": empty_details,
+                     "placeholder_inputs": 0}
 
 
 def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, judge_tokenizer,
@@ -382,9 +419,13 @@ def read_scoring_file(path: str) -> list[dict]:
     for where, record in read_raw(path):
         try:
             if isinstance(record, dict) and "messages" in record and "chosen" not in record:
+                if "answer" in record:
+                    raise MalformedPair("has both 'messages' and 'answer': the answer to score is the last turn of "
+                                        "'messages'; give a 'prompt' of turns with an 'answer' instead")
                 turns = _messages(record, "messages")
                 if not turns or turns[-1]["role"] != "assistant":
                     raise MalformedPair("field 'messages' must end with the assistant turn to score")
+                _prompt_turns(turns[:-1], "field 'messages', before its last turn")
                 record = {"prompt": turns[:-1], "answer": turns[-1]["content"]}
             if isinstance(record, dict) and "answer" in record:
                 if not isinstance(record["answer"], str):

@@ -31,7 +31,7 @@ def fit_history(history: list[dict], tokenizer, chat: str, room: int) -> bool:
 
     first = 1 if history and history[0]["role"] == "system" else 0
     while len(chat_prompt_ids(tokenizer, history, chat)) > room:
-        if len(history) - first <= 1:
+        if len(history) - first <= 2:  # the last message, and no whole exchange before it
             return False
         del history[first:first + 2]
     return True
@@ -39,13 +39,13 @@ def fit_history(history: list[dict], tokenizer, chat: str, room: int) -> bool:
 
 def add_user_turn(history: list[dict], message: str, lm, tokenizer, chat: str, max_new_tokens: int) -> int | None:
     """Appends the user's `message` to a model's history, then drops its oldest exchanges until the prompt leaves
-    room for `max_new_tokens` in the model's context: the number of turns dropped, or None (the message taken
-    back out) when the message alone does not fit."""
+    room for `max_new_tokens` in the model's context: the number of turns dropped, or None (the history left as it
+    was) when the message alone does not fit."""
     from tuning.models.loading import context_limit
 
-    history.append({"role": "user", "content": message})
-    before = len(history)
-    if not fit_history(history, tokenizer, chat, (context_limit(lm.config) or 10 ** 9) - max_new_tokens):
-        history.pop()
+    trial = history + [{"role": "user", "content": message}]  # trimmed apart: a message that can't fit costs nothing
+    if not fit_history(trial, tokenizer, chat, (context_limit(lm.config) or 10 ** 9) - max_new_tokens):
         return None
-    return before - len(history)
+    dropped = len(history) + 1 - len(trial)
+    history[:] = trial
+    return dropped

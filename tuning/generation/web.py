@@ -313,12 +313,14 @@ def build_page(models: dict, errors: dict, names: dict, template, examples: list
         # One generation at a time, in either tab: they share the models.
         button.click(run, [instruction, input_box, *decoding], outputs, concurrency_limit=1, concurrency_id="models")
         chat_outputs = [*chats, *chat_status, histories, message]
-        for event in (send.click, message.submit):
-            event(talk, [message, histories, *decoding], chat_outputs, concurrency_limit=1, concurrency_id="models")
+        turns = [event(talk, [message, histories, *decoding], chat_outputs, concurrency_limit=1,
+                       concurrency_id="models") for event in (send.click, message.submit)]
+        # Reset, and a chat's own clear button (which forgets that model's history), stop a turn being answered:
+        # its next update would bring the histories back.
         reset.click(lambda: [[] for _ in roles] + [loading_error[role] for role in roles] + [{}, ""], None,
-                    chat_outputs)
-        for role, chat in zip(roles, chats):  # a chat's own clear button forgets that model's history too
-            chat.clear(lambda state, role=role: {**state, role: []}, histories, histories)
+                    chat_outputs, cancels=turns)
+        for role, chat in zip(roles, chats):
+            chat.clear(lambda state, role=role: {**state, role: []}, histories, histories, cancels=turns)
     return page
 
 

@@ -29,7 +29,7 @@ from tuning.models import lora
 from tuning.cli import UserError
 from tuning.data.collate import ScoreCollator
 from tuning.models.loading import context_limit
-from tuning.data.chat_template import answer_tokens, prompt_ids
+from tuning.data.chat_template import answer_end_ids, answer_tokens, prompt_ids
 
 
 class _ScoreAtIndex:
@@ -173,11 +173,18 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 
     return scores
 
 
-def within_context(ids: list[int], limit: int | None) -> list[int]:
-    """prompt + answer + EOS cut to the reward model's `limit` tokens: the answer's end goes, the EOS stays. A
-    generated answer, decoded and encoded again, can take more tokens than it was generated in (a character cut
-    mid-way, another tokenizer), and noise more than it fits."""
-    return ids if not limit or len(ids) <= limit else ids[:limit - 1] + ids[-1:]
+def within_context(ids: list[int], limit: int | None, end: int = 1) -> list[int]:
+    """prompt + answer + its end (EOS, or a chat template's `end` end-of-turn tokens) cut to the reward model's
+    `limit` tokens: the answer's last words go, its end stays. A generated answer, decoded and encoded again, can
+    take more tokens than it was generated in (a character cut mid-way, another tokenizer), and noise more than
+    it fits."""
+    return ids if not limit or len(ids) <= limit else ids[:limit - end] + ids[-end:]
+
+
+def end_length(tokenizer, prompt, chat_template: str | None = None) -> int:
+    """How many tokens close an answer to `prompt`: the EOS after a text, the chat template's end-of-turn in a
+    conversation."""
+    return len(answer_end_ids(tokenizer, chat_template)) if isinstance(prompt, list) else 1
 
 
 def score_texts(model, tokenizer, prompts: list, answers: list[str], batch_size: int = 16,
@@ -191,7 +198,9 @@ def score_texts(model, tokenizer, prompts: list, answers: list[str], batch_size:
     if too_long and not cut:
         raise UserError(f"answer {too_long[0] + 1} ({answers[too_long[0]][:40]!r}): prompt + answer is "
                         f"{len(sequences[too_long[0]])} tokens, more than the reward model's {limit}")
-    return score_ids(model, [within_context(s, limit) for s in sequences], tokenizer.pad_token_id, batch_size)
+    ends = [end_length(tokenizer, p, chat_template) for p in prompts]
+    return score_ids(model, [within_context(s, limit, end) for s, end in zip(sequences, ends)], tokenizer.pad_token_id,
+                     batch_size)
 
 
 def pairwise_stats(margins) -> dict:

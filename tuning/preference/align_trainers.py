@@ -23,7 +23,8 @@ from trl import DPOTrainer, RLOOTrainer
 from tuning.data.collate import PairCollator, positions_from_mask
 from tuning.data.chat_template import encode_prompts, saved_or_ours
 from tuning.models.loading import context_limit
-from tuning.models.scoring import answer_ids, load_reward_model, pairwise_stats, score_ids, within_context
+from tuning.models.scoring import answer_ids, end_length, load_reward_model, pairwise_stats, score_ids
+from tuning.models.scoring import within_context
 from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, sigmoid_dpo_loss
 from tuning.runs.trainer import RunLayer, report_targets
 
@@ -290,8 +291,9 @@ def without_adapters(model):
 class Judge:
     """A reward model (reward.py's output dir) as RLOO's reward function and as the evaluation's judge. Each
     answer is scored, exactly as decoded, after its prompt formatted with the reward model's own template, or,
-    for a conversation, rendered with its chat template ("judge_prompt"). In training, an answer cut off at --max-new-tokens (no stop token among `stop_ids`) is
-    scored as if it had ended there, minus `missing_eos_penalty`: a cut answer must not pass for a finished one."""
+    for a conversation, rendered with its chat template ("judge_prompt"). In training, an answer cut off at
+    --max-new-tokens (no stop token among `stop_ids`) is scored as if it had ended there, minus
+    `missing_eos_penalty`: a cut answer must not pass for a finished one."""
 
     __name__ = "reward_model"  # TRL names a reward function in its logs
 
@@ -313,11 +315,13 @@ class Judge:
                 for reward, ids in zip(rewards, completion_ids)]
 
     def sequence(self, prompt, answer: str) -> list[int]:
-        """prompt + answer + its end (EOS, or the chat template's end-of-turn) as the reward model reads them. Re-encoding decoded text can take more tokens
-        than were sampled (a character cut mid-way, another tokenizer), so an answer is cut to fit the
-        reward model's context (align.py checks that every prompt leaves room for --max-new-tokens)."""
+        """prompt + answer + its end (EOS, or the chat template's end-of-turn) as the reward model reads them.
+        Re-encoding decoded text can take more tokens than were sampled (a character cut mid-way, another
+        tokenizer), so an answer is cut to fit the reward model's context (align.py checks that every prompt
+        leaves room for --max-new-tokens)."""
+        end = end_length(self.tokenizer, prompt, self.chat_template)  # EOS, or the chat template's end-of-turn
         return within_context(answer_ids(self.tokenizer, prompt, answer, self.chat_template),
-                              context_limit(self.model.config))
+                              context_limit(self.model.config), end)
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
