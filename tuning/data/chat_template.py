@@ -208,21 +208,23 @@ def encode_prompts(tokenizer, prompts: list, chat_template: str | None = None) -
     return [list(x) if position in rendered else bos + list(x) for position, x in enumerate(ids)]
 
 
-def encode_answers(tokenizer, conversations: list[list[dict]], answers: list[str],
-                   chat_template: str | None = None) -> list[list[int]]:
+def encode_answers(tokenizer, conversations: list[list[dict]], answers: list[str], chat_template: str | None = None,
+                   prompts: list[list[int]] | None = None) -> list[list[int]]:
     """Each answer's ids as the next assistant turn of its conversation, exactly as SFT tokenizes the dialogue
     that ends with it (tokenize_conversations): the whole dialogue rendered and tokenized, and the ids after the
     prompt's (chat_prompt_ids), the template's end-of-turn included. A tokenizer that marks a word's start
     (SentencePiece's "▁") would give an answer tokenized alone other ids. Where the prompt's ids are not a prefix
     of the dialogue's (a template that renders earlier turns otherwise once answered), the answer is tokenized
-    alone and closed by answer_end_ids."""
+    alone and closed by answer_end_ids. `prompts` takes the conversations' encode_prompts ids, where the caller
+    has them already."""
     if not conversations:
         return []
     whole = tokenizer.apply_chat_template([talk + [{"role": "assistant", "content": answer}]
                                            for talk, answer in zip(conversations, answers)],
                                           chat_template=chat_template, tokenize=False)
-    prompts = tokenizer(render_prompts(tokenizer, conversations, chat_template), add_special_tokens=False,
-                        verbose=False)["input_ids"]
+    if prompts is None:
+        prompts = tokenizer(render_prompts(tokenizer, conversations, chat_template), add_special_tokens=False,
+                            verbose=False)["input_ids"]
     dialogues = tokenizer(list(whole), add_special_tokens=False, verbose=False)["input_ids"]
     out, end = [], None
     for prompt, dialogue, answer in zip(prompts, dialogues, answers):

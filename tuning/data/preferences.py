@@ -275,6 +275,7 @@ def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_l
             part, asked = pairs[start:start + CHUNK], prompts[start:start + CHUNK]
             talks = [i for i, prompt in enumerate(asked) if isinstance(prompt, list)]
             texts = [i for i, prompt in enumerate(asked) if not isinstance(prompt, list)]
+            prompt_ids = encode_prompts(tokenizer, asked, chat_template)
             answers = {}
             if texts:
                 ids = tokenizer([part[i][key] for key in ("chosen", "rejected") for i in texts],
@@ -283,10 +284,11 @@ def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_l
                     answers[i] = (ids[n] + [tokenizer.eos_token_id], ids[len(texts) + n] + [tokenizer.eos_token_id])
             if talks:
                 ids = encode_answers(tokenizer, [asked[i] for i in talks] * 2,
-                                     [part[i][key] for key in ("chosen", "rejected") for i in talks], chat_template)
+                                     [part[i][key] for key in ("chosen", "rejected") for i in talks], chat_template,
+                                     [prompt_ids[i] for i in talks] * 2)  # (rendered and tokenized once)
                 for n, i in enumerate(talks):
                     answers[i] = (ids[n], ids[len(talks) + n])
-            for offset, ids in enumerate(encode_prompts(tokenizer, asked, chat_template)):
+            for offset, ids in enumerate(prompt_ids):
                 built = build_pair(ids, *answers[offset], (), max_length)
                 if built is None:
                     too_long.append(start + offset)

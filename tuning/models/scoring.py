@@ -198,7 +198,8 @@ def score_texts(model, tokenizer, prompts: list, answers: list[str], batch_size:
     if too_long and not cut:
         raise UserError(f"answer {too_long[0] + 1} ({answers[too_long[0]][:40]!r}): prompt + answer is "
                         f"{len(sequences[too_long[0]])} tokens, more than the reward model's {limit}")
-    ends = [end_length(tokenizer, p, chat_template) for p in prompts]
+    turn_end = end_length(tokenizer, next((p for p in prompts if isinstance(p, list)), ""), chat_template)
+    ends = [turn_end if isinstance(p, list) else 1 for p in prompts]  # (the template's end: found once)
     return score_ids(model, [within_context(s, limit, end) for s, end in zip(sequences, ends)], tokenizer.pad_token_id,
                      batch_size)
 

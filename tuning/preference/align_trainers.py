@@ -300,6 +300,7 @@ class Judge:
     def __init__(self, path: str, device, batch_size: int = 16, missing_eos_penalty: float = 0.0):
         self.model, self.tokenizer, self.template = load_reward_model(path, device)
         self.chat_template = saved_or_ours(self.tokenizer, self.template)
+        self.turn_end = end_length(self.tokenizer, [], self.chat_template)  # a conversation's end-of-turn length
         self.batch_size, self.missing_eos_penalty, self.stop_ids = batch_size, missing_eos_penalty, ()
 
     def __call__(self, prompts=None, completions=(), judge_prompt=(), completion_ids=None, **kwargs) -> list[float]:
@@ -319,7 +320,7 @@ class Judge:
         Re-encoding decoded text can take more tokens than were sampled (a character cut mid-way, another
         tokenizer), so an answer is cut to fit the reward model's context (align.py checks that every prompt
         leaves room for --max-new-tokens)."""
-        end = end_length(self.tokenizer, prompt, self.chat_template)  # EOS, or the chat template's end-of-turn
+        end = self.turn_end if isinstance(prompt, list) else 1  # the chat template's end-of-turn, or EOS
         return within_context(answer_ids(self.tokenizer, prompt, answer, self.chat_template),
                               context_limit(self.model.config), end)
 
