@@ -102,13 +102,21 @@ def apply_defaults(args, explicit: set) -> None:
     from tuning.cli import UserError
 
     if args.smoke:
-        clash = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "reward_model") if name in explicit]
+        clash = [f"--{name.replace('_', '-')}" for name in ("reward_model",) if name in explicit]
         if clash:
             raise UserError(f"--smoke brings its own models and data, so it can't be combined with {', '.join(clash)}")
-        for name, value in smoke.ALIGN_SETTINGS[args.method].items():
+        other = {"model", "dataset"} & explicit  # another smoke model or pairs (the Constitutional AI pipeline's)
+        if other and (args.method != "dpo" or "output_dir" not in explicit):
+            raise UserError(f"--smoke with --{' and --'.join(sorted(other))}: DPO from another smoke model or on other "
+                            "pairs (as the Constitutional AI pipeline does): name the new run's --output-dir, and "
+                            "leave --method at dpo")
+        for name, value in {**smoke.ALIGN_SETTINGS[args.method], **(smoke.ALIGN_OTHER if other else {})}.items():
             if name not in explicit:
                 setattr(args, name, value)
-        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, "pairs.json")
+        if "model" not in explicit:
+            args.model = os.path.join(smoke.OUTPUT_DIR, "model")
+        if "dataset" not in explicit:
+            args.dataset = os.path.join(smoke.OUTPUT_DIR, "pairs.json")
         args.reward_model = os.path.join(smoke.OUTPUT_DIR, "reward") if args.method == "rloo" else ""
         if "output_dir" not in explicit:  # a LoRA variant of its own, beside the full run
             args.output_dir = os.path.join(smoke.OUTPUT_DIR, f"aligned-{args.method}{'-lora' if args.lora else ''}")
@@ -239,7 +247,7 @@ def main(args, explicit: set) -> None:
         f"(beta {args.beta}, lr {args.lr:g})")
     judge = None
     with training_args.main_process_first(desc="preparing data"):
-        if args.smoke:
+        if args.smoke and "dataset" not in explicit:
             from tuning import smoke
 
             smoke.prepare_pairs(os.path.dirname(args.dataset))

@@ -35,6 +35,7 @@ LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split and the shuffling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
 PACKING = "auto"  # auto|none|rows|flat: batch layout (tuning/data/collate.py); auto = rows, or flat with FlashAttention
+SOFT_LABELS = False  # learn each pair's 'label' (constitution.py's AI label, P(chosen is better)) instead of 1
 SKIP_INVALID = False  # drop malformed pairs instead of stopping
 LORA = False  # train LoRA adapters (peft) on the SFT body instead of every weight; the score head trains in full
 LORA_R = 16  # --lora: rank of each adapter; >= 1
@@ -54,7 +55,7 @@ PROMPTS_FILE = ""  # --score: .json/.jsonl records with "answer" (or "chosen" an
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 IDENTITY = ("model", "dataset", "max_length", "val_size", "seed", "epochs", "max_steps", "batch_size", "lr",
-            "warmup_ratio", "lora", "lora_r", "lora_alpha", "lora_target")
+            "warmup_ratio", "soft_labels", "lora", "lora_r", "lora_alpha", "lora_target")
 
 
 def validate_args(args) -> None:
@@ -177,7 +178,8 @@ def main(args, explicit: set) -> None:
         template = load_template(args.model)
         tokenizer.chat_template = saved_or_ours(tokenizer, template)  # conversations as SFT rendered them; saved
         data, held_out, report = preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed,
-                                                           tokenizer, template, args.max_length, say)
+                                                           tokenizer, template, args.max_length, say,
+                                                           targets=args.soft_labels)
     model = scoring.reward_model_from(args.model)
     collate_probe = checks.probe_examples(data["train"])
     probe = [pair["prompt_ids"] + pair[key] for pair in collate_probe for key in ("chosen_ids", "rejected_ids")]
@@ -192,7 +194,7 @@ def main(args, explicit: set) -> None:
                               args.lora_target, reward_head=True, seed=args.seed)  # in a reward model (models/scoring.py)
     say(f"Parameters: {lora.describe(model)}{' (LoRA adapters and the score head)' if args.lora else ''}")
     probe_batch = {k: v for k, v in collate.ScoreCollator(tokenizer.pad_token_id, packing)(collate_probe).items()
-                   if not k.startswith("num_")}
+                   if not k.startswith("num_") and k != "targets"}
     launchers.find_unused_parameters(model, lambda m: m(**probe_batch).logits.sum(), training_args, say)
     config.update(packing=packing, n_train=len(data["train"]), n_val=len(data["validation"]),
                   world_size=training_args.world_size, data_report=report)

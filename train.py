@@ -54,7 +54,7 @@ REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR
 SKIP_INVALID = False  # drop malformed data records instead of stopping
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset (tuning/smoke.py): tiny GPT-2, generated tasks, to smoke-run/; --lora: a new task; --format messages: chats
+SMOKE = False  # offline preset (tuning/smoke.py): tiny GPT-2, generated tasks, to smoke-run/; --lora: a new task; --format messages: chats; --dataset: more
 
 # A run's identity: resuming with any of these changed would silently mix two different runs.
 # The learning-rate settings belong here too: a resumed optimizer and scheduler would silently keep the old ones.
@@ -89,26 +89,33 @@ def apply_smoke(args, explicit: set) -> None:
     from tuning import smoke
     from tuning.cli import UserError
 
-    clash = [f"--{name.replace('_', '-')}" for name in ("model", "init", "dataset") if name in explicit]
+    clash = [f"--{name.replace('_', '-')}" for name in ("model", "init") if name in explicit]
     if clash:
-        raise UserError(f"--smoke brings its own model and data, so it can't be combined with {', '.join(clash)}; "
-                        "drop --smoke to train on them")
-    chat = smoke_chat(args)
+        raise UserError(f"--smoke brings its own model, so it can't be combined with {', '.join(clash)}; "
+                        "drop --smoke to train another")
+    chat, more = smoke_chat(args), "dataset" in explicit
+    if more and (args.lora or chat or "output_dir" not in explicit):
+        raise UserError("--smoke --dataset FILE continues the smoke SFT model on FILE (as the Constitutional AI "
+                        "pipeline does on its revisions): name the new run's --output-dir, and leave out --lora and "
+                        "--format messages")
     if args.format not in ("auto", "alpaca", "messages"):
         raise UserError(f"--smoke --format {args.format}: the smoke data is Alpaca records (--format auto), or, with "
                         "--format messages, conversations")
     if chat and args.lora:
         raise UserError("--smoke takes --lora (a new task) or --format messages (conversations), not both")
-    extra = smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else {}
+    extra = smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else smoke.CONTINUE_SETTINGS if more else {}
     for name, value in {**smoke.TRAIN_SETTINGS, **extra}.items():
         if name not in explicit:
             setattr(args, name, value)
-    if args.lora or chat:  # the smoke SFT model learns more: a new task (LoRA), or conversations with TWO_TURN
+    if args.lora or chat or more:  # the smoke SFT model learns more: a new task (LoRA), conversations, or FILE
         if not os.path.isfile(os.path.join(smoke.OUTPUT_DIR, "model", "config.json")):
-            raise UserError(f"--smoke {'--lora' if args.lora else '--format messages'} continues from the smoke SFT "
-                            f"model in {smoke.OUTPUT_DIR}/model/: run `python train.py --smoke` first")
+            variant = "--lora" if args.lora else "--format messages" if chat else "--dataset"
+            raise UserError(f"--smoke {variant} continues from the smoke SFT model in {smoke.OUTPUT_DIR}/model/: run "
+                            "`python train.py --smoke` first")
         data = "lora-data.json" if args.lora else "chat-data.jsonl"
-        args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "model"), os.path.join(smoke.OUTPUT_DIR, data)
+        args.model = os.path.join(smoke.OUTPUT_DIR, "model")
+        if not more:
+            args.dataset = os.path.join(smoke.OUTPUT_DIR, data)
     else:
         args.model, args.dataset = os.path.join(smoke.OUTPUT_DIR, "base"), os.path.join(smoke.OUTPUT_DIR, "data.json")
     if "output_dir" not in explicit:
@@ -141,7 +148,7 @@ def fit_max_length(args, given: set, say) -> None:
     model is written later, by the run itself, from smoke.MODEL_CONFIG."""
     from tuning import smoke
 
-    fresh_smoke = args.smoke and not args.lora and not smoke_chat(args)
+    fresh_smoke = args.smoke and not os.path.isfile(os.path.join(args.model, "config.json"))  # written by the run
     positions = smoke.MODEL_CONFIG["n_positions"] if fresh_smoke else checks.model_positions(args.model)
     checks.fit_max_length(args, given, args.model, positions, say)
 

@@ -121,3 +121,26 @@ def smoke_lora_dpo(smoke_aligned):
                              "20"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+# The Constitutional AI pipeline on the smoke preset, as the README gives it (after `train.py --smoke`).
+CONSTITUTION_COMMANDS = (
+    ("constitution.py", "--smoke", "--stage", "revise"),
+    ("train.py", "--smoke", "--dataset", "smoke-run/constitution/revisions.jsonl", "--output-dir", "smoke-run/sl-cai"),
+    ("constitution.py", "--smoke", "--stage", "label"),
+    ("align.py", "--smoke", "--dataset", "smoke-run/constitution/pairs.jsonl", "--output-dir", "smoke-run/rl-cai"),
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_constitution(smoke_trained):
+    """(directory, [stdout of each command]): CONSTITUTION_COMMANDS have run in the smoke_trained directory (about
+    a minute): SL-CAI into smoke-run/sl-cai/, the AI-labelled pairs' DPO into smoke-run/rl-cai/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    outputs = []
+    for script, *args in CONSTITUTION_COMMANDS:
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=smoke_trained, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (script, args, result.stderr[-3000:])
+        outputs.append(result.stdout)
+    return smoke_trained, outputs

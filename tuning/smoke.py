@@ -38,6 +38,20 @@ ALIGN_SETTINGS = {
     "rloo": {"lr": 3e-5, "beta": 0.05, "max_steps": 100, "batch_size": 8, "num_generations": 4, "max_new_tokens": 24,
              "temperature": 1.0, "max_length": 128, "val_size": 200, "eval_steps": 1000, "save_steps": 50,
              "logging_steps": 10, "precision": "fp32"}}
+# train.py --smoke --dataset FILE: the smoke SFT model (or --model) continued on FILE, as the Constitutional AI pipeline
+# fine-tunes it on its own revisions (a short run at a lower lr: it must keep the other tasks).
+CONTINUE_SETTINGS = {"epochs": 2.0, "lr": 2e-4, "warmup_ratio": 0.05, "val_size": 20}
+# constitution.py --smoke: the smoke constitution and greetings, for both stages; then each stage's model. The label
+# stage samples from the SL-CAI model that `train.py --smoke --dataset` makes from the revisions.
+CONSTITUTION_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constitutions",
+                                 "smoke.json")
+CONSTITUTION_SETTINGS = {"constitution": CONSTITUTION_FILE, "prompts": os.path.join(OUTPUT_DIR, "constitution-prompts.json"),
+                         "output_dir": os.path.join(OUTPUT_DIR, "constitution"), "max_new_tokens": 24,
+                         "batch_size": 100, "principles_per_pair": 1}
+CONSTITUTION_STAGES = {"revise": {"model": os.path.join(OUTPUT_DIR, "model")},
+                       "label": {"model": os.path.join(OUTPUT_DIR, "model")}}
+N_CONSTITUTION_PROMPTS = 600  # greetings the constitution pipeline answers (none held out by the SFT run)
+ALIGN_OTHER = {"val_size": 20}  # align.py --smoke --dataset FILE: a smaller held-out set (AI-labelled pairs are fewer)
 N_PAIRS = 2000  # preference pairs in the smoke set
 GREETING = "Greet them."  # the undecided task: answered in either style in the SFT data
 STYLES = {"polite": "Hello, {names}!", "casual": "hey {names}"}  # the pairs prefer the first
@@ -82,6 +96,79 @@ def make_example(rng: random.Random, task: int | None = None) -> dict:
         return {"instruction": "Give the last word.", "input": " ".join(words), "output": words[-1]}
     word, times = rng.choice(WORDS), rng.randint(2, 4)
     return {"instruction": f"Repeat the word {word} {times} times.", "input": "", "output": " ".join([word] * times)}
+
+
+# The feedback tasks: the smoke constitution's requests (constitutions/smoke.json) on greetings of either style, so
+# that the smoke SFT model can critique, revise and judge its own greetings (constitution.py --smoke).
+CRITIQUES = {"polite": "Yes, it is polite.", "casual": "No, it is casual."}  # a critique's answer, by style
+N_FEEDBACK = {"critique": 300, "revision": 300, "comparison": 400}  # records of each feedback task in the SFT data
+
+
+def smoke_principle() -> dict:
+    from tuning.data.constitution import read_constitution
+
+    return read_constitution(CONSTITUTION_FILE)[0]
+
+
+def feedback_example(rng: random.Random, kind: str, principle: dict) -> dict:
+    """One record of a feedback task on a random greeting: its critique ("Yes, it is polite." or "No, it is
+    casual."), its polite revision (given that critique), or which of a polite and a casual one is more polite
+    ("A" or "B", the polite one placed first or second at random)."""
+    from tuning.data.constitution import request
+
+    names = " ".join(_words(rng, 3, 3))
+    style = "polite" if rng.random() < 0.5 else "casual"
+    answer, polite = STYLES[style].format(names=names), STYLES["polite"].format(names=names)
+    if kind == "critique":
+        return {"instruction": request(principle, "critique", answer=answer), "input": "", "output": CRITIQUES[style]}
+    if kind == "revision":
+        return {"instruction": request(principle, "revision", answer=answer, critique=CRITIQUES[style]), "input": "",
+                "output": polite}
+    casual = STYLES["casual"].format(names=names)
+    first = rng.random() < 0.5  # the polite answer as (A)
+    return {"instruction": request(principle, "comparison", answer_a=polite if first else casual,
+                                   answer_b=casual if first else polite), "input": "", "output": "A" if first else "B"}
+
+
+def feedback_records(seed: int = 3) -> list[dict]:
+    """The feedback tasks' records, N_FEEDBACK of each, distinct."""
+    rng, principle, seen = random.Random(seed), smoke_principle(), set()
+    return [record for kind, n in N_FEEDBACK.items()
+            for record in _distinct(n, lambda: feedback_example(rng, kind, principle), seen)]
+
+
+def style(answer: str) -> str | None:
+    """The style of a greeting ("polite": "Hello, ...!", "casual": "hey ..."), whatever names it holds; None for an
+    answer in neither."""
+    if answer.startswith("Hello, ") and answer.endswith("!"):
+        return "polite"
+    return "casual" if answer.startswith("hey ") else None
+
+
+def fresh_greetings(output_dir: str = OUTPUT_DIR, n: int = 200, seed: int = 123) -> list[dict]:
+    """n greeting records that neither the SFT data nor the constitution prompts hold: unseen prompts on which the
+    share of polite answers is measured."""
+    seen = set()
+    for name in ("data.json", "constitution-prompts.json"):
+        with open(os.path.join(output_dir, name)) as handle:
+            seen |= {(r["instruction"], r["input"]) for r in json.load(handle)}
+    rng = random.Random(seed)
+    return _distinct(n, lambda: make_example(rng, 6), seen)
+
+
+def prepare_constitution(output_dir: str = OUTPUT_DIR, n: int = N_CONSTITUTION_PROMPTS, seed: int = 11) -> str:
+    """constitution-prompts.json for constitution.py --smoke, once: n greetings (the red-team prompts of the smoke
+    preset), none of them held out by the SFT run, so the evaluation's greetings stay unseen."""
+    from tuning import rundir
+
+    path = os.path.join(output_dir, "constitution-prompts.json")
+    if not os.path.isfile(path):
+        held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
+        rng = random.Random(seed)
+        records = _distinct(n, lambda: make_example(rng, 6), {(r["instruction"], r["input"]) for r in held_out})
+        with open(path, "w") as handle:
+            json.dump(records, handle, indent=0)
+    return path
 
 
 NEW_TASK = "Give the first word."  # a task the smoke data never had: what a LoRA run teaches the smoke SFT model
@@ -259,7 +346,8 @@ def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4666, seed: int = 0) 
     if os.path.isfile(paths["dataset"]) and os.path.isfile(os.path.join(paths["base"], "config.json")):
         return paths
     os.makedirs(output_dir, exist_ok=True)
-    records = make_records(n_records, seed)
+    records = make_records(n_records, seed) + feedback_records()
+    random.Random(seed).shuffle(records)
     with open(paths["dataset"], "w") as handle:
         json.dump(records, handle, indent=0)
     corpus = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records]

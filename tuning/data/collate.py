@@ -120,6 +120,8 @@ class ScoreCollator:
         for pair in pairs:
             sequences += [pair["prompt_ids"] + pair["chosen_ids"], pair["prompt_ids"] + pair["rejected_ids"]]
         batch = self.layout(sequences)
+        if "target" in pairs[0]:  # soft labels (reward.py --soft-labels): each pair's P(chosen is better)
+            batch["targets"] = torch.tensor([pair["target"] for pair in pairs], dtype=torch.float)
         batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
         return batch
 

@@ -130,8 +130,19 @@ def pair_format(record: dict) -> str:
 
 
 def parse_pair(record: object) -> dict:
-    """The normalized pair of one record: a dict with PAIR_FIELDS. A malformed record raises MalformedPair
-    saying what is wrong with which field (and turn)."""
+    """The normalized pair of one record: a dict with PAIR_FIELDS, and "label" where the record has one (a soft
+    label, P(chosen is better), as constitution.py writes it). A malformed record raises MalformedPair saying
+    what is wrong with which field (and turn)."""
+    pair = _parse_pair(record)
+    label = record.get("label")
+    if label is not None:
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
+            raise MalformedPair(f"field 'label' is {label!r}, not a probability in [0, 1]")
+        pair["label"] = float(label)
+    return pair
+
+
+def _parse_pair(record: object) -> dict:
     if isinstance(record, MalformedRow):  # a JSONL line that did not parse, with its error
         raise MalformedPair(str(record))
     if not isinstance(record, dict):
@@ -302,14 +313,24 @@ def tokenize_pairs(pairs: list[dict], tokenizer, template: str | Template, max_l
 
 # ---------------------------------------------------------------- training sets
 def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, max_length: int,
-                  say=print) -> tuple[dict, list[dict], dict]:
+                  say=print, targets: bool = False) -> tuple[dict, list[dict], dict]:
     """({"train", "validation"} tokenized pairs as Arrow Datasets, the held-out pairs as read, report): load,
-    split, tokenize, and say what was left out. The report is what run_config.json keeps."""
+    split, tokenize, and say what was left out. The report is what run_config.json keeps. With `targets`, each
+    tokenized pair also carries its soft label as "target" (every pair must have a "label")."""
     pairs, report = load_pairs(source, skip_invalid)
+    if targets:
+        unlabelled = [i for i, pair in enumerate(pairs) if pair.get("label") is None]
+        if unlabelled:
+            raise DataError(f"{source}: --soft-labels needs a 'label' field in every pair (constitution.py --stage "
+                            f"label writes one); {len(unlabelled)} of {len(pairs)} usable pairs have none, the first "
+                            f"is usable pair {unlabelled[0]}")
     train, held_out = split_records(pairs, val_size, seed)
     data, too_long = {}, 0
     for name, part in (("train", train), ("validation", held_out)):
         data[name], tokens = tokenize_pairs(part, tokenizer, template, max_length)
+        if targets:
+            kept = [pair for i, pair in enumerate(part) if i not in set(tokens["too_long_dropped"])]
+            data[name] = [{**example, "target": pair["label"]} for example, pair in zip(data[name], kept)]
         too_long += len(tokens["too_long_dropped"])
     say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")

@@ -14,9 +14,14 @@ from tuning.models.scoring import pairwise_stats
 from tuning.runs.trainer import RunLayer
 
 
-def pairwise_loss(scores: torch.Tensor) -> torch.Tensor:
-    """-log sigmoid(r_chosen - r_rejected), averaged over pairs; `scores` alternate chosen, rejected."""
-    return F.softplus(scores[1::2] - scores[0::2]).mean()  # softplus(-m) = -log sigmoid(m), stable for any m
+def pairwise_loss(scores: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected), averaged over pairs; `scores` alternate chosen, rejected. With soft
+    `targets` t (P(chosen is better)), the cross-entropy against them: -t log sigmoid(m) - (1 - t) log sigmoid(-m)."""
+    margins = (scores[0::2] - scores[1::2]).squeeze(-1)
+    if targets is None:
+        return F.softplus(-margins).mean()  # softplus(-m) = -log sigmoid(m), stable for any m
+    targets = targets.to(margins.dtype)
+    return (targets * F.softplus(-margins) + (1 - targets) * F.softplus(margins)).mean()
 
 
 class RewardTrainer(RunLayer, Trainer):
@@ -27,8 +32,9 @@ class RewardTrainer(RunLayer, Trainer):
     COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("targets", None)
         outputs = model(**inputs)
-        loss = pairwise_loss(outputs.logits)
+        loss = pairwise_loss(outputs.logits, targets)
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
@@ -38,6 +44,7 @@ class RewardTrainer(RunLayer, Trainer):
 
         margins, started = [], time.perf_counter()
         for batch, real in self.evaluation_batches(eval_dataset):
+            batch.pop("targets", None)  # held-out accuracy is against the chosen answer, soft labels or not
             scores = self.model(**batch).logits.float()
             margins += (scores[0::2] - scores[1::2])[:real].tolist()
         margins = gather_object(margins) if self.args.world_size > 1 else margins
