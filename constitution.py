@@ -360,7 +360,7 @@ def record_output(record: dict) -> str:
     return record["messages"][-1]["content"] if "messages" in record else record["output"]
 
 
-def print_revisions(records: list[dict], summary: dict, path: str) -> None:
+def print_revisions(records: list[dict], summary: dict, path: str, model: str) -> None:
     print(f"Revised {summary['revised']} of {summary['prompts']} answers ({summary['rounds']} critique-and-revision "
           f"rounds; {summary['kept_answer']} kept the answer before them); principles drawn: "
           + ", ".join(f"{name} {n}" for name, n in summary["principles"].items()))
@@ -370,7 +370,8 @@ def print_revisions(records: list[dict], summary: dict, path: str) -> None:
         print(f"\nPrompt: {asked!r}\nAnswer: {record['initial']!r}")
         for step in record["critiques"]:
             print(f"Critique ({step['principle']}): {step['critique']!r}\nRevision: {step['revision']!r}")
-    print(f"\nSFT records in {path}: `python train.py --model MODEL --dataset {path}` fine-tunes on the revisions")
+    print(f"\nSFT records in {path}: `python train.py --model {model} --dataset {path} --output-dir DIR` fine-tunes "
+          "on the revisions")
 
 
 # ---------------------------------------------------------------- label
@@ -510,8 +511,9 @@ def main(args, explicit: set) -> None:
     else:
         offline_unless_hub_reachable([args.model, args.feedback_model, args.prompts.split(":")[0]])
     check_models(args)
-    if args.constitution == CONSTITUTION and not os.path.isfile(args.constitution):  # run from another directory
-        args.constitution = os.path.join(os.path.dirname(os.path.abspath(__file__)), CONSTITUTION)
+    given, shipped = args.constitution, os.path.join(os.path.dirname(os.path.abspath(__file__)), args.constitution)
+    if not os.path.isfile(args.constitution) and os.path.isfile(shipped):  # constitutions/ of the checkout
+        args.constitution = shipped
     principles = read_constitution(args.constitution)
     config = run_config(args)
     saved = check_same_run(args, config)
@@ -522,7 +524,8 @@ def main(args, explicit: set) -> None:
     policy = Side(args.model, device, "--model")
     feedback = policy if not args.feedback_model or os.path.realpath(args.feedback_model) == os.path.realpath(
         args.model) else Side(args.feedback_model, device, "--feedback-model")
-    print(f"Constitution: {len(principles)} principles from {args.constitution}; the answers from {args.model}, the "
+    print(f"Constitution: {len(principles)} principle{'s' * (len(principles) > 1)} from "
+          f"{given}; the answers from {args.model}, the "
           f"feedback from {feedback.path}{' (self-critique)' if feedback is policy else ''}; device: {device.type}")
     requests_that_fit(args, prompts, policy, feedback, principles)
     done = open_run(args, config, saved)
@@ -539,7 +542,7 @@ def main(args, explicit: set) -> None:
     if args.stage == "revise":
         summary = revise_summary(done)
         rundir.write_json(os.path.join(args.output_dir, "revise_summary.json"), summary)
-        print_revisions(done, summary, journal)
+        print_revisions(done, summary, journal, args.model)
         return
     summary = label_summary(done, args.min_confidence)
     with open(os.path.join(args.output_dir, PAIRS_FILE), "w", encoding="utf-8") as handle:

@@ -337,6 +337,10 @@ def test_the_smoke_model_becomes_polite_from_its_own_feedback(smoke_constitution
     fresh = smoke.fresh_greetings(str(run))
     sft, sl, rl = (polite_share(run / name, fresh) for name in ("model", "sl-cai", "rl-cai"))
     assert 0.3 <= sft <= 0.7 and sl >= 0.8 and rl >= 0.9, (sft, sl, rl)
+    text = " ".join((ROOT / "README.md").read_text().split())  # the README's figures are these
+    assert (f"the SFT model answers {round(sft * 200)} politely, the SL-CAI model {round(sl * 200)} and the RL-CAI "
+            f"model {round(rl * 200)}; of the {len(decided)} labelled pairs whose answers differ in style, the SFT "
+            f"model's own labels chose the polite one {round(agree * len(decided))} times") in text
     held_out, _ = held_out_records(str(run / "model"))
     before = other_tasks_right(run / "model", held_out)
     for name in ("sl-cai", "rl-cai"):

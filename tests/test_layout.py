@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ("datasetup", "model", "train", "reward", "align", "inference", "evaluation")
+SCRIPTS = ("datasetup", "model", "train", "reward", "align", "constitution", "inference", "evaluation")
 # Floors, from the ground up: a module imports only from its own floor or below. The scripts sit on top.
 FLOORS = {"tuning.cli": 0, "tuning.rundir": 0, "tuning.data": 1, "tuning.models": 2, "tuning.smoke": 2,
           "tuning.generation": 3, "tuning.runs": 3, "tuning.preference": 4}

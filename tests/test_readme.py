@@ -2,6 +2,7 @@
 
 import pytest
 
+import constitution
 import datasetup
 import train
 from conftest import ROOT
@@ -10,8 +11,8 @@ from tuning import cli
 README = (ROOT / "README.md").read_text()
 
 
-def test_readme_lists_every_train_and_data_flag():
-    for module in (train, datasetup):
+def test_readme_lists_every_train_data_and_constitution_flag():
+    for module in (train, datasetup, constitution):
         for name, _, _ in cli.constant_specs(module):
             assert f"`{cli.flag_name(name)}" in README, f"{cli.flag_name(name)} ({module.__name__}) not in README"
 
@@ -33,7 +34,7 @@ def test_every_directory_the_readme_writes_is_git_ignored():
     if subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True).returncode:
         pytest.skip("not a git checkout (CI's clean clone is one)")
     written = set(re.findall(r"--output-dir ([\w./-]+)", README)) | {"smoke-run", "tokenized"}
-    written |= {module.OUTPUT_DIR for module in (train, reward, align)}
+    written |= {module.OUTPUT_DIR for module in (train, reward, align, constitution)}
     written -= {"/mnt/tiny/run"}  # (a tmpfs mounted for the full-disk trial, outside the checkout)
     for directory in sorted(written):
         result = subprocess.run(["git", "check-ignore", "-q", f"{directory.rstrip('/')}/model.safetensors"], cwd=ROOT)

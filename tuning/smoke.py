@@ -45,7 +45,7 @@ CONTINUE_SETTINGS = {"epochs": 2.0, "lr": 2e-4, "warmup_ratio": 0.05, "val_size"
 # stage samples from the SL-CAI model that `train.py --smoke --dataset` makes from the revisions.
 CONSTITUTION_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constitutions",
                                  "smoke.json")
-CONSTITUTION_SETTINGS = {"constitution": CONSTITUTION_FILE, "prompts": os.path.join(OUTPUT_DIR, "constitution-prompts.json"),
+CONSTITUTION_SETTINGS = {"constitution": os.path.join("constitutions", "smoke.json"), "prompts": os.path.join(OUTPUT_DIR, "constitution-prompts.json"),
                          "output_dir": os.path.join(OUTPUT_DIR, "constitution"), "max_new_tokens": 24,
                          "batch_size": 100, "principles_per_pair": 1}
 CONSTITUTION_STAGES = {"revise": {"model": os.path.join(OUTPUT_DIR, "model")},
