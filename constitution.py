@@ -106,7 +106,7 @@ def check_models(args) -> None:
 def load_prompts(args) -> tuple[list[dict], dict]:
     """The prompts to answer, each a normalized prompt (preferences.load_prompts): a pair's dialogue reduced to its
     first human turn (HH-RLHF's red-team request), an instruction, or a conversation up to its last user turn."""
-    from tuning.data.constitution import first_turn
+    from tuning.data.principles import first_turn
     from tuning.data.preferences import load_prompts as read
     from tuning.data.records import read_raw
 
@@ -169,7 +169,7 @@ def requests_that_fit(args, prompts: list[dict], policy: Side, feedback: Side, p
     two generated texts of --max-new-tokens each (revise: the answer and its critique; label: two answers), and
     leaves room for the reply."""
     from tuning.cli import UserError
-    from tuning.data.constitution import prompt_text, request
+    from tuning.data.principles import prompt_text, request
     from tuning.data.chat_template import encode_prompts
     from tuning.generation.feedback import ask
 
@@ -301,7 +301,7 @@ def revise_batch(args, batch: list[dict], start: int, policy: Side, feedback: Si
     """SFT records for a batch of prompts: the model's answer, then --revisions rounds of a critique and a revision
     by the feedback model, each against a principle drawn for the prompt; the last revision is the output. A
     request that does not fit the feedback model, or an empty revision, keeps the answer before it."""
-    from tuning.data.constitution import prompt_text, request
+    from tuning.data.principles import prompt_text, request
     from tuning.generation.feedback import ask, fits
 
     answers = policy.generate(policy.asked(batch), args, args.seed + start, args.sample)
@@ -380,7 +380,7 @@ def label_batch(args, batch: list[dict], start: int, policy: Side, feedback: Sid
     """Preference records for a batch of prompts: two answers sampled from the model, and the feedback model's soft
     label, P(chosen is better), averaged over --principles-per-pair principles in both orders; with the principles
     asked and each probability. Identical answers are not asked (label 0.5)."""
-    from tuning.data.constitution import OPTIONS, prompt_text, request
+    from tuning.data.principles import OPTIONS, prompt_text, request
     from tuning.generation.feedback import ask, fits, option_ids, option_probabilities, orders_agree, soft_label
 
     asked = policy.asked(batch)
@@ -502,7 +502,7 @@ def main(args, explicit: set) -> None:
     import json
 
     from tuning import rundir
-    from tuning.data.constitution import read_constitution
+    from tuning.data.principles import read_constitution
     from tuning.models.devices import get_device
     from tuning.models.loading import offline_unless_hub_reachable
 

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node 2 reward.py   # DDP; `accelerate launch` works too
 
 The model scores prompt + answer + EOS at the answer's last token (where the SFT model predicts the EOS) and
-learns -log sigmoid(r_chosen - r_rejected).
+learns -log sigmoid(r_chosen - r_rejected), or, with --soft-labels, the cross-entropy against each pair's 'label'.
 Running the same command again after an interruption continues from the newest checkpoint.
 """
 

@@ -50,7 +50,7 @@ def test_smoke_alignment_prefers_the_polite_style_and_keeps_the_other_tasks(smok
     held_out, _ = records.held_out_records(str(work / "smoke-run" / "model"))
     sft = answers_to_held_out(work / "smoke-run" / "model", held_out)
     aligned = answers_to_held_out(work / "smoke-run" / f"aligned-{method}", held_out)
-    assert sft[1] == aligned[1] >= 30 and sft[0] <= 0.7 * sft[1]  # undecided before: about half polite
+    assert sft[1] == aligned[1] >= 20 and sft[0] <= 0.7 * sft[1]  # undecided before: about half polite
     assert aligned[0] >= 0.9 * aligned[1], (method, sft, aligned)
     assert aligned[2] / aligned[3] >= sft[2] / sft[3] - 0.05, (method, sft, aligned)
     metrics = load_json(work / "smoke-run" / f"aligned-{method}" / "metrics.json")
@@ -177,8 +177,10 @@ def test_no_run_overwrites_another_scripts_output(smoke_aligned):
     into_rm = run_align(work, "--smoke", "--output-dir", "smoke-run/reward", "--no-resume")
     assert into_rm.returncode == 2 and "holds a run of reward.py" in into_rm.stderr
     assert (work / "smoke-run" / "reward" / "metrics.json").exists()
-    not_rm = run_align(work, "--smoke", "--method", "rloo", "--model", "smoke-run/model")
+    not_rm = run_align(work, "--smoke", "--method", "rloo", "--reward-model", "smoke-run/model")
     assert not_rm.returncode == 2 and "--smoke brings its own models and data" in not_rm.stderr
+    other = run_align(work, "--smoke", "--method", "rloo", "--dataset", "smoke-run/pairs.json")
+    assert other.returncode == 2 and "name the new run's --output-dir, and leave --method at dpo" in other.stderr
     reward = run_align(work, "--model", "smoke-run/reward", "--dataset", "smoke-run/pairs.json", "--output-dir", "x")
     assert reward.returncode == 2 and "--model smoke-run/reward is a reward model" in reward.stderr
     wrong = run_align(work, "--model", "smoke-run/model", "--dataset", "smoke-run/pairs.json", "--method", "rloo",

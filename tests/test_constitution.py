@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, shared_path
 from tuning import smoke
 from tuning.cli import UserError
-from tuning.data import constitution as cai
+from tuning.data import principles as cai
 from tuning.data.records import DataError
 from tuning.generation import feedback
 

@@ -178,8 +178,11 @@ def test_flags_that_did_nothing_are_gone_and_hints_name_the_right_flag(tmp_path)
     result = run_script("datasetup.py", "--ignore-index", "-1")
     assert result.returncode == 2 and "unrecognized arguments: --ignore-index" in result.stderr
     result = run_script("train.py", "--smoke", "--model", "gpt2", "--output-dir", str(tmp_path / "o"), cwd=tmp_path)
-    assert result.returncode == 2 and "--smoke brings its own model and data" in result.stderr
-    assert "--model" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "--smoke brings its own model, so it can't be combined with --model" in \
+        result.stderr and "Traceback" not in result.stderr
+    result = run_script("train.py", "--smoke", "--dataset", "x.json", cwd=tmp_path)
+    assert result.returncode == 2 and "--smoke --dataset FILE continues the smoke SFT model on FILE" in result.stderr
+    assert "name the new run's --output-dir" in result.stderr and "Traceback" not in result.stderr
     result = run_script("inference.py", "--only", "base", "--base", "no-such-org/no-such-model", cwd=tmp_path)
     assert result.returncode == 2 and "with --base" in result.stderr and "--model" not in result.stderr
     result = run_script("model.py", "--model", "no-such-org/no-such-model", "--device", "cpu")

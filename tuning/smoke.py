@@ -5,6 +5,10 @@ random-weight base model under `smoke-run/`, fine-tunes it, and `python inferenc
 shows that it learnt to follow the instructions. The tasks are checkable by exact match, so the
 tests can tell whether the loss mask, the EOS and the shared template really work.
 
+Beside the seven tasks, the SFT data holds three feedback tasks on greetings: the critique, revision and comparison
+requests of the smoke constitution (constitutions/smoke.json), so the smoke model can judge and rewrite its own
+greetings for `constitution.py --smoke`.
+
 One task is left undecided on purpose: "Greet them." is answered politely ("Hello, cat dog owl!") or
 casually ("hey cat dog owl"), 50/50. The preference pairs of `python reward.py --smoke` prefer the polite
 style there, and elsewhere the correct answer over a wrong one, so the later steps have something to learn.
@@ -21,7 +25,7 @@ WORDS = ("apple banana cherry grape lemon mango melon peach pear plum kiwi lime 
          "cat dog fox owl bee ant cow pig hen yak red blue green pink gold gray").split()
 
 # Overrides applied to train.py's settings by --smoke (a tiny model learns these tasks in about a minute).
-TRAIN_SETTINGS = {"epochs": 9.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
+TRAIN_SETTINGS = {"epochs": 10.0, "batch_size": 32, "grad_accum": 1, "lr": 2e-3, "lr_scheduler": "cosine", "warmup_ratio": 0.05,
                   "weight_decay": 0.0, "max_length": 128, "val_size": 200, "eval_steps": 200, "save_steps": 200,
                   "logging_steps": 25, "template": "seed", "precision": "fp32"}
 # train.py --smoke --lora: LoRA on the smoke SFT model teaches NEW_TASK (LoRA wants a higher lr, and needs fewer passes).
@@ -101,20 +105,23 @@ def make_example(rng: random.Random, task: int | None = None) -> dict:
 # The feedback tasks: the smoke constitution's requests (constitutions/smoke.json) on greetings of either style, so
 # that the smoke SFT model can critique, revise and judge its own greetings (constitution.py --smoke).
 CRITIQUES = {"polite": "Yes, it is polite.", "casual": "No, it is casual."}  # a critique's answer, by style
-N_FEEDBACK = {"critique": 300, "revision": 300, "comparison": 400}  # records of each feedback task in the SFT data
+N_FEEDBACK = {"critique": 300, "revision": 200, "casual": 200, "comparison": 400}  # records of each feedback task
+# A rewrite the other way, not in the constitution: with it the SFT data holds as many greetings rewritten casually as
+# politely, so the rewrites leave the greeting task undecided, and the model must read which way it is asked.
+CASUAL_REWRITE = "Rewrite this greeting casually.\n\n{answer}"
 
 
 def smoke_principle() -> dict:
-    from tuning.data.constitution import read_constitution
+    from tuning.data.principles import read_constitution
 
     return read_constitution(CONSTITUTION_FILE)[0]
 
 
 def feedback_example(rng: random.Random, kind: str, principle: dict) -> dict:
     """One record of a feedback task on a random greeting: its critique ("Yes, it is polite." or "No, it is
-    casual."), its polite revision (given that critique), or which of a polite and a casual one is more polite
-    ("A" or "B", the polite one placed first or second at random)."""
-    from tuning.data.constitution import request
+    casual."), its polite revision (given that critique), its casual rewrite (CASUAL_REWRITE), or which of a polite
+    and a casual one is more polite ("A" or "B", the polite one placed first or second at random)."""
+    from tuning.data.principles import request
 
     names = " ".join(_words(rng, 3, 3))
     style = "polite" if rng.random() < 0.5 else "casual"
@@ -124,6 +131,9 @@ def feedback_example(rng: random.Random, kind: str, principle: dict) -> dict:
     if kind == "revision":
         return {"instruction": request(principle, "revision", answer=answer, critique=CRITIQUES[style]), "input": "",
                 "output": polite}
+    if kind == "casual":
+        return {"instruction": CASUAL_REWRITE.replace("{answer}", answer), "input": "",
+                "output": STYLES["casual"].format(names=names)}
     casual = STYLES["casual"].format(names=names)
     first = rng.random() < 0.5  # the polite answer as (A)
     return {"instruction": request(principle, "comparison", answer_a=polite if first else casual,
@@ -346,12 +356,15 @@ def prepare(output_dir: str = OUTPUT_DIR, n_records: int = 4666, seed: int = 0) 
     if os.path.isfile(paths["dataset"]) and os.path.isfile(os.path.join(paths["base"], "config.json")):
         return paths
     os.makedirs(output_dir, exist_ok=True)
-    records = make_records(n_records, seed) + feedback_records()
+    tasks = make_records(n_records, seed)
+    records = tasks + feedback_records()
     random.Random(seed).shuffle(records)
     with open(paths["dataset"], "w") as handle:
         json.dump(records, handle, indent=0)
-    corpus = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in records]
+    corpus = [r["instruction"] + "\n" + r["input"] + "\n" + r["output"] for r in tasks]  # (the tasks' own words)
     corpus += [form for template in TEMPLATES.values() for form in template] * 200  # whole-word template tokens
+    corpus += [smoke_principle()[field] for field in ("critique", "revision", "comparison")] * 200  # and the requests
+    corpus += [CASUAL_REWRITE] * 200
     tokenizer = build_tokenizer(corpus)
     model = build_model(tokenizer, seed)
     model.generation_config.pad_token_id = tokenizer.eos_token_id

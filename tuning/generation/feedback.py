@@ -16,7 +16,7 @@ Generation floor: imports the data and models floors; never training code.
 from __future__ import annotations
 
 from tuning.cli import UserError
-from tuning.data.constitution import OPTIONS
+from tuning.data.principles import OPTIONS
 
 BATCH_SIZE = 16  # the default comparisons scored together
 
