@@ -37,7 +37,7 @@ REWARD_SETTINGS = {"epochs": 2.0, "batch_size": 32, "lr": 1e-3, "max_length": 12
                    "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"}
 # Overrides applied to align.py's settings by --smoke, per method.
 ALIGN_SETTINGS = {
-    "dpo": {"lr": 5e-6, "beta": 0.1, "max_steps": 200, "batch_size": 32, "max_length": 128, "val_size": 200,
+    "dpo": {"lr": 2e-5, "beta": 0.1, "max_steps": 200, "batch_size": 32, "max_length": 128, "val_size": 200,
             "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"},
     "rloo": {"lr": 3e-5, "beta": 0.05, "max_steps": 100, "batch_size": 8, "num_generations": 4, "max_new_tokens": 24,
              "temperature": 1.0, "max_length": 128, "val_size": 200, "eval_steps": 1000, "save_steps": 50,
