@@ -132,7 +132,7 @@ class Side:
     def __init__(self, path: str, device, flag: str):
         from tuning.cli import UserError
         from tuning.data.chat_template import saved_or_ours
-        from tuning.data.templates import load_template
+        from tuning.data.templates import TEMPLATE, TEMPLATES, load_template
         from tuning.generation.generate import load_for_generation
         from tuning.models.loading import context_limit
 
@@ -142,7 +142,7 @@ class Side:
         if len(self.tokenizer) > vocabulary:
             raise UserError(f"{flag} {path}: its tokenizer has {len(self.tokenizer)} tokens but config.json's "
                             f"vocab_size is {vocabulary}: the tokenizer is not this model's")
-        self.template = load_template(path) if os.path.isdir(path) else load_template("")
+        self.template = load_template(path) if os.path.isdir(path) else TEMPLATES[TEMPLATE]  # a Hub model: ours
         self.chat_template = saved_or_ours(self.tokenizer, self.template)
         self.context = context_limit(self.lm.config) or 10 ** 9
 

@@ -322,7 +322,7 @@ def other_tasks_right(model_dir, held_out):
 
 
 @pytest.mark.slow
-def test_the_smoke_model_becomes_polite_from_its_own_feedback(smoke_constitution):
+def test_the_smoke_model_becomes_polite_from_its_own_feedback(smoke_constitution, smoke_reward):
     """No human preference: the SFT model critiques, revises and labels its own greetings. Its labels agree with
     the true style, and both SL-CAI (revisions) and RL-CAI (DPO on its labels) make it polite, keeping the rest."""
     from tuning.data.records import held_out_records
@@ -345,3 +345,26 @@ def test_the_smoke_model_becomes_polite_from_its_own_feedback(smoke_constitution
     before = other_tasks_right(run / "model", held_out)
     for name in ("sl-cai", "rl-cai"):
         assert other_tasks_right(run / name, held_out) >= before - 0.05, name
+    # The README's evaluation of the constitution-tuned model against the SFT one, judged by the reward model.
+    result = subprocess.run([sys.executable, str(ROOT / "evaluation.py"), "--base", "smoke-run/model", "--finetuned",
+                             "smoke-run/rl-cai", "--reward-model", "smoke-run/reward"], cwd=work, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "rl-cai" / "eval" / "report.json").read_text())
+    assert report["win_rate"] > 0.5 and report["finetuned"]["mean_reward"] > report["base"]["mean_reward"]
+
+
+def test_the_default_prompts_are_a_hub_datasets_folder(monkeypatch):
+    """"Anthropic/hh-rlhf:harmless-base" loads the dataset's harmless-base folder (its red-team dialogues)."""
+    import datasets
+
+    from tuning.data.records import read_raw
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append((a, k)) or [{"chosen": "x"}])
+    import constitution
+
+    assert read_raw(constitution.PROMPTS) == [(f"{constitution.PROMPTS}: record 0", {"chosen": "x"})]
+    assert asked == [(("Anthropic/hh-rlhf",), {"data_dir": "harmless-base", "split": "train"})]
+    read_raw("tatsu-lab/alpaca")
+    assert asked[-1] == (("tatsu-lab/alpaca",), {"data_dir": None, "split": "train"})

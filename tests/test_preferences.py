@@ -106,11 +106,11 @@ def test_damaged_gzip_is_a_data_error(tmp_path, content, expected):
 def test_hub_id_goes_through_datasets(monkeypatch):
     import datasets
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: [HH, {"chosen": "x", "rejected": "y"}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, data_dir=None: [HH, {"chosen": "x", "rejected": "y"}])
     with pytest.raises(pf.DataError, match="Anthropic/hh-rlhf: record 1: field 'chosen' does not start with"):
         pf.load_pairs("Anthropic/hh-rlhf")
 
-    def offline(name, split):
+    def offline(name, split, data_dir=None):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)

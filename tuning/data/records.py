@@ -74,10 +74,12 @@ def read_raw(source: str) -> list[tuple[str, object]]:
 
 
 def _read_hub(name: str) -> list[tuple[str, object]]:
+    """The train split of a Hub dataset; "ID:DATA_DIR" reads one of its folders (Anthropic/hh-rlhf:harmless-base)."""
     import datasets
 
+    dataset_id, _, data_dir = name.partition(":")
     try:
-        data = datasets.load_dataset(name, split="train")
+        data = datasets.load_dataset(dataset_id, data_dir=data_dir or None, split="train")
     except Exception as err:  # network, auth, unknown id: all end the same way for the user
         raise DataError(
             f"could not load dataset {name!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
