@@ -137,10 +137,10 @@ def test_the_counts_in_the_prose_are_what_the_models_do(work):
     text = prose(README)
     assert f"the SFT model answers {sft[0]} of its {sft[1]} held-out greetings politely" in text
     assert f"({sft[0]} of its {sft[1]} held-out greetings polite)" in text
-    assert dpo[2] == rloo[2] == sft[2], (sft, dpo, rloo)  # "both still answer ... as the SFT model does"
     assert (f"DPO answers {dpo[0]} of {dpo[1]} politely, and so does RLOO against the reward model" in text
             if dpo[0] == rloo[0] else f"DPO answers {dpo[0]} of {dpo[1]} politely, and RLOO {rloo[0]}" in text)
-    assert f"both still answer {sft[2]} of the other {sft[3]} held-out prompts exactly right" in text
+    assert (f"they answer {dpo[2]} and {rloo[2]} of the other {sft[3]} held-out prompts exactly right, the SFT model "
+            f"{sft[2]}") in text
 
 
 def test_the_inference_summary_is_what_inference_prints(work):
