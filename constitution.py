@@ -37,7 +37,7 @@ SAMPLE = False  # revise: sample the answers, critiques and revisions (at --temp
 TEMPERATURE = 1.0  # sampling temperature (label always samples its two answers); > 0
 BATCH_SIZE = 16  # prompts generated together, and comparisons scored together; >= 1
 SEED = 42  # seed of the principles drawn and of the sampling
-SKIP_INVALID = False  # drop malformed prompt records instead of stopping
+SKIP_INVALID = True  # drop malformed prompt records (counted, the first named); --no-skip-invalid stops at one
 RESUME = True  # go on where an interrupted run with the same settings stopped; --no-resume starts over
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
 SMOKE = False  # offline preset: the smoke models, the smoke constitution and greetings, to smoke-run/constitution/
@@ -47,8 +47,10 @@ IDENTITY = ("stage", "model", "feedback_model", "constitution", "constitution_sh
             "revisions", "principles_per_pair", "max_new_tokens", "sample", "temperature", "batch_size", "seed")
 # What each stage writes: its journal (one line per prompt, appended batch by batch), and its summary (last).
 JOURNAL = {"revise": "revisions.jsonl", "label": "labels.jsonl"}
-PAIRS_FILE = "pairs.jsonl"  # label: the pairs confident enough to train on
-SHOWN_CHANGED = 1  # revise: examples of an answer, its critique and its revision printed at the end
+# label: the pairs confident enough to train on; revise: how many examples of an answer, its critique and its
+# revision are printed at the end; label: below this share of the next-token probability on the option letters, a
+# feedback model is warned about (it would start its reply otherwise, so its A/B ratio means little).
+PAIRS_FILE, SHOWN_CHANGED, LOW_LETTER_MASS = "pairs.jsonl", 1, 0.5
 
 
 def validate_args(args) -> None:
@@ -67,8 +69,9 @@ def validate_args(args) -> None:
 
 
 def apply_smoke(args, explicit: set) -> None:
-    """--smoke: the smoke constitution, the smoke greetings as prompts, the smoke model (for label, the SL-CAI one
-    once `train.py` has run on the revisions) and settings, except for flags given on the command line."""
+    """--smoke: the smoke constitution, the smoke greetings as prompts, the smoke SFT model (for both stages: the
+    SL-CAI model already answers every greeting politely, so its two samples would agree) and settings, except for
+    flags given on the command line."""
     from tuning import smoke
     from tuning.cli import UserError
 
@@ -83,6 +86,12 @@ def apply_smoke(args, explicit: set) -> None:
                         f"--dataset {smoke.OUTPUT_DIR}/constitution/revisions.jsonl --output-dir {args.model}` first")
 
 
+def smoke_dir() -> str:
+    from tuning import smoke
+
+    return smoke.OUTPUT_DIR
+
+
 def check_models(args) -> None:
     """--model is a finished model (not a reward model), and the output dir is none of the models' dirs."""
     from tuning.cli import UserError
@@ -92,15 +101,14 @@ def check_models(args) -> None:
     for flag, path in (("--model", args.model), ("--feedback-model", args.feedback_model)):
         if path and os.path.realpath(path) == os.path.realpath(args.output_dir):
             raise UserError(f"--output-dir {args.output_dir} is the {flag} directory; constitution.py needs its own")
-    if not os.path.isdir(args.model):
-        if args.model == MODEL:
-            raise UserError(f"--model {args.model}: no SFT model there. Run `python train.py` first (or the smoke steps: "
-                            "`python train.py --smoke`, then `python constitution.py --smoke`).")
-        return
-    if not lora.is_model_dir(args.model):
-        last = rundir.find_checkpoint(args.model)
-        hint = f"; its training did not finish (pass --model {last}, or resume it)" if last else ""
-        raise UserError(f"--model {args.model}: no model there{hint}")
+    if not os.path.isdir(args.model) and args.model == MODEL:
+        raise UserError(f"--model {args.model}: no SFT model there. Run `python train.py` first (or the smoke steps: "
+                        "`python train.py --smoke`, then `python constitution.py --smoke`).")
+    for flag, path in (("--model", args.model), ("--feedback-model", args.feedback_model)):
+        if path and os.path.isdir(path) and not lora.is_model_dir(path):
+            last = rundir.find_checkpoint(path)
+            hint = f"; its training did not finish (pass {flag} {last}, or resume it)" if last else ""
+            raise UserError(f"{flag} {path}: no model there{hint}")
 
 
 def load_prompts(args) -> tuple[list[dict], dict]:
@@ -110,14 +118,35 @@ def load_prompts(args) -> tuple[list[dict], dict]:
     from tuning.data.preferences import load_prompts as read
     from tuning.data.records import read_raw
 
+    import json
+
     rows = read_raw(args.prompts)
     first = next((record for _, record in rows if isinstance(record, dict)), {})
-    prompts, report = read(args.prompts, args.skip_invalid)
+    prompts, report = read(args.prompts, args.skip_invalid, rows=rows)
     if "chosen" in first or "rejected" in first:
         prompts = [first_turn(prompt) for prompt in prompts]
+    seen, unique = set(), []
+    for prompt in prompts:  # (HH-RLHF opens many dialogues with the same request)
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(prompt)
+    report["duplicates_dropped"] = len(prompts) - len(unique)
     if args.num_prompts > 0:
-        prompts = prompts[:args.num_prompts]
-    return prompts, report
+        unique = unique[:args.num_prompts]
+    return unique, report
+
+
+def say_prompts(args, prompts: list[dict], report: dict) -> None:
+    """What was read: the prompts kept, and what was left out (malformed records, the first named; empty ones;
+    repeated ones)."""
+    skipped = report.get("skipped") or []
+    first = f" ({skipped[0]}{'; ...' if len(skipped) > 1 else ''})" if skipped else ""
+    left = [f"{len(skipped)} malformed{first}" if skipped else "",
+            f"{len(report['empty_dropped'])} empty" if report.get("empty_dropped") else "",
+            f"{report['duplicates_dropped']} repeated" if report.get("duplicates_dropped") else ""]
+    left = [part for part in left if part]
+    print(f"Prompts: {len(prompts)} from {args.prompts}" + (f"; left out: {', '.join(left)}" if left else ""))
 
 
 def prompt_field(prompt: dict) -> str:
@@ -224,7 +253,7 @@ def check_same_run(args, config: dict) -> dict | None:
     return saved if args.resume else None
 
 
-def open_run(args, config: dict, saved: dict | None) -> list[dict]:
+def open_run(args, config: dict, saved: dict | None, total: int) -> list[dict]:
     """Lock the output dir and return the records an interrupted run with the same settings already wrote (a cut
     last line is dropped); without one (or with --no-resume) the stage's earlier files are removed."""
     from tuning import rundir
@@ -239,30 +268,32 @@ def open_run(args, config: dict, saved: dict | None) -> list[dict]:
             if os.path.exists(os.path.join(args.output_dir, name)):
                 os.remove(os.path.join(args.output_dir, name))
     rundir.write_json(config_path, config)
-    return read_journal(journal)
+    return read_journal(journal, args.batch_size, total)
 
 
 _lock: list = []  # the output dir's lock, held while the process runs
 
 
-def read_journal(path: str) -> list[dict]:
-    """The complete lines of a run's file; a line cut by a kill is dropped (and the file cut back to the lines
-    before it), so the next batch appends after whole records."""
+def read_journal(path: str, batch_size: int, total: int) -> list[dict]:
+    """The whole batches of a run's file: a batch cut by a kill (a cut line, or fewer lines than a batch) is
+    dropped and the file cut back to the batches before it, so the run redoes that batch exactly as an unbroken
+    run does it (same prompts together, same seed)."""
     import json
 
     if not os.path.isfile(path):
         return []
-    records, good = [], 0
+    records, ends = [], [0]
     with open(path, "rb") as handle:
         for line in handle:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 break
-            good += len(line)
+            ends.append(ends[-1] + len(line))
+    whole = len(records) if len(records) >= total else len(records) // batch_size * batch_size  # (all done: kept)
     with open(path, "r+b") as handle:
-        handle.truncate(good)
-    return records
+        handle.truncate(ends[whole])
+    return records[:whole]
 
 
 def append(path: str, records: list[dict]) -> None:
@@ -360,7 +391,7 @@ def record_output(record: dict) -> str:
     return record["messages"][-1]["content"] if "messages" in record else record["output"]
 
 
-def print_revisions(records: list[dict], summary: dict, path: str, model: str) -> None:
+def print_revisions(records: list[dict], summary: dict, path: str, next_step: str) -> None:
     print(f"Revised {summary['revised']} of {summary['prompts']} answers ({summary['rounds']} critique-and-revision "
           f"rounds; {summary['kept_answer']} kept the answer before them); principles drawn: "
           + ", ".join(f"{name} {n}" for name, n in summary["principles"].items()))
@@ -370,8 +401,7 @@ def print_revisions(records: list[dict], summary: dict, path: str, model: str) -
         print(f"\nPrompt: {asked!r}\nAnswer: {record['initial']!r}")
         for step in record["critiques"]:
             print(f"Critique ({step['principle']}): {step['critique']!r}\nRevision: {step['revision']!r}")
-    print(f"\nSFT records in {path}: `python train.py --model {model} --dataset {path} --output-dir DIR` fine-tunes "
-          "on the revisions")
+    print(f"\nSFT records in {path}: `{next_step}` fine-tunes on the revisions")
 
 
 # ---------------------------------------------------------------- label
@@ -403,7 +433,7 @@ def label_batch(args, batch: list[dict], start: int, policy: Side, feedback: Sid
     found = iter(probabilities)
     asked_of = {}
     for (i, name, order), ok in zip(owners, fit):
-        asked_of.setdefault(i, {}).setdefault(name, {})[order] = next(found) if ok else None
+        asked_of.setdefault(i, {}).setdefault(name, {})[order] = next(found) if ok else None  # (probs, mass)
     out = []
     for i, prompt in enumerate(batch):
         first, second = samples[2 * i], samples[2 * i + 1]
@@ -414,13 +444,14 @@ def label_batch(args, batch: list[dict], start: int, policy: Side, feedback: Sid
                 "an empty answer" if i not in asked_of else "too long for the feedback model"
             out.append(pair_record(prompt, first, second, 0.5, [], why))
             continue
-        p_first = soft_label([v["AB"] for v in votes.values()], [v["BA"] for v in votes.values()])
+        p_first = soft_label([v["AB"][0] for v in votes.values()], [v["BA"][0] for v in votes.values()])
         chosen, rejected = (first, second) if p_first >= 0.5 else (second, first)
         record = pair_record(prompt, chosen, rejected, max(p_first, 1 - p_first), list(votes))
         shown_first = ("chosen", "rejected") if p_first >= 0.5 else ("rejected", "chosen")  # what (A) was, per order
-        record["probabilities"] = [{"principle": name, "A_is": shown_first[k], **dict(zip(OPTIONS, map(float, v[order])))}
+        record["probabilities"] = [{"principle": name, "A_is": shown_first[k], **dict(zip(OPTIONS, v[order][0])),
+                                    "letters": v[order][1]}
                                    for name, v in votes.items() for k, order in enumerate(("AB", "BA"))]
-        record["orders_agree"] = sum(orders_agree(v["AB"], v["BA"]) for v in votes.values()) / len(votes)
+        record["orders_agree"] = sum(orders_agree(v["AB"][0], v["BA"][0]) for v in votes.values()) / len(votes)
         out.append(record)
     return out
 
@@ -456,18 +487,29 @@ def label_summary(records: list[dict], min_confidence: float) -> dict:
             "label_bins": {f"{0.5 + k / 10:.1f}-{0.6 + k / 10:.1f}": n for k, n in enumerate(bins)},
             "mean_label": sum(r["label"] for r in asked) / len(asked) if asked else None,
             "orders_agree": sum(r["orders_agree"] for r in asked) / len(asked) if asked else None,
+            "letter_mass": (sum(p["letters"] for r in asked for p in r["probabilities"])
+                            / sum(len(r["probabilities"]) for r in asked)) if asked else None,
             "min_confidence": min_confidence, "kept": len(kept), "dropped": len(records) - len(kept),
             "dropped_share": (len(records) - len(kept)) / len(records) if records else 0.0}
 
 
 def print_labels(records: list[dict], summary: dict, output_dir: str) -> None:
+    from tuning.data.principles import OPTIONS
+
     not_asked = "; ".join(f"{n} with {why}" for why, n in summary["not_asked"].items())
     print(f"Labelled {summary['labelled']} of {summary['prompts']} pairs{f' (not asked: {not_asked})' if not_asked else ''}; "
           + (f"both answer orders agreed on {summary['orders_agree']:.1%} of the questions; mean P(chosen) "
              f"{summary['mean_label']:.3f}" if summary["labelled"] else "none could be asked"))
     print("P(chosen) " + ", ".join(f"{span}: {n}" for span, n in summary["label_bins"].items()))
+    if summary["labelled"] and summary["letter_mass"] < LOW_LETTER_MASS:
+        print(f"warning: the letters {' and '.join(OPTIONS)} held only {summary['letter_mass']:.1%} of the feedback "
+              "model's next-token probability (it would start its replies otherwise), so its labels may mean little; "
+              "a feedback model that answers the comparison with a letter (an instruct model) gives better ones")
     print(f"Kept {summary['kept']} pairs with P(chosen) >= {summary['min_confidence']} in "
           f"{os.path.join(output_dir, PAIRS_FILE)}; left out {summary['dropped']} ({summary['dropped_share']:.1%})")
+    if not summary["kept"]:
+        print("warning: no pair to train on: lower --min-confidence (0.5 keeps every labelled pair), or use more "
+              "prompts or a stronger --feedback-model")
     for record in [r for r in records if "probabilities" in r][:1]:
         shown = {k: record[k] for k in ("instruction", "input", "prompt", "chosen", "rejected") if k in record}
         print(f"\nA labelled pair: {shown}")
@@ -508,18 +550,16 @@ def main(args, explicit: set) -> None:
 
     if args.smoke:
         apply_smoke(args, explicit)
-    else:
-        offline_unless_hub_reachable([args.model, args.feedback_model, args.prompts.split(":")[0]])
+    offline_unless_hub_reachable([args.model, args.feedback_model, args.prompts.split(":")[0]])
     check_models(args)
     given, shipped = args.constitution, os.path.join(os.path.dirname(os.path.abspath(__file__)), args.constitution)
     if not os.path.isfile(args.constitution) and os.path.isfile(shipped):  # constitutions/ of the checkout
         args.constitution = shipped
     principles = read_constitution(args.constitution)
+    prompts, report = load_prompts(args)
+    say_prompts(args, prompts, report)
     config = run_config(args)
     saved = check_same_run(args, config)
-    prompts, report = load_prompts(args)
-    print(f"Prompts: {len(prompts)} from {args.prompts}" + (f" ({len(report['skipped'])} malformed records skipped)"
-                                                            if report.get("skipped") else ""))
     device = get_device(args.device)
     policy = Side(args.model, device, "--model")
     feedback = policy if not args.feedback_model or os.path.realpath(args.feedback_model) == os.path.realpath(
@@ -528,7 +568,7 @@ def main(args, explicit: set) -> None:
           f"{given}; the answers from {args.model}, the "
           f"feedback from {feedback.path}{' (self-critique)' if feedback is policy else ''}; device: {device.type}")
     requests_that_fit(args, prompts, policy, feedback, principles)
-    done = open_run(args, config, saved)
+    done = open_run(args, config, saved, len(prompts))
     journal = os.path.join(args.output_dir, JOURNAL[args.stage])
     if done:
         print(f"Going on after the {len(done)} prompts done in {journal}")
@@ -542,7 +582,9 @@ def main(args, explicit: set) -> None:
     if args.stage == "revise":
         summary = revise_summary(done)
         rundir.write_json(os.path.join(args.output_dir, "revise_summary.json"), summary)
-        print_revisions(done, summary, journal, args.model)
+        next_step = (f"python train.py --smoke --dataset {journal} --output-dir {os.path.join(smoke_dir(), 'sl-cai')}"
+                     if args.smoke else f"python train.py --model {args.model} --dataset {journal} --output-dir DIR")
+        print_revisions(done, summary, journal, next_step)
         return
     summary = label_summary(done, args.min_confidence)
     with open(os.path.join(args.output_dir, PAIRS_FILE), "w", encoding="utf-8") as handle:

@@ -113,12 +113,13 @@ def test_option_probabilities_are_the_next_token_ones_of_an_unpadded_forward(tin
                "### Response:\n"]
     ids = feedback.option_ids(tiny_tokenizer, prompts[0], None, "m")
     got = feedback.option_probabilities(model, tiny_tokenizer, prompts, None, ids, batch_size=2)
-    for prompt, (p_a, p_b) in zip(prompts, got):
+    for prompt, ((p_a, p_b), mass) in zip(prompts, got):
         alone = torch.tensor([tiny_tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             logits = model(alone).logits[0, -1]
         expected = torch.softmax(logits[ids], dim=-1)
         assert (p_a, p_b) == pytest.approx(expected.tolist(), abs=1e-5) and p_a + p_b == pytest.approx(1.0)
+        assert mass == pytest.approx(torch.softmax(logits, dim=-1)[ids].sum().item(), abs=1e-6)
 
 
 def test_a_tokenizer_that_cannot_tell_the_letters_apart_is_refused():
@@ -172,7 +173,7 @@ def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_p
     (out / "revisions.jsonl").write_text("".join(lines[:5]) + lines[5][:20])
     again = run_cai(tmp_path, *cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "2"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "Going on after the 5 prompts done" in again.stdout
+    assert "Going on after the 4 prompts done" in again.stdout  # whole batches of 4: the cut one is redone
     assert read_jsonl(out / "revisions.jsonl") == done  # greedy, principles drawn per prompt: the same records
     changed = run_cai(tmp_path, *cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "1"))
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1
@@ -182,6 +183,33 @@ def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_p
 
     records, _ = load_training_records(str(out / "revisions.jsonl"), "auto", False)
     assert len(records) == sum(bool(r["output"].strip()) and bool(r["instruction"].strip()) for r in done)
+
+
+def test_an_interrupted_label_run_goes_on_with_the_records_an_unbroken_one_writes(tiny_dirs, tmp_path):
+    """Sampled answers: the batch a kill cut is redone whole, with its own seed, so the records are the same."""
+    clean = run_cai(tmp_path, *cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(tmp_path / "clean")))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    lines = (tmp_path / "clean" / "labels.jsonl").read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for name in ("label_config.json",):
+        (cut / name).write_text((tmp_path / "clean" / name).read_text())
+    (cut / "labels.jsonl").write_text("".join(lines[:6]) + lines[6][:15])  # a batch and a half, and a cut line
+    again = run_cai(tmp_path, *cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(cut)))
+    assert again.returncode == 0 and "Going on after the 4 prompts done" in again.stdout, again.stderr[-3000:]
+    assert (cut / "labels.jsonl").read_text() == "".join(lines)
+
+
+def test_instructions_without_outputs_and_repeated_prompts(tiny_dirs, tmp_path):
+    prompts = write_json(tmp_path / "asks.json", [{"instruction": "Greet them.", "input": "cat dog owl"},
+                                                  {"instruction": "Greet them.", "input": "cat dog owl"},
+                                                  {"instruction": "Count the words.", "input": "a b"},
+                                                  {"instruction": " ", "input": ""}])
+    result = run_cai(tmp_path, *cai_args(tiny_dirs, "--prompts", prompts, "--output-dir", str(tmp_path / "o")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Prompts: 2 from {prompts}; left out: 1 empty, 1 repeated" in result.stdout
+    assert [r["instruction"] for r in read_jsonl(tmp_path / "o" / "revisions.jsonl")] == ["Greet them.",
+                                                                                          "Count the words."]
 
 
 def test_label_writes_pairs_reward_and_align_read_with_a_feedback_model_of_another_tokenizer(tiny_dirs, tmp_path,
@@ -274,11 +302,13 @@ def test_soft_labels_reach_the_batch_and_unlabelled_pairs_are_refused(tmp_path, 
     assert set(round(t, 6) for t in batch["targets"].tolist()) <= set(round(v, 6) for v in labels.values())
     path.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "label" or i % 2}) + "\n"
                             for i, p in enumerate(pairs)))
-    with pytest.raises(DataError, match="--soft-labels needs a 'label' field in every pair .* 10 of 20"):
+    with pytest.raises(DataError, match="--soft-labels needs a probability in each pair's 'label' field; 10 of 20 "
+                                        "usable pairs do not: usable pair 0 has no 'label' field"):
         preferences.prepare_pairs(str(path), False, 4, 0, tiny_tokenizer, "seed", 64, lambda *a: None, targets=True)
-    path.write_text(json.dumps({**pairs[0], "label": 1.5}) + "\n")
-    with pytest.raises(DataError, match="record 0 \\(line 1\\): field 'label' is 1.5, not a probability in"):
-        preferences.load_pairs(str(path))
+    path.write_text("".join(json.dumps({**p, "label": "yes"}) + "\n" for p in pairs))
+    with pytest.raises(DataError, match="usable pair 0 has a 'label' of 'yes', not a probability in"):
+        preferences.prepare_pairs(str(path), False, 4, 0, tiny_tokenizer, "seed", 64, lambda *a: None, targets=True)
+    preferences.prepare_pairs(str(path), False, 4, 0, tiny_tokenizer, "seed", 64, lambda *a: None)  # (unused: fine)
 
 
 # ---------------------------------------------------------------- real data, real architecture

@@ -134,12 +134,18 @@ def parse_pair(record: object) -> dict:
     label, P(chosen is better), as constitution.py writes it). A malformed record raises MalformedPair saying
     what is wrong with which field (and turn)."""
     pair = _parse_pair(record)
-    label = record.get("label")
-    if label is not None:
-        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
-            raise MalformedPair(f"field 'label' is {label!r}, not a probability in [0, 1]")
-        pair["label"] = float(label)
+    if record.get("label") is not None:  # checked only where it is used (reward.py --soft-labels)
+        pair["label"] = record["label"]
     return pair
+
+
+def label_problem(label: object) -> str | None:
+    """Why a pair's 'label' is not a soft label (a probability in [0, 1]), or None."""
+    if label is None:
+        return "has no 'label' field (constitution.py --stage label writes one)"
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= 1:
+        return f"has a 'label' of {label!r}, not a probability in [0, 1]"
+    return None
 
 
 def _parse_pair(record: object) -> dict:
@@ -319,18 +325,18 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
     tokenized pair also carries its soft label as "target" (every pair must have a "label")."""
     pairs, report = load_pairs(source, skip_invalid)
     if targets:
-        unlabelled = [i for i, pair in enumerate(pairs) if pair.get("label") is None]
-        if unlabelled:
-            raise DataError(f"{source}: --soft-labels needs a 'label' field in every pair (constitution.py --stage "
-                            f"label writes one); {len(unlabelled)} of {len(pairs)} usable pairs have none, the first "
-                            f"is usable pair {unlabelled[0]}")
+        wrong = [(i, problem) for i, pair in enumerate(pairs) if (problem := label_problem(pair.get("label")))]
+        if wrong:
+            raise DataError(f"{source}: --soft-labels needs a probability in each pair's 'label' field; {len(wrong)} "
+                            f"of {len(pairs)} usable pairs do not: usable pair {wrong[0][0]} {wrong[0][1]}")
     train, held_out = split_records(pairs, val_size, seed)
     data, too_long = {}, 0
     for name, part in (("train", train), ("validation", held_out)):
         data[name], tokens = tokenize_pairs(part, tokenizer, template, max_length)
         if targets:
-            kept = [pair for i, pair in enumerate(part) if i not in set(tokens["too_long_dropped"])]
-            data[name] = [{**example, "target": pair["label"]} for example, pair in zip(data[name], kept)]
+            dropped = set(tokens["too_long_dropped"])
+            kept = [pair for i, pair in enumerate(part) if i not in dropped]
+            data[name] = [{**example, "target": float(pair["label"])} for example, pair in zip(data[name], kept)]
         too_long += len(tokens["too_long_dropped"])
     say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "pairs", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out pairs")
@@ -338,14 +344,15 @@ def prepare_pairs(source: str, skip_invalid: bool, val_size, seed: int, tokenize
                                                            "formats": report["formats"]}
 
 
-def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], dict]:
+def load_prompts(source: str, skip_invalid: bool = False, rows: list | None = None) -> tuple[list[dict], dict]:
     """Prompts for online RL, each {"instruction", "input", "prompt", "messages"} as in a normalized pair: the
-    prompts of preference pairs (any format), the instructions of Alpaca records, or the conversations train.py
-    reads (messages, ShareGPT) up to their last user turn: the model answers that turn."""
+    prompts of preference pairs (any format), the instructions of Alpaca records (an 'output' is not needed), or
+    the conversations train.py reads (messages, ShareGPT) up to their last user turn: the model answers that turn.
+    `rows` takes an earlier read_raw(source)."""
     from tuning.data.conversations import detect_format, load_conversations
     from tuning.data.records import load_records
 
-    rows = read_raw(source)
+    rows = read_raw(source) if rows is None else rows
     first = next((record for _, record in rows if isinstance(record, dict)), {})
     if "chosen" in first or "rejected" in first:
         pairs, report = load_pairs(source, skip_invalid)
@@ -356,6 +363,9 @@ def load_prompts(source: str, skip_invalid: bool = False) -> tuple[list[dict], d
         talks, report = load_conversations(source, skip_invalid=skip_invalid, rows=rows)
         return [{"instruction": None, "input": None, "prompt": None, "messages": talk["messages"][:-1]}
                 for talk in talks], report
+    if "instruction" in first and "output" not in first:  # instructions alone: nothing to check an answer against
+        rows = [(where, {**record, "output": "-"}) if isinstance(record, dict) and "output" not in record
+                else (where, record) for where, record in rows]
     records, report = load_records(source, skip_invalid, rows=rows)
     return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None}
             for r in records], report

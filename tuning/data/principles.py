@@ -45,6 +45,8 @@ def read_constitution(path: str) -> list[dict]:
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     principles = data.get("principles") if isinstance(data, dict) else None
     if not isinstance(principles, list) or not principles:
         raise DataError(f"{path}: expected an object with a non-empty list 'principles' (see constitutions/harmless.json)")

@@ -44,10 +44,11 @@ def option_ids(tokenizer, prompt, chat_template: str | None, model: str) -> list
 
 
 def option_probabilities(lm, tokenizer, prompts: list, chat_template: str | None, ids: list[int],
-                         batch_size: int = BATCH_SIZE) -> list[tuple[float, ...]]:
-    """For each comparison prompt, the feedback model's next-token probabilities of the option tokens `ids`,
-    normalised to sum to 1. Rows are left-padded with positions counted from each prompt's first token (GPT-2
-    would otherwise number them from the padding), and the output layer runs at the last position only."""
+                         batch_size: int = BATCH_SIZE) -> list[tuple[tuple[float, ...], float]]:
+    """For each comparison prompt, (the feedback model's next-token probabilities of the option tokens `ids`,
+    normalised to sum to 1; their sum before normalising, the share of the model's next token the letters hold).
+    Rows are left-padded with positions counted from each prompt's first token (GPT-2 would otherwise number them
+    from the padding), and the output layer runs at the last position only."""
     import torch
 
     from tuning.data.chat_template import encode_prompts
@@ -64,7 +65,8 @@ def option_probabilities(lm, tokenizer, prompts: list, chat_template: str | None
             logits = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False,
                         logits_to_keep=1).logits[:, -1].float()
         chosen = torch.log_softmax(logits, dim=-1)[:, ids]
-        out += [tuple(row) for row in torch.softmax(chosen, dim=-1).tolist()]
+        out += [(tuple(row), mass) for row, mass in zip(torch.softmax(chosen, dim=-1).tolist(),
+                                                        chosen.exp().sum(-1).tolist())]
     return out
 
 
