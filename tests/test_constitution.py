@@ -28,9 +28,19 @@ def run_cai(cwd, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def one_line_error(result) -> bool:
-    """A user's mistake: no traceback, and the message on the last line (after any loading bars)."""
-    return "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+def cai_main(*argv):
+    """constitution.py in this process (no interpreter start-up): its flags parsed and checked, then main()."""
+    import constitution
+    from tuning import cli
+
+    parser = cli.build_parser(constitution)
+    args = cli.parse_or_exit(parser, constitution.validate_args, list(argv))
+    try:
+        constitution.main(args, cli.explicit_dests(parser, list(argv)))
+    finally:  # the output dir's lock, held for the process's life when run as a script
+        for handle in filter(None, constitution._lock):
+            handle.close()
+        constitution._lock.clear()
 
 
 def write_json(path, data):
@@ -159,10 +169,9 @@ def cai_args(root, *more):
             str(root / "c.json"), "--max-new-tokens", "6", "--batch-size", "4", "--device", "cpu", *more]
 
 
-def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_path):
+def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "out"
-    first = run_cai(tmp_path, *cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "2"))
-    assert first.returncode == 0, first.stderr[-3000:]
+    cai_main(*cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "2"))
     done = read_jsonl(out / "revisions.jsonl")
     assert len(done) == 14 and all(set(r) >= {"instruction", "input", "output", "initial", "critiques"} for r in done)
     assert all(len(r["critiques"]) == 2 and r["critiques"][0]["principle"] in ("p", "q") for r in done)
@@ -171,9 +180,9 @@ def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_p
     # Killed mid-write: five whole lines and a cut one. The same command goes on after the five.
     lines = (out / "revisions.jsonl").read_text().splitlines(keepends=True)
     (out / "revisions.jsonl").write_text("".join(lines[:5]) + lines[5][:20])
-    again = run_cai(tmp_path, *cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "2"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "Going on after the 4 prompts done" in again.stdout  # whole batches of 4: the cut one is redone
+    capsys.readouterr()
+    cai_main(*cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "2"))
+    assert "Going on after the 4 prompts done" in capsys.readouterr().out  # whole batches of 4: the cut one redone
     assert read_jsonl(out / "revisions.jsonl") == done  # greedy, principles drawn per prompt: the same records
     changed = run_cai(tmp_path, *cai_args(tiny_dirs, "--output-dir", str(out), "--revisions", "1"))
     assert changed.returncode == 2 and changed.stderr.count("\n") == 1
@@ -185,29 +194,28 @@ def test_revise_writes_sft_records_and_resumes_where_it_stopped(tiny_dirs, tmp_p
     assert len(records) == sum(bool(r["output"].strip()) and bool(r["instruction"].strip()) for r in done)
 
 
-def test_an_interrupted_label_run_goes_on_with_the_records_an_unbroken_one_writes(tiny_dirs, tmp_path):
+def test_an_interrupted_label_run_goes_on_with_the_records_an_unbroken_one_writes(tiny_dirs, tmp_path, capsys):
     """Sampled answers: the batch a kill cut is redone whole, with its own seed, so the records are the same."""
-    clean = run_cai(tmp_path, *cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(tmp_path / "clean")))
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    cai_main(*cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(tmp_path / "clean")))
     lines = (tmp_path / "clean" / "labels.jsonl").read_text().splitlines(keepends=True)
     cut = tmp_path / "cut"
     cut.mkdir()
     for name in ("label_config.json",):
         (cut / name).write_text((tmp_path / "clean" / name).read_text())
     (cut / "labels.jsonl").write_text("".join(lines[:6]) + lines[6][:15])  # a batch and a half, and a cut line
-    again = run_cai(tmp_path, *cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(cut)))
-    assert again.returncode == 0 and "Going on after the 4 prompts done" in again.stdout, again.stderr[-3000:]
+    capsys.readouterr()
+    cai_main(*cai_args(tiny_dirs, "--stage", "label", "--output-dir", str(cut)))
+    assert "Going on after the 4 prompts done" in capsys.readouterr().out
     assert (cut / "labels.jsonl").read_text() == "".join(lines)
 
 
-def test_instructions_without_outputs_and_repeated_prompts(tiny_dirs, tmp_path):
+def test_instructions_without_outputs_and_repeated_prompts(tiny_dirs, tmp_path, capsys):
     prompts = write_json(tmp_path / "asks.json", [{"instruction": "Greet them.", "input": "cat dog owl"},
                                                   {"instruction": "Greet them.", "input": "cat dog owl"},
                                                   {"instruction": "Count the words.", "input": "a b"},
                                                   {"instruction": " ", "input": ""}])
-    result = run_cai(tmp_path, *cai_args(tiny_dirs, "--prompts", prompts, "--output-dir", str(tmp_path / "o")))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Prompts: 2 from {prompts}; left out: 1 empty, 1 repeated" in result.stdout
+    cai_main(*cai_args(tiny_dirs, "--prompts", prompts, "--output-dir", str(tmp_path / "o")))
+    assert f"Prompts: 2 from {prompts}; left out: 1 empty, 1 repeated" in capsys.readouterr().out
     assert [r["instruction"] for r in read_jsonl(tmp_path / "o" / "revisions.jsonl")] == ["Greet them.",
                                                                                           "Count the words."]
 
@@ -224,9 +232,8 @@ def test_label_writes_pairs_reward_and_align_read_with_a_feedback_model_of_anoth
     GPT2LMHeadModel(config).save_pretrained(judge)
     gpt2_tokenizer.save_pretrained(judge)
     out = tmp_path / "out"
-    result = run_cai(tmp_path, *cai_args(tiny_dirs, "--stage", "label", "--feedback-model", str(judge),
-                                         "--output-dir", str(out), "--min-confidence", "0.5"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    cai_main(*cai_args(tiny_dirs, "--stage", "label", "--feedback-model", str(judge), "--output-dir", str(out),
+                       "--min-confidence", "0.5"))
     labels = read_jsonl(out / "labels.jsonl")
     asked = [r for r in labels if "not_asked" not in r]
     assert len(labels) == 14 and asked
@@ -250,11 +257,11 @@ def test_bad_input_gets_one_line_naming_the_file_and_field(tiny_dirs, tmp_path):
     long = write_json(tmp_path / "long.json", [{"instruction": "Count the words.", "input": "cat", "output": "1"},
                                                {"instruction": "Count the words.", "input": "cat dog " * 20,
                                                 "output": "40"}])
-    result = run_cai(tmp_path, *cai_args(tiny_dirs, "--feedback-model", str(tiny_dirs / "short"), "--prompts", long,
-                                         "--output-dir", str(tmp_path / "o"), "--max-new-tokens", "2"))
-    assert result.returncode == 2 and one_line_error(result), result.stderr[-2000:]
-    assert f"{long}: prompt 1, field 'instruction': principle 'p' asks it in a critique request of" in result.stderr
-    assert "positions of the feedback model" in result.stderr
+    with pytest.raises(UserError) as error:
+        cai_main(*cai_args(tiny_dirs, "--feedback-model", str(tiny_dirs / "short"), "--prompts", long,
+                           "--output-dir", str(tmp_path / "o"), "--max-new-tokens", "2"))
+    assert f"{long}: prompt 1, field 'instruction': principle 'p' asks it in a critique request of" in str(error.value)
+    assert "positions of the feedback model" in str(error.value) and "\n" not in str(error.value)
     # A feedback model whose tokenizer is not its own: more tokens than its embeddings.
     mismatched = tmp_path / "mismatched"
     from transformers import AutoTokenizer
@@ -263,11 +270,9 @@ def test_bad_input_gets_one_line_naming_the_file_and_field(tiny_dirs, tmp_path):
 
     load_model(str(tiny_dirs / "short")).save_pretrained(mismatched)
     AutoTokenizer.from_pretrained(shared_path("gpt2-tokenizer")).save_pretrained(mismatched)
-    result = run_cai(tmp_path, *cai_args(tiny_dirs, "--feedback-model", str(mismatched),
-                                         "--output-dir", str(tmp_path / "o")))
-    assert result.returncode == 2 and one_line_error(result), result.stderr[-2000:]
-    assert f"--feedback-model {mismatched}: its tokenizer has 50257 tokens but config.json's vocab_size is" in \
-        result.stderr
+    with pytest.raises(UserError, match=f"--feedback-model {mismatched}: its tokenizer has 50257 tokens but "
+                                        "config.json's vocab_size is"):
+        cai_main(*cai_args(tiny_dirs, "--feedback-model", str(mismatched), "--output-dir", str(tmp_path / "o")))
     result = run_cai(tmp_path, "--min-confidence", "0.4", "--revisions", "0")
     assert result.returncode == 2 and "--revisions must be >= 1" in result.stderr and "--min-confidence" in \
         result.stderr
