@@ -1,6 +1,6 @@
 """Does faster batching learn as much from the same examples? Held-out exact match after the same steps.
 
-    python benchmarks/learning_order.py           # 3 smoke trainings of ~90 s each on 2 CPU cores
+    python benchmarks/learning_order.py           # 3 smoke trainings of ~2.5 min each on 2 CPU cores
 
 Trains the `--smoke` model three times with identical settings, data and steps, changing only how
 batches are formed: the project default (random order, packed), dynamic padding in random order, and

@@ -37,7 +37,7 @@ RLOO_LR = 1e-5  # RLOO: peak learning rate
 RLOO_BETA = 0.05  # RLOO: KL coefficient
 NEW_TOKENS = 16  # RLOO: most tokens a sampled answer
 SEED = 42  # seed of both sides' training
-WORKDIR = ""  # a directory where `train.py --smoke` has run; empty = a new one (the SFT run takes ~90 s)
+WORKDIR = ""  # a directory where `train.py --smoke` has run; empty = a new one (the SFT run takes ~2.5 min)
 WORKER = ""  # internal: run one side (trl-reward, trl-rloo) in this process and print its result as JSON
 
 SMOKE_SFT, SMOKE_PAIRS = os.path.join("smoke-run", "model"), os.path.join("smoke-run", "pairs.json")

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from tuning import rundir
+from tuning import rundir, smoke
 from tuning.runs import runner
 from conftest import ROOT
 from test_train import FAST, ENV, load_json, run_train, start_train, wait_for, workdir  # noqa: F401  (fixture)
@@ -111,8 +111,9 @@ def test_a_finished_run_is_extended_by_a_higher_max_steps(workdir):
     assert f"Resuming from {out / 'checkpoint-4'}" in longer.stdout
     assert load_json(out / "metrics.json")["global_step"] == 6
     config = load_json(out / "run_config.json")
-    assert config["max_steps"] == 6 and config["extended"] == [{"global_step": 4, "max_steps": 4, "epochs": 9.0}]
-    assert load_json(out / "metrics.json")["run_length"] == {"max_steps": 6, "epochs": 9.0}
+    epochs = smoke.TRAIN_SETTINGS["epochs"]  # (the smoke preset's; --max-steps ends the run first)
+    assert config["max_steps"] == 6 and config["extended"] == [{"global_step": 4, "max_steps": 4, "epochs": epochs}]
+    assert load_json(out / "metrics.json")["run_length"] == {"max_steps": 6, "epochs": epochs}
     again = run_train(workdir, *args, "--max-steps", "6")
     assert again.returncode == 0 and "already holds this finished run (step 6)" in again.stdout
     shorter = run_train(workdir, *args, "--max-steps", "5")

@@ -323,4 +323,4 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, help_text in cli.constant_specs(reward):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(reward)) == 32
+    assert len(cli.constant_specs(reward)) == 33

@@ -27,7 +27,7 @@ import threading
 from tuning.cli import UserError
 
 ROLES = {"base": "Base", "finetuned": "Fine-tuned", "aligned": "Aligned"}  # the columns, in order
-MAX_EXAMPLES = 8  # example prompts on the page, from the held-out split
+MAX_EXAMPLES = 10  # example prompts on the page, from the held-out split (one of each smoke task)
 # Each setting's range on the page, widened to take inference.py's flag values, which set where they start.
 RANGES = {"temperature": (0.05, 2.0), "top_p": (0.05, 1.0), "top_k": (0, 200), "max_new_tokens": (1, 1024),
           "repetition_penalty": (0.5, 2.0), "no_repeat_ngram_size": (0, 10)}
