@@ -4,7 +4,8 @@ generated text).
 
     asked = ask(feedback_tokenizer, texts, template, chat_template)        # each request as the model's prompt
     critiques = generate(feedback_lm, feedback_tokenizer, asked, gen_kwargs)
-    probs = option_probabilities(feedback_lm, feedback_tokenizer, asked_comparisons, chat_template)   # [(pA, pB)]
+    probs = option_probabilities(feedback_lm, feedback_tokenizer, asked_comparisons, chat_template, ids)
+    # [((pA, pB), the letters' share of the next token)]
     label = soft_label([probs_ab], [probs_ba])      # P(the first answer is better), both orders averaged
 
 A comparison is asked twice, with the answers in both orders, so a model that favours a position (always "A")
@@ -24,10 +25,11 @@ BATCH_SIZE = 16  # the default comparisons scored together
 def ask(tokenizer, texts: list[str], template, chat_template: str | None) -> list:
     """Each request text as the feedback model is asked an instruction: in its prompt template, or, for a model
     with a chat template of its own (an instruct model), as one user turn that template renders."""
-    from tuning.data.chat_template import is_ours, prompt_of
+    from tuning.data.chat_template import prompt_of
+    from tuning.data.preferences import foreign
 
-    foreign = None if chat_template is None or is_ours(chat_template, tokenizer) else chat_template
-    return [prompt_of({"instruction": text, "input": ""}, template, foreign, tokenizer) for text in texts]
+    own = foreign(chat_template, tokenizer) if chat_template else None  # decided once for the set, as for pairs
+    return [prompt_of({"instruction": text, "input": ""}, template, own, tokenizer) for text in texts]
 
 
 def option_ids(tokenizer, prompt, chat_template: str | None, model: str) -> list[int]:
