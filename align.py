@@ -1,13 +1,16 @@
-"""Tune the SFT model toward preferences with DPO or RLOO, through TRL (step 3 of InstructGPT).
+"""Tune the SFT model toward preferences with DPO, RLOO or GRPO, through TRL (step 3 of InstructGPT).
 
     python align.py                    # DPO: distilgpt2-alpaca/ on Anthropic/hh-rlhf -> distilgpt2-alpaca-aligned/
     python align.py --method rloo --reward-model distilgpt2-alpaca-rm   # online RL against reward.py's model
+    python align.py --method grpo --reward exact --dataset math.json    # GRPO, rewarded for the reference answer
     python align.py --smoke            # offline, after train.py --smoke and reward.py --smoke: smoke-run/aligned-dpo/
     torchrun --nproc_per_node 2 align.py   # DDP; `accelerate launch` works too
 
 DPO learns from the preference pairs alone; its reference is the frozen SFT model, and --beta sets how far
 the policy may move from it. RLOO samples --num-generations answers per prompt, scores them with the
-reward model, and keeps near the SFT model with a KL penalty (--beta). The output dir is a normal model
+reward model (or --reward: a check against each record's reference answer, or your own function), and keeps near
+the SFT model with a KL penalty (--beta); GRPO does the same with each answer's reward compared with the mean of
+its prompt's group. The output dir is a normal model
 dir: `python inference.py --base distilgpt2-alpaca --finetuned distilgpt2-alpaca-aligned` compares them.
 Running the same command again after an interruption continues from the newest checkpoint.
 """
@@ -22,22 +25,24 @@ from tuning.runs import checks, launchers, runner
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = "distilgpt2-alpaca"  # the SFT model (train.py's output dir): the policy starts from it, and it is the reference
-METHOD = "dpo"  # dpo|rloo: DPO on preference pairs, or RLOO (online RL) against --reward-model
-DATASET = "Anthropic/hh-rlhf"  # dpo: preference pairs; rloo: their prompts, or any records train.py reads
-REWARD_MODEL = ""  # rloo: the reward model (reward.py's output dir) that scores the sampled answers
+METHOD = "dpo"  # dpo|rloo|grpo: DPO on preference pairs, or online RL (RLOO, GRPO) rewarded by --reward
+DATASET = "Anthropic/hh-rlhf"  # dpo: preference pairs; rloo, grpo: their prompts, or any records train.py reads
+REWARD = "model"  # rloo, grpo: model (--reward-model), exact or contains (the record's reference), FILE.py:FUNCTION; or a comma list
+REWARD_WEIGHTS = ""  # rloo, grpo: one weight per --reward, a comma list; empty = 1 each
+REWARD_MODEL = ""  # rloo, grpo with --reward model: the reward model (reward.py's output dir) that scores the answers
 OUTPUT_DIR = "distilgpt2-alpaca-aligned"  # checkpoints, the aligned model, metrics.json, run_config.json, a plot
-BETA = -1.0  # how far the policy may move from the SFT model (DPO beta, RLOO KL coefficient); -1 = 0.1 dpo, 0.05 rloo
-LR = -1.0  # peak learning rate of AdamW (linear decay); -1 = the method's default: 5e-6 dpo, 1e-5 rloo
+BETA = -1.0  # how far the policy may move from the SFT model (DPO beta, KL coefficient); -1 = 0.1 dpo, 0.05 rloo, 0.04 grpo
+LR = -1.0  # peak learning rate of AdamW (linear decay); -1 = the method's default: 5e-6 dpo, 1e-5 rloo and grpo
 EPOCHS = 1.0  # passes over the training pairs or prompts
 MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
-BATCH_SIZE = 8  # pairs (dpo) or prompts (rloo) per device per step; >= 1
+BATCH_SIZE = 8  # pairs (dpo) or prompts (rloo, grpo) per device per step; >= 1
 WARMUP_RATIO = 0.03  # share of the steps spent warming the learning rate up; in [0, 1)
-NUM_GENERATIONS = 4  # rloo: answers sampled per prompt (the leave-one-out baseline needs >= 2)
-MAX_NEW_TOKENS = 128  # rloo: most tokens per sampled answer; >= 1
-TEMPERATURE = 1.0  # rloo: sampling temperature of the answers; > 0
-MISSING_EOS_PENALTY = 1.0  # rloo: subtracted from the reward of an answer cut off at --max-new-tokens; >= 0
-MAX_LENGTH = 512  # dpo: tokens of prompt + the longer answer + EOS; rloo: of the prompt alone; longer ones are dropped
-VAL_SIZE = 0.05  # held-out pairs (dpo) or prompts (rloo): a count (>= 1) or a fraction in (0, 1)
+NUM_GENERATIONS = 4  # rloo, grpo: answers sampled per prompt (the baseline, the others or the group, needs >= 2)
+MAX_NEW_TOKENS = 128  # rloo, grpo: most tokens per sampled answer; >= 1
+TEMPERATURE = 1.0  # rloo, grpo: sampling temperature of the answers; > 0
+MISSING_EOS_PENALTY = 1.0  # rloo, grpo: subtracted from the reward model's score of an answer cut off at --max-new-tokens; >= 0
+MAX_LENGTH = 512  # dpo: tokens of prompt + the longer answer + EOS; rloo, grpo: of the prompt alone; longer ones are dropped
+VAL_SIZE = 0.05  # held-out pairs (dpo) or prompts (rloo, grpo): a count (>= 1) or a fraction in (0, 1)
 EVAL_STEPS = 500  # evaluate on the held-out set every N steps; >= 1
 SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
@@ -54,12 +59,13 @@ SKIP_INVALID = False  # drop malformed records instead of stopping
 REPORT_TO = "none"  # where the Trainer also logs: none, tensorboard (OUTPUT_DIR/runs), wandb, ... or a comma list
 RESUME = True  # continue from the newest checkpoint in OUTPUT_DIR; --no-resume starts fresh
 DEVICE = "auto"  # auto|cuda|mps|cpu: auto picks CUDA, then Apple MPS, then CPU
-SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model for rloo), to smoke-run/aligned-METHOD/
+SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model for --reward model), to smoke-run/aligned-METHOD/
 
 # The method defaults behind BETA and LR = -1 (low enough to keep what SFT taught; see the README).
-DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}}
+DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}, "grpo": {"beta": 0.04, "lr": 1e-5}}
+ONLINE = ("rloo", "grpo")  # the methods that sample answers and score them with --reward
 # A run's identity: resuming with any of these changed would silently mix two different runs.
-IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
+IDENTITY = ("model", "method", "dataset", "reward", "reward_weights", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
             "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "missing_eos_penalty", "max_length",
             "val_size", "seed", "lora", "lora_r", "lora_alpha", "lora_target")
 
@@ -67,6 +73,7 @@ IDENTITY = ("model", "method", "dataset", "reward_model", "beta", "lr", "epochs"
 def validate_args(args) -> None:
     from tuning.models import lora
     from tuning.cli import check_all
+    from tuning.preference import rewards
     from tuning.data.records import val_size_problems
 
     problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})"
@@ -86,12 +93,20 @@ def validate_args(args) -> None:
         problems.append(f"--temperature must be > 0 (got {args.temperature})")
     if args.missing_eos_penalty < 0:
         problems.append(f"--missing-eos-penalty must be >= 0 (got {args.missing_eos_penalty})")
-    if args.method == "rloo" and args.num_generations < 2:
-        problems.append(f"--num-generations must be >= 2 for rloo's leave-one-out baseline (got {args.num_generations})")
-    if args.method == "rloo" and not args.reward_model and not args.smoke:
-        problems.append("--method rloo needs --reward-model DIR (reward.py's output dir)")
+    online = args.method in ONLINE
+    if online and args.num_generations < 2:
+        problems.append(f"--num-generations must be >= 2 for {args.method}'s baseline, the mean reward of the other "
+                        f"answers to a prompt (got {args.num_generations})")
+    model_reward = rewards.MODEL in rewards.names(args.reward)
+    if online and model_reward and not args.reward_model and not args.smoke:
+        problems.append(f"--method {args.method} with --reward model needs --reward-model DIR (reward.py's output "
+                        "dir), or another --reward (exact, contains, FILE.py:FUNCTION)")
     if args.method == "dpo" and args.reward_model:
-        problems.append("--reward-model: only used with --method rloo (DPO learns from the pairs alone)")
+        problems.append("--reward-model: only used with --method rloo or grpo (DPO learns from the pairs alone)")
+    elif online and args.reward_model and not model_reward:
+        problems.append(f"--reward-model: only used when --reward has model (it is {args.reward})")
+    if online:
+        problems += rewards.spec_problems(args.reward, args.reward_weights)
     problems += lora.problems(args) + checks.report_to_problems(args.report_to)
     check_all(problems + val_size_problems(args.val_size))
 
@@ -100,24 +115,30 @@ def apply_defaults(args, explicit: set) -> None:
     """--smoke's preset (except for flags given on the command line), then the method's beta and lr."""
     from tuning import smoke
     from tuning.cli import UserError
+    from tuning.preference import rewards
 
+    refused = [f"--{name.replace('_', '-')}" for name in ("reward", "reward_weights") if name in explicit]
+    if args.method == "dpo" and refused:
+        raise UserError(f"{' and '.join(refused)}: only used with --method rloo or grpo (DPO learns from the pairs "
+                        "alone)")
     if args.smoke:
         clash = [f"--{name.replace('_', '-')}" for name in ("reward_model",) if name in explicit]
         if clash:
             raise UserError(f"--smoke brings its own models and data, so it can't be combined with {', '.join(clash)}")
-        other = {"model", "dataset"} & explicit  # another smoke model or pairs (the Constitutional AI pipeline's)
-        if other and (args.method != "dpo" or "output_dir" not in explicit):
-            raise UserError(f"--smoke with --{' and --'.join(sorted(other))}: DPO from another smoke model or on other "
-                            "pairs (as the Constitutional AI pipeline does): name the new run's --output-dir, and "
-                            "leave --method at dpo")
-        for name, value in {**smoke.ALIGN_SETTINGS[args.method], **(smoke.ALIGN_OTHER if other else {})}.items():
+        other = {"model", "dataset"} & explicit  # another smoke model or data (Constitutional AI's, arithmetic's)
+        if other and "output_dir" not in explicit:
+            raise UserError(f"--smoke with --{' and --'.join(sorted(other))}: another smoke model or other data (as "
+                            "the Constitutional AI and arithmetic pipelines use): name the new run's --output-dir")
+        fewer = smoke.ALIGN_OTHER if other and args.method == "dpo" else {}  # (AI-labelled pairs are fewer)
+        for name, value in {**smoke.ALIGN_SETTINGS[args.method], **fewer}.items():
             if name not in explicit:
                 setattr(args, name, value)
         if "model" not in explicit:
             args.model = os.path.join(smoke.OUTPUT_DIR, "model")
         if "dataset" not in explicit:
             args.dataset = os.path.join(smoke.OUTPUT_DIR, "pairs.json")
-        args.reward_model = os.path.join(smoke.OUTPUT_DIR, "reward") if args.method == "rloo" else ""
+        model_reward = args.method in ONLINE and rewards.MODEL in rewards.names(args.reward)
+        args.reward_model = os.path.join(smoke.OUTPUT_DIR, "reward") if model_reward else ""
         if "output_dir" not in explicit:  # a LoRA variant of its own, beside the full run
             args.output_dir = os.path.join(smoke.OUTPUT_DIR, f"aligned-{args.method}{'-lora' if args.lora else ''}")
         for path, step in ((args.model, "train.py --smoke"), (args.reward_model, "reward.py --smoke")):
@@ -151,24 +172,35 @@ def check_dirs(args) -> None:
     if adapter or any("SequenceClassification" in name for name in architectures):
         what = "a LoRA adapter from reward.py --lora" if adapter else f"a {architectures[0]}"
         raise UserError(f"--model {args.model} is a reward model ({what}): pass the SFT model, "
-                        "train.py's output dir (the reward model goes to --reward-model, for --method rloo)")
+                        "train.py's output dir (the reward model goes to --reward-model, for --method rloo or grpo)")
 
 
 def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict], dict]:
     """({"train", "validation"} Datasets, the held-out records as read, report): DPO's pairs tokenized as SFT
-    tokenized them, or RLOO's prompts formatted with the SFT template (and the reward model's)."""
+    tokenized them, or online RL's prompts formatted with the SFT template (and the reward model's), with each
+    record's reference answer, which --reward exact and contains need."""
     from tuning.data import preferences
     from tuning.cli import UserError
     from tuning.models.loading import context_limit
     from tuning.models.scoring import end_length
     from tuning.data.chat_template import encode_prompts
+    from tuning.preference import rewards
 
     if args.method == "dpo":
         return preferences.prepare_pairs(args.dataset, args.skip_invalid, args.val_size, args.seed, tokenizer,
                                          template, args.max_length, say)
+    reader = (judge.tokenizer, judge.template) if judge else (tokenizer, template)  # (no reward model: unused)
     data, held_out, report = preferences.prepare_prompts(args.dataset, args.skip_invalid, args.val_size, args.seed,
-                                                         tokenizer, template, judge.tokenizer, judge.template,
-                                                         args.max_length, say)
+                                                         tokenizer, template, *reader, args.max_length, say)
+    if rewards.uses_reference(args.reward):
+        missing = sum(reference is None for part in data.values() for reference in part["reference"])
+        if missing:
+            raise UserError(f"--reward {args.reward}: {missing} of the {sum(map(len, data.values()))} prompts of "
+                            f"{args.dataset} have no reference answer to check against (an Alpaca record's "
+                            "'output', a pair's 'chosen', a conversation's last assistant turn, or a prompt-only "
+                            f"record's {', '.join(repr(f) for f in preferences.REFERENCE_FIELDS)})")
+    if judge is None:
+        return data, held_out, report
     judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + its end
     asked = [prompt for part in data.values() for prompt in part["judge_prompt"]]
     longest = max(map(len, encode_prompts(judge.tokenizer, asked, judge.chat_template)))
@@ -229,9 +261,13 @@ def main(args, explicit: set) -> None:
         why = "set by --smoke"
     packing, attn = checks.resolve_packing(args.packing, device, precision)
     check_dirs(args)
+    if args.method in ONLINE:
+        from tuning.preference import rewards
+
+        rewards.load_user_functions(args.reward)  # (a mistake in the user's file is said before the models load)
     checks.fit_max_length(args, explicit, args.model, checks.model_positions(args.model),
                           print if os.environ.get("RANK", "0") == "0" else (lambda *a, **k: None),
-                          reserve=args.max_new_tokens if args.method == "rloo" else 0)
+                          reserve=args.max_new_tokens if args.method in ONLINE else 0)
     from tuning.preference import align_trainers  # (TRL: seconds to import, after the checks that refuse a start)
     from tuning.runs.trainer import StopOnSignal
 
@@ -254,9 +290,9 @@ def main(args, explicit: set) -> None:
         tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
         tokenizer.chat_template = saved_or_ours(tokenizer, template)  # conversations as SFT rendered them; saved
-        if args.method == "rloo":
+        if args.method in ONLINE and args.reward_model:
             judge = align_trainers.Judge(args.reward_model, device, args.batch_size * args.num_generations,
-                                       args.missing_eos_penalty)
+                                         args.missing_eos_penalty)
         data, held_out, report = prepare_data(args, tokenizer, template, judge, say)
         drawn = len(data["train"])
         if args.method == "dpo":

@@ -115,6 +115,7 @@ def load_prompts(args) -> tuple[list[dict], dict]:
     """The prompts to answer, each a normalized prompt (preferences.load_prompts): a pair's dialogue reduced to its
     first human turn (HH-RLHF's red-team request), an instruction, or a conversation up to its last user turn."""
     from tuning.data.principles import first_turn
+    from tuning.data.preferences import PROMPT_FIELDS
     from tuning.data.preferences import load_prompts as read
     from tuning.data.records import read_raw
 
@@ -123,6 +124,7 @@ def load_prompts(args) -> tuple[list[dict], dict]:
     rows = read_raw(args.prompts)
     first = next((record for _, record in rows if isinstance(record, dict)), {})
     prompts, report = read(args.prompts, args.skip_invalid, rows=rows)
+    prompts = [{key: prompt[key] for key in PROMPT_FIELDS} for prompt in prompts]  # what is asked, nothing else
     if "chosen" in first or "rejected" in first:
         prompts = [first_turn(prompt) for prompt in prompts]
     seen, unique = set(), []

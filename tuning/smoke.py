@@ -41,6 +41,9 @@ ALIGN_SETTINGS = {
             "eval_steps": 1000, "save_steps": 100, "logging_steps": 10, "precision": "fp32"},
     "rloo": {"lr": 3e-5, "beta": 0.05, "max_steps": 100, "batch_size": 8, "num_generations": 4, "max_new_tokens": 24,
              "temperature": 1.0, "max_length": 128, "val_size": 200, "eval_steps": 1000, "save_steps": 50,
+             "logging_steps": 10, "precision": "fp32"},
+    "grpo": {"lr": 3e-5, "beta": 0.04, "max_steps": 100, "batch_size": 8, "num_generations": 4, "max_new_tokens": 24,
+             "temperature": 1.0, "max_length": 128, "val_size": 200, "eval_steps": 1000, "save_steps": 50,
              "logging_steps": 10, "precision": "fp32"}}
 # train.py --smoke --dataset FILE: the smoke SFT model (or --model) continued on FILE, as the Constitutional AI pipeline
 # fine-tunes it on its own revisions (a short run at a lower lr: it must keep the other tasks).
@@ -57,6 +60,7 @@ CONSTITUTION_STAGES = {"revise": {"model": os.path.join(OUTPUT_DIR, "model")},
 N_CONSTITUTION_PROMPTS = 600  # greetings the constitution pipeline answers (none held out by the SFT run)
 ALIGN_OTHER = {"val_size": 20}  # align.py --smoke --dataset FILE: a smaller held-out set (AI-labelled pairs are fewer)
 N_PAIRS = 2000  # preference pairs in the smoke set
+N_ARITHMETIC = 2000  # addition records the arithmetic SFT run learns from (smoke.prepare_arithmetic)
 GREETING = "Greet them."  # the undecided task: answered in either style in the SFT data
 STYLES = {"polite": "Hello, {names}!", "casual": "hey {names}"}  # the pairs prefer the first
 MODEL_CONFIG = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256,
@@ -193,6 +197,37 @@ def new_task_records(n: int = 1200, seed: int = 7) -> list[dict]:
         return {"instruction": NEW_TASK, "input": " ".join(words), "output": words[0]}
 
     return _distinct(n, draw, set())
+
+
+ARITHMETIC = "Add the numbers."  # the verifiable-reward task: two numbers in, their sum out, checked by exact match
+ARITHMETIC_RANGE = (10, 99)  # its numbers: two digits, so about half of the sums carry
+
+
+def arithmetic_example(rng: random.Random) -> dict:
+    """One addition record: "Add the numbers." with two random two-digit numbers; the output is their sum."""
+    a, b = rng.randint(*ARITHMETIC_RANGE), rng.randint(*ARITHMETIC_RANGE)
+    return {"instruction": ARITHMETIC, "input": f"{a} {b}", "output": str(a + b)}
+
+
+def prepare_arithmetic(output_dir: str = OUTPUT_DIR, n: int = N_ARITHMETIC, replay: int = 1000, prompts: int = 1200,
+                       seed: int = 5) -> dict:
+    """arithmetic.json (for train.py --smoke --dataset: n addition records and `replay` records of the old tasks,
+    none of the SFT run's held-out ones, shuffled) and arithmetic-prompts.json (for align.py --method grpo --reward
+    exact: `prompts` other addition records, with their sums as references), once; their paths."""
+    from tuning import rundir
+
+    paths = {"sft": os.path.join(output_dir, "arithmetic.json"), "prompts": os.path.join(output_dir, "arithmetic-prompts.json")}
+    if not os.path.isfile(paths["prompts"]):
+        held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
+        rng, seen = random.Random(seed), {(r["instruction"], r["input"]) for r in held_out}
+        sums = _distinct(n + prompts, lambda: arithmetic_example(rng), seen)
+        old = _distinct(replay, lambda: make_example(rng, rng.randrange(6)), seen)
+        records = sums[:n] + old
+        random.Random(seed).shuffle(records)
+        for path, part in ((paths["sft"], records), (paths["prompts"], sums[n:])):
+            with open(path, "w") as handle:
+                json.dump(part, handle, indent=0)
+    return paths
 
 
 # A two-turn task whose second answer needs the first turn: the words to reverse are only in the history.

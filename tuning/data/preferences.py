@@ -20,6 +20,8 @@ Data floor: it imports records, templates, conversations and chat_template.
 
 from __future__ import annotations
 
+import json
+
 from tuning.data.chat_template import encode_answers, encode_prompts, prompt_of, render_prompts
 from tuning.data.chat_template import is_ours, saved_or_ours
 from tuning.data.conversations import ROLES, MalformedConversation, check_turns, dialogue_turns, read_turns, tidy
@@ -30,6 +32,10 @@ from tuning.data.templates import Template
 # The fields of a normalized pair: "instruction" and "input" (Alpaca style), "prompt" (a text used verbatim) or
 # "messages" (a conversation's turns up to the user turn the answers reply to); the others are None.
 PAIR_FIELDS = ("instruction", "input", "prompt", "messages", "chosen", "rejected")
+# What an online RL prompt is asked by (load_prompts), as in a pair.
+PROMPT_FIELDS = ("instruction", "input", "prompt", "messages")
+# A prompt-only record's reference answer (for a verifiable reward): the first of these fields that it has.
+REFERENCE_FIELDS = ("reference", "solution", "answer")
 # How many problems a "no usable pairs" error quotes.
 SHOWN = 3
 # Pairs tokenized per chunk; sets of 4 chunks or more show a progress bar.
@@ -348,7 +354,10 @@ def load_prompts(source: str, skip_invalid: bool = False, rows: list | None = No
     """Prompts for online RL, each {"instruction", "input", "prompt", "messages"} as in a normalized pair: the
     prompts of preference pairs (any format), the instructions of Alpaca records (an 'output' is not needed), or
     the conversations train.py reads (messages, ShareGPT) up to their last user turn: the model answers that turn.
-    `rows` takes an earlier read_raw(source)."""
+    Each also has its "reference" answer, for a verifiable reward (a pair's chosen answer, a record's 'output', a
+    conversation's last assistant turn, a prompt-only record's REFERENCE_FIELDS; None where there is none), and its
+    "columns": the record's fields, which a user's reward function receives. `rows` takes an earlier
+    read_raw(source)."""
     from tuning.data.conversations import detect_format, load_conversations
     from tuning.data.records import load_records
 
@@ -356,19 +365,28 @@ def load_prompts(source: str, skip_invalid: bool = False, rows: list | None = No
     first = next((record for _, record in rows if isinstance(record, dict)), {})
     if "chosen" in first or "rejected" in first:
         pairs, report = load_pairs(source, skip_invalid)
-        return [{key: pair[key] for key in ("instruction", "input", "prompt", "messages")} for pair in pairs], report
+        return [{**{key: pair[key] for key in PROMPT_FIELDS}, "reference": pair["chosen"], "columns": pair}
+                for pair in pairs], report
     if "prompt" in first:  # TRL's prompt-only records: {"prompt": text or turns}
         return _prompt_only(source, rows, skip_invalid)
     if detect_format(rows) in ("messages", "sharegpt"):
         talks, report = load_conversations(source, skip_invalid=skip_invalid, rows=rows)
-        return [{"instruction": None, "input": None, "prompt": None, "messages": talk["messages"][:-1]}
-                for talk in talks], report
-    if "instruction" in first and "output" not in first:  # instructions alone: nothing to check an answer against
+        return [{"instruction": None, "input": None, "prompt": None, "messages": talk["messages"][:-1],
+                 "reference": talk["messages"][-1]["content"], "columns": talk} for talk in talks], report
+    unchecked = "instruction" in first and "output" not in first  # instructions alone: no answer to check against
+    if unchecked:
         rows = [(where, {**record, "output": "-"}) if isinstance(record, dict) and "output" not in record
                 else (where, record) for where, record in rows]
     records, report = load_records(source, skip_invalid, rows=rows)
-    return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None}
+    return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None,
+             "reference": None if unchecked else r["output"],
+             "columns": {key: value for key, value in r.items() if not (unchecked and key == "output")}}
             for r in records], report
+
+
+def _reference_field(record: dict) -> str | None:
+    """A prompt-only record's reference answer: its first REFERENCE_FIELDS field that is a string."""
+    return next((record[field] for field in REFERENCE_FIELDS if isinstance(record.get(field), str)), None)
 
 
 def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict], dict]:
@@ -383,7 +401,8 @@ def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict
                 raise MalformedPair(f"is {a_kind(record)}, not an object")
             if isinstance(record.get("prompt"), list):
                 turns = _prompt_turns(_messages(record, "prompt"), "field 'prompt'")
-                prompts.append({"instruction": None, "input": None, "prompt": None, "messages": turns})
+                prompts.append({"instruction": None, "input": None, "prompt": None, "messages": turns,
+                                "reference": _reference_field(record), "columns": record})
                 continue
             problem = _string_problem(record, "prompt")
             if problem:
@@ -397,7 +416,8 @@ def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict
             empty.append(index)
             empty_details.append(f"{where}: empty 'prompt'")
             continue
-        prompts.append({"instruction": None, "input": None, "prompt": record["prompt"], "messages": None})
+        prompts.append({"instruction": None, "input": None, "prompt": record["prompt"], "messages": None,
+                        "reference": _reference_field(record), "columns": record})
     if not prompts:
         raise DataError(f"{source}: no usable prompts ({len(rows)} read, {len(skipped)} invalid, {len(empty)} empty)")
     return prompts, {"read": len(rows), "skipped": skipped, "empty_dropped": empty, "empty_details": empty_details,
@@ -406,9 +426,11 @@ def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict
 
 def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokenizer, template, judge_tokenizer,
                     judge_template, max_length: int, say=print) -> tuple[dict, list[dict], dict]:
-    """({"train", "validation"} Datasets of {"prompt", "judge_prompt"}: what the policy is asked, in its template
-    or chat template (pair_prompt), and what the judging reward model reads, in its own), the held-out prompts as
-    read, report. Prompts longer than max_length tokens are left out and counted."""
+    """({"train", "validation"} Datasets of {"prompt", "judge_prompt", "reference", "record"}: what the policy is
+    asked, in its template or chat template (pair_prompt), what the judging reward model reads, in its own, the
+    reference answer (None where the record has none) and the record's fields as JSON (for a user's reward
+    function), the held-out prompts as read, report. Prompts longer than max_length tokens are left out and
+    counted."""
     prompts, report = load_prompts(source, skip_invalid)
     train, held_out = split_records(prompts, val_size, seed)
     chat_template = pair_chat_template(tokenizer, template)
@@ -419,7 +441,8 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
         asked = [pair_prompt(p, template, policy_foreign, tokenizer) for p in part]
         lengths = map(len, encode_prompts(tokenizer, asked, chat_template))
         data[name] = [{"prompt": prompt, "judge_prompt": pair_prompt(p, judge_template, judge_foreign,
-                                                                     judge_tokenizer)}
+                                                                     judge_tokenizer),
+                       "reference": p["reference"], "record": json.dumps(p["columns"], ensure_ascii=False)}
                       for p, prompt, n in zip(part, asked, lengths) if n <= max_length]
         too_long += len(part) - len(data[name])
     if any(len({type(row[column]) for part in data.values() for row in part}) > 1 for column in ("prompt",
@@ -427,6 +450,7 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
         raise DataError(f"{source}: mixes conversations and text prompts; give online RL one kind")
     say_left_out(source, report, too_long, f"longer than --max-length {max_length}", "records", say)
     say(f"Data: {len(data['train'])} train / {len(data['validation'])} held-out prompts")
+    held_out = [{key: value for key, value in p.items() if key != "columns"} for p in held_out]  # ("record" has them)
     return _as_datasets(data, source, "prompts"), held_out, left_out_report(report, too_long)
 
 

@@ -28,8 +28,8 @@ def plot(args, before: dict, after: dict, path: str) -> None:
                            f"aligned ({after['eval_accuracy']:.1%} of pairs ranked right)"))
     else:
         plot_before_after(before["before_rewards"], after["eval_rewards"], path,
-                          f"RLOO: reward of greedy answers to {len(after['eval_rewards'])} held-out prompts",
-                          "reward model score", (f"SFT model (mean {before['before_mean_reward']:+.3f})",
+                          f"{args.method.upper()}: reward of greedy answers to {len(after['eval_rewards'])} held-out "
+                          "prompts", f"reward ({args.reward})", (f"SFT model (mean {before['before_mean_reward']:+.3f})",
                                                  f"aligned (mean {after['eval_mean_reward']:+.3f})"))
 
 

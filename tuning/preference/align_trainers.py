@@ -18,7 +18,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 
 import torch
-from trl import DPOTrainer, RLOOTrainer
+from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
 
 from tuning.data.collate import PairCollator, positions_from_mask
 from tuning.data.chat_template import encode_prompts, saved_or_ours
@@ -26,6 +26,7 @@ from tuning.models.loading import context_limit
 from tuning.models.scoring import answer_ids, end_length, load_reward_model, pairwise_stats, score_ids
 from tuning.models.scoring import within_context
 from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, sigmoid_dpo_loss
+from tuning.preference import rewards
 from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
@@ -111,11 +112,13 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
         return {**self.report_evaluation(metrics), f"{metric_key_prefix}_margins": margins}
 
 
-class AlignRLOOTrainer(RunLayer, RLOOTrainer):
-    """TRL's RLOO on prompts encoded as inference.py encodes them. `judge(records, answers) -> rewards` scores
-    answers (texts) to prompt records. Held-out evaluation on the eval set's prompts: the mean
-    reward of greedy answers, as inference.py would give them, the share of them cut off at --max-new-tokens,
-    and the KL to the reference over answers sampled at the training temperature (kl_to_reference)."""
+class OnlineLayer:
+    """What align.py's online RL trainers (TRL's RLOO and GRPO) share: prompts encoded as inference.py encodes
+    them, and the sampled answers scored at the positions they were sampled at. `judge(records, answers) ->
+    rewards` scores answers (texts) to prompt records, as the training rewards add up (rewards.Scorer). Held-out
+    evaluation on the eval set's prompts: the mean reward of greedy answers, as inference.py would give them, the
+    share of them cut off at --max-new-tokens, and the KL to the reference over answers sampled at the training
+    temperature (kl_to_reference)."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_completions": "completions"}
 
@@ -205,8 +208,12 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
             prompt_ids, _, _ = self._tokenize_prompts([record["prompt"] for record in records])
             out, size = [], self.args.per_device_eval_batch_size
             for start in range(0, len(prompt_ids), size):
-                out += self._generate_single_turn(prompt_ids[start:start + size], None, {})
+                out += self.sample_ids(prompt_ids[start:start + size])
         return out
+
+    def sample_ids(self, prompt_ids: list[list[int]]) -> list[list[int]]:
+        """One answer's ids for each prompt, from TRL's training sampler (each trainer's own call)."""
+        raise NotImplementedError
 
     def forked_rng(self):
         """A context whose random draws leave this process's CPU and device RNG as they were."""
@@ -243,6 +250,22 @@ class AlignRLOOTrainer(RunLayer, RLOOTrainer):
             d = (logps[1] - logps[0]) * (labels[:, 1:] != -100)
             values += (d.exp() - d - 1).sum(-1).tolist()
         return values
+
+
+class AlignRLOOTrainer(OnlineLayer, RunLayer, RLOOTrainer):
+    """TRL's RLOO (REINFORCE with each answer's baseline the mean reward of the other answers to its prompt), with
+    OnlineLayer and the run layer."""
+
+    def sample_ids(self, prompt_ids):
+        return self._generate_single_turn(prompt_ids, None, {})
+
+
+class AlignGRPOTrainer(OnlineLayer, RunLayer, GRPOTrainer):
+    """TRL's GRPO (each answer's advantage its reward less the mean of its prompt's group, over their standard
+    deviation; a clipped objective), with OnlineLayer and the run layer."""
+
+    def sample_ids(self, prompt_ids):
+        return self._generate_single_turn(prompt_ids, None, {}, 1)[0]  # (ids, sampler log-probs): the ids
 
 
 def drop_ref_adapter(model) -> None:
@@ -336,11 +359,11 @@ POLICY_SAMPLING = {"no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 
 
 
 def trl_config(args, device, precision: str):
-    """TRL's DPOConfig or RLOOConfig from align.py's settings. Both run without dropout (the log-probs that
-    the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO
-    one) and with gradient checkpointing only when asked; DPO computes the reference log-probs once, before
-    training, instead of keeping a second model."""
-    from trl import DPOConfig, RLOOConfig
+    """TRL's DPOConfig, RLOOConfig or GRPOConfig from align.py's settings. All run without dropout (the log-probs
+    that the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO or
+    GRPO one) and with gradient checkpointing only when asked; DPO computes the reference log-probs once, before
+    training, instead of keeping a second model. RLOO and GRPO weigh several rewards by --reward-weights."""
+    from trl import DPOConfig, GRPOConfig, RLOOConfig
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     common = dict(
@@ -355,10 +378,14 @@ def trl_config(args, device, precision: str):
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,
                          per_device_eval_batch_size=args.batch_size, max_length=None, precompute_ref_log_probs=True)
+    from tuning.preference.rewards import weights_of
+
     completions = args.batch_size * args.num_generations  # TRL counts a batch in sampled answers
-    return RLOOConfig(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
-                      num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
-                      temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING))
+    config = GRPOConfig if args.method == "grpo" else RLOOConfig
+    return config(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
+                  num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
+                  temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING),
+                  reward_weights=weights_of(getattr(args, "reward", "model"), getattr(args, "reward_weights", "")))
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
@@ -373,6 +400,11 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
                                   data_collator=PairCollator(tokenizer.pad_token_id, packing, multiple))
         trainer.in_order = in_order
         return trainer
-    trainer = AlignRLOOTrainer(**common, reward_funcs=judge, judge=judge.score)
-    judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
+    online = AlignGRPOTrainer if args.method == "grpo" else AlignRLOOTrainer
+    functions = rewards.build(getattr(args, "reward", rewards.MODEL), judge)
+    trainer = online(**common, reward_funcs=functions,
+                     judge=rewards.Scorer(functions, rewards.weights_of(getattr(args, "reward", rewards.MODEL),
+                                                                        getattr(args, "reward_weights", ""))).score)
+    if isinstance(judge, Judge):
+        judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
     return trainer
