@@ -7,11 +7,11 @@
     torchrun --nproc_per_node 2 align.py   # DDP; `accelerate launch` works too
 
 DPO learns from the preference pairs alone; its reference is the frozen SFT model, and --beta sets how far
-the policy may move from it. RLOO samples --num-generations answers per prompt, scores them with the
-reward model (or --reward: a check against each record's reference answer, or your own function), and keeps near
-the SFT model with a KL penalty (--beta); GRPO does the same with each answer's reward compared with the mean of
-its prompt's group. The output dir is a normal model
-dir: `python inference.py --base distilgpt2-alpaca --finetuned distilgpt2-alpaca-aligned` compares them.
+the policy may move from it (--loss-type: DPO's own loss, or IPO's, SLiC's hinge or robust DPO's). RLOO samples
+--num-generations answers per prompt, scores them with the reward model (or --reward: a check against each
+record's reference answer, or your own function), and keeps near the SFT model with a KL penalty (--beta); GRPO
+does the same with each answer's reward compared with the mean of its prompt's group. The output dir is a normal
+model dir: `python inference.py --base distilgpt2-alpaca --finetuned distilgpt2-alpaca-aligned` compares them.
 Running the same command again after an interruption continues from the newest checkpoint.
 """
 
@@ -32,6 +32,8 @@ REWARD_WEIGHTS = ""  # rloo, grpo: one weight per --reward, a comma list; empty 
 REWARD_MODEL = ""  # rloo, grpo with --reward model: the reward model (reward.py's output dir) that scores the answers
 OUTPUT_DIR = "distilgpt2-alpaca-aligned"  # checkpoints, the aligned model, metrics.json, run_config.json, a plot
 BETA = -1.0  # how far the policy may move from the SFT model (DPO beta, KL coefficient); -1 = 0.1 dpo, 0.05 rloo, 0.04 grpo
+LOSS_TYPE = "sigmoid"  # dpo: TRL's loss sigmoid|ipo|hinge|robust: DPO's own, IPO, SLiC's hinge, or robust DPO
+LABEL_SMOOTHING = 0.1  # --loss-type robust: the share of preference labels taken to be flipped; in [0, 0.5)
 LR = -1.0  # peak learning rate of AdamW (linear decay); -1 = the method's default: 5e-6 dpo, 1e-5 rloo and grpo
 EPOCHS = 1.0  # passes over the training pairs or prompts
 MAX_STEPS = -1  # optimizer steps to run; -1 = set by EPOCHS
@@ -65,9 +67,10 @@ SMOKE = False  # offline preset: the smoke SFT model, pairs (and reward model fo
 DEFAULTS = {"dpo": {"beta": 0.1, "lr": 5e-6}, "rloo": {"beta": 0.05, "lr": 1e-5}, "grpo": {"beta": 0.04, "lr": 1e-5}}
 ONLINE = ("rloo", "grpo")  # the methods that sample answers and score them with --reward
 # A run's identity: resuming with any of these changed would silently mix two different runs.
-IDENTITY = ("model", "method", "dataset", "reward", "reward_weights", "reward_model", "beta", "lr", "epochs", "max_steps", "batch_size",
-            "warmup_ratio", "num_generations", "max_new_tokens", "temperature", "missing_eos_penalty", "max_length",
-            "val_size", "seed", "lora", "lora_r", "lora_alpha", "lora_target")
+IDENTITY = ("model", "method", "dataset", "reward", "reward_weights", "reward_model", "beta", "loss_type",
+            "label_smoothing", "lr", "epochs", "max_steps", "batch_size", "warmup_ratio", "num_generations",
+            "max_new_tokens", "temperature", "missing_eos_penalty", "max_length", "val_size", "seed", "lora", "lora_r",
+            "lora_alpha", "lora_target")
 
 
 def validate_args(args) -> None:
@@ -87,6 +90,12 @@ def validate_args(args) -> None:
         problems.append(f"--beta must be >= 0, or -1 for the method's default (got {args.beta})")
     if args.method == "dpo" and args.beta == 0:
         problems.append("--beta 0: DPO needs beta > 0")
+    if args.method != "dpo" and args.loss_type != LOSS_TYPE:
+        problems.append(f"--loss-type {args.loss_type}: only used with --method dpo")
+    if not 0 <= args.label_smoothing < 0.5:
+        problems.append(f"--label-smoothing must be in [0, 0.5) (got {args.label_smoothing})")
+    elif args.label_smoothing != LABEL_SMOOTHING and args.loss_type != "robust":
+        problems.append(f"--label-smoothing: only used with --loss-type robust (got --loss-type {args.loss_type})")
     if not 0 <= args.warmup_ratio < 1:
         problems.append(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
     if args.temperature <= 0:
@@ -101,6 +110,9 @@ def validate_args(args) -> None:
     if online and model_reward and not args.reward_model and not args.smoke:
         problems.append(f"--method {args.method} with --reward model needs --reward-model DIR (reward.py's output "
                         "dir), or another --reward (exact, contains, FILE.py:FUNCTION)")
+    if args.method == "dpo" and (args.reward != REWARD or args.reward_weights != REWARD_WEIGHTS):
+        problems.append("--reward and --reward-weights: only used with --method rloo or grpo (DPO learns from the "
+                        "pairs alone)")
     if args.method == "dpo" and args.reward_model:
         problems.append("--reward-model: only used with --method rloo or grpo (DPO learns from the pairs alone)")
     elif online and args.reward_model and not model_reward:
@@ -117,10 +129,6 @@ def apply_defaults(args, explicit: set) -> None:
     from tuning.cli import UserError
     from tuning.preference import rewards
 
-    refused = [f"--{name.replace('_', '-')}" for name in ("reward", "reward_weights") if name in explicit]
-    if args.method == "dpo" and refused:
-        raise UserError(f"{' and '.join(refused)}: only used with --method rloo or grpo (DPO learns from the pairs "
-                        "alone)")
     if args.smoke:
         clash = [f"--{name.replace('_', '-')}" for name in ("reward_model",) if name in explicit]
         if clash:

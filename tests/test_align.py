@@ -42,13 +42,13 @@ def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
     return loading.load_model(str(tmp_path / "policy"), "pretrained", tokenizer)
 
 
-def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0):
+def dpo_trainer(tmp_path, tokenizer, pairs, dropout=0.0, loss_type="sigmoid"):
     from tuning.preference import align_trainers
 
     policy = tiny_policy(tmp_path, tokenizer, dropout)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=2, lr=1e-3, warmup_ratio=0.0,
                            eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=0.1, method="dpo", gradient_checkpointing=False, lora=False, report_to="none",
-                           batch_size=len(pairs))
+                           batch_size=len(pairs), loss_type=loss_type, label_smoothing=0.1)
     config = align_trainers.trl_config(args, torch.device("cpu"), "fp32")
     tokens, _ = preferences.tokenize_pairs(pairs, tokenizer, "seed", 1024)
     from datasets import Dataset
@@ -93,7 +93,7 @@ def test_dpo_trains_on_the_sft_tokens_of_a_real_record(tmp_path, gpt2_tokenizer)
 
 def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
     """Packing changes the layout, not the numbers: each answer's log-prob is the same padded, in packed rows,
-    in one flat row, and alone."""
+    in one flat row, and alone, and so is each answer's count of scored tokens (its ids and EOS), which IPO uses."""
     from tuning.models import sequence_logps
 
     tok = loading.ready_tokenizer(gpt2_tokenizer)
@@ -108,32 +108,100 @@ def test_packed_answer_log_probs_equal_padded_ones(tmp_path, gpt2_tokenizer):
     for mode in ("rows", "flat"):
         torch.testing.assert_close(logps[mode], logps["none"], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(alone, logps["none"], rtol=1e-5, atol=1e-4)
+    lengths = torch.tensor([len(pair[key]) for pair in tokens for key in ("chosen_ids", "rejected_ids")])
+    for mode in ("none", "rows", "flat"):
+        assert torch.equal(sequence_logps.answer_lengths(collate.PairCollator(tok.pad_token_id, mode)(tokens)), lengths)
     assert packing_checks.packed_logps_match(model, tokens, tok.pad_token_id)[0]
 
 
-def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer):
-    """Our DPO loss, on packed pairs, equals TRL's own (its padded batches, its fused output layer) on identical
-    pairs and reference log-probs; the held-out evaluation reports the same loss, and exactly ln 2 with 50%
-    accuracy before training (the policy is the reference)."""
+# Each --loss-type's loss where the policy is the reference (every log-ratio 0), at beta 0.1 and label smoothing 0.1:
+# DPO's ln 2, IPO's (0 - 1 / (2 beta))^2, the hinge's 1 - 0, and robust DPO's (0.9 ln 2 - 0.1 ln 2) / 0.8 = ln 2.
+LOSS_AT_START = {"sigmoid": math.log(2), "ipo": 25.0, "hinge": 1.0, "robust": math.log(2)}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSS_AT_START))
+def test_dpo_loss_equals_trls_loss_on_the_same_pairs(tmp_path, gpt2_tokenizer, loss_type):
+    """Our loss of each --loss-type, on packed pairs, equals TRL's own (its padded batches, its fused output layer,
+    its formula for the trainer's loss_type and label smoothing) on identical pairs and reference log-probs; the
+    held-out evaluation reports the same loss, and exactly the loss at margin 0 with 50% accuracy before training
+    (the policy is the reference). IPO averages each answer's log-ratio over its tokens: ours counts as many as
+    TRL's completion mask. Each of the other loss types gives another loss on these pairs, so none passes for it."""
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from tuning.models import sequence_logps
+
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     _, pairs = real_pairs()
-    trainer = dpo_trainer(tmp_path, tok, pairs)
+    trainer = dpo_trainer(tmp_path, tok, pairs, loss_type=loss_type)
+    assert trainer.loss_types == [loss_type] and trainer.label_smoothing == (0.1 if loss_type == "robust" else 0.0)
     before = trainer.evaluate(metric_key_prefix="before")
-    assert before["before_accuracy"] == 0.5 and before["before_loss"] == pytest.approx(math.log(2), abs=1e-12)
+    assert before["before_accuracy"] == 0.5
+    assert before["before_loss"] == pytest.approx(LOSS_AT_START[loss_type], abs=1e-12)
     with torch.no_grad():
         for parameter in trainer.model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     ours = trainer.evaluate()
     examples = [trainer.eval_dataset[i] for i in range(len(pairs))]  # with the precomputed reference log-probs
+    batch, their_batch = trainer.data_collator(examples), DataCollatorForPreference(tok.pad_token_id)(examples)
+    tokens = sequence_logps.answer_lengths(batch)  # ours: chosen, rejected, chosen, ...; TRL's: chosen, then rejected
+    assert torch.equal(torch.cat([tokens[0::2], tokens[1::2]]), their_batch["completion_mask"].sum(1))
     with torch.no_grad():
-        packed = float(trainer.compute_loss(trainer.model, trainer.data_collator(examples)))
-        theirs = float(DPOTrainer._compute_loss(trainer, trainer.model, DataCollatorForPreference(tok.pad_token_id)(
-            examples), False))
+        logps = trainer.model(**sequence_logps.model_inputs(batch)).logits
+        packed = float(trainer.compute_loss(trainer.model, batch))
+        theirs = float(DPOTrainer._compute_loss(trainer, trainer.model, their_batch, False))
     assert packed == pytest.approx(theirs, rel=1e-4) and ours["eval_loss"] == pytest.approx(theirs, rel=1e-4)
-    assert theirs != pytest.approx(math.log(2), rel=1e-3)
+    assert theirs != pytest.approx(LOSS_AT_START[loss_type], rel=1e-3)
+    others = {other: float(sequence_logps.dpo_losses(other, logps[0::2], logps[1::2], batch["ref_chosen_logps"],
+                                                     batch["ref_rejected_logps"], 0.1, 0.1, tokens[0::2],
+                                                     tokens[1::2])[0].mean()) for other in LOSS_AT_START}
+    assert others[loss_type] == pytest.approx(theirs, rel=1e-4)
+    assert all(value != pytest.approx(theirs, rel=1e-3) for other, value in others.items() if other != loss_type)
+
+
+def test_the_loss_flags_offer_the_losses_tested_above():
+    """--loss-type's choices are the loss types compared with TRL's above; robust takes --label-smoothing, and RLOO
+    runs with the defaults."""
+    import align
+    from tuning import cli
+
+    parser = cli.build_parser(align)
+    assert next(a for a in parser._actions if a.dest == "loss_type").choices == list(LOSS_AT_START)
+    for argv in (["--loss-type", "ipo"], ["--loss-type", "robust", "--label-smoothing", "0.2"],
+                 ["--method", "rloo", "--reward-model", "rm"]):
+        cli.parse_or_exit(parser, align.validate_args, argv)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--loss-type", "kto"], "argument --loss-type: invalid choice: 'kto'"),
+    (["--loss-type", "robust", "--label-smoothing", "0.5"], "--label-smoothing must be in [0, 0.5) (got 0.5)"),
+    (["--label-smoothing", "0.2"], "--label-smoothing: only used with --loss-type robust (got --loss-type sigmoid)"),
+    (["--method", "rloo", "--reward-model", "rm", "--loss-type", "hinge", "--label-smoothing", "-0.1"],
+     "invalid settings:\n  --loss-type hinge: only used with --method dpo\n  --label-smoothing must be in [0, 0.5) "
+     "(got -0.1)"),
+])
+def test_bad_loss_settings_are_refused_naming_the_flag(capsys, argv, expected):
+    """In one message, all at once; a label smoothing that its loss would ignore is a mistake too."""
+    import align
+    from tuning import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.parse_or_exit(cli.build_parser(align), align.validate_args, argv)
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_metrics_and_the_closing_line_name_the_loss_type():
+    """Losses of different types are not comparable: metrics.json records the type, and the closing line names it."""
+    from tuning.preference import align_report
+
+    args = SimpleNamespace(method="dpo", loss_type="ipo", output_dir="out", merge=False)
+    before = {"before_accuracy": 0.5, "before_loss": 25.0, "before_mean_margin": 0.0, "before_margins": [0.0, 0.0]}
+    after = {"eval_accuracy": 1.0, "eval_loss": 20.0, "eval_mean_margin": 0.3, "eval_margins": [0.2, 0.4]}
+    metrics = align_report.summary(args, None, before, after, {"train_runtime_s": 2.0, "global_step": 1,
+                                                               "train_pairs": 8})
+    assert metrics["loss_type"] == "ipo" and metrics["eval_loss_after"] == 20.0
+    head, _ = align_report.report_lines(args, {**metrics, "device": "cpu"})
+    assert head.endswith("50.0% -> 100.0% (IPO loss 25.0000 -> 20.0000, mean margin +0.300) on 2 pairs")
 
 
 def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2"):

@@ -234,7 +234,7 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, _ in cli.constant_specs(align):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 34
+    assert len(cli.constant_specs(align)) == 36
 
 
 def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned, smoke_lora_dpo):

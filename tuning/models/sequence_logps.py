@@ -5,8 +5,8 @@ log-probabilities of each answer's tokens and its EOS. TRL's DPOTrainer pads eve
 the longest (its padding-free mode is disabled in TRL 1.16), and on a CPU scores every position with the
 vocabulary-sized output layer. Here the sequences are packed into rows as in reward.py (position ids
 restart at each sequence, no attention mask, so the model keeps them apart: checked at start-up), and the
-output layer runs only at the answer tokens. The loss is TRL's sigmoid DPO loss on these log-probs (a test
-shows both give the same loss on the same pairs).
+output layer runs only at the answer tokens. The loss is one of TRL's DPO losses on these log-probs (dpo_losses;
+a test shows ours and TRL's give the same loss on the same pairs, for each loss type offered).
 
     batch = PairCollator(pad_id, "rows")(pairs)          # pairs: {"prompt_ids", "chosen_ids", "rejected_ids"}
     logps = enable_sequence_logps(model)(**model_inputs(batch)).logits   # 2n: chosen, rejected, chosen, ...
@@ -14,6 +14,7 @@ shows both give the same loss on the same pairs).
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 
@@ -57,10 +58,37 @@ def enable_sequence_logps(model):
     return model
 
 
-def sigmoid_dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float):
-    """(loss, margins): DPO's -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))), the mean
-    over pairs, as TRL's loss_type "sigmoid" without label smoothing; margins are the implicit-reward margins."""
-    margins = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-    return F.softplus(-margins).mean(), margins  # softplus(-m) = -log sigmoid(m), stable for any m
+def answer_lengths(batch: dict):
+    """Each sequence's number of scored answer tokens (its answer and EOS): the positions whose log-probs the
+    forward sums, counted from the same marks. IPO averages each answer's log-ratio over them."""
+    keep = batch["completion"][:, 1:]
+    return torch.bincount(batch["sequence"][:, 1:][keep], minlength=batch["score_index"].shape[0])
 
 
+def dpo_losses(loss_type: str, chosen, rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
+               chosen_tokens=None, rejected_tokens=None):
+    """(each pair's loss, margins) for TRL's DPOTrainer loss_type `loss_type`, by TRL's formula (1.16), from the
+    summed answer log-probs of the policy and the reference; the training loss is the mean over pairs. The margins
+    are the implicit-reward margins beta * ((chosen - ref_chosen) - (rejected - ref_rejected)) whatever the loss,
+    so accuracy and mean margin mean the same for every loss type.
+
+    - sigmoid (DPO): -log sigmoid(margin).
+    - ipo: (d - 1 / (2 beta))^2, where d is the difference of the log-ratios each averaged over its answer's
+      tokens (`chosen_tokens`, `rejected_tokens`: answer_lengths), as TRL averages them: a squared loss that pulls
+      d toward a fixed target instead of ever higher, so over-optimising the pairs is penalized.
+    - hinge (SLiC): max(0, 1 - margin): no push at all once a pair's margin reaches 1.
+    - robust (rDPO): DPO's loss made unbiased for preference labels flipped with probability `label_smoothing`
+      (in [0, 0.5)): ((1 - e) * -log sigmoid(margin) - e * -log sigmoid(-margin)) / (1 - 2e)."""
+    chosen_ratios, rejected_ratios = chosen - ref_chosen, rejected - ref_rejected
+    margins = beta * (chosen_ratios - rejected_ratios)
+    if loss_type == "sigmoid":
+        return F.softplus(-margins), margins  # softplus(-m) = -log sigmoid(m), stable for any m
+    if loss_type == "ipo":
+        per_token = chosen_ratios / chosen_tokens.clamp(min=1) - rejected_ratios / rejected_tokens.clamp(min=1)
+        return (per_token - 1 / (2 * beta)) ** 2, margins
+    if loss_type == "hinge":
+        return torch.relu(1 - margins), margins
+    if loss_type == "robust":
+        e = label_smoothing
+        return ((1 - e) * F.softplus(-margins) - e * F.softplus(margins)) / (1 - 2 * e), margins
+    raise ValueError(f"DPO loss type {loss_type!r}: dpo_losses computes sigmoid, ipo, hinge and robust")

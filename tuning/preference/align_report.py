@@ -3,6 +3,9 @@ the method's throughput, the before/after picture, and the closing lines."""
 
 from __future__ import annotations
 
+# What the closing line calls each --loss-type's held-out loss (its values are not comparable across types).
+LOSS_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "hinge", "robust": "robust DPO"}
+
 
 def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
     """metrics.json's held-out results before and after aligning, and the method's throughput."""
@@ -11,7 +14,8 @@ def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
     held_out = {f"eval_{name}_{when}": result[f"{prefix}_{name}"] for name in names
                 for when, result, prefix in (("before", before, "before"), ("after", after, "eval"))}
     if args.method == "dpo":
-        return {**held_out, "eval_pairs": len(after["eval_margins"]), "pairs_per_second": metrics["train_pairs"] / seconds}
+        return {**held_out, "loss_type": args.loss_type, "eval_pairs": len(after["eval_margins"]),
+                "pairs_per_second": metrics["train_pairs"] / seconds}
     return {**held_out, "eval_prompts": len(after["eval_rewards"]), "seconds_per_step": seconds / steps,
             "completions_per_second": metrics["train_completions"] / seconds,
             "generation_share": trainer.generation_seconds / max(1e-9, trainer.last_session_seconds())}
@@ -36,9 +40,9 @@ def plot(args, before: dict, after: dict, path: str) -> None:
 def report_lines(args, metrics: dict) -> list[str]:
     if args.method == "dpo":
         head = (f"\nHeld-out preference accuracy {metrics['eval_accuracy_before']:.1%} -> "
-                f"{metrics['eval_accuracy_after']:.1%} (DPO loss {metrics['eval_loss_before']:.4f} -> "
-                f"{metrics['eval_loss_after']:.4f}, mean margin {metrics['eval_mean_margin_after']:+.3f}) on "
-                f"{metrics['eval_pairs']} pairs")
+                f"{metrics['eval_accuracy_after']:.1%} ({LOSS_NAMES[metrics['loss_type']]} loss "
+                f"{metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}, mean margin "
+                f"{metrics['eval_mean_margin_after']:+.3f}) on {metrics['eval_pairs']} pairs")
         speed = f"{metrics['pairs_per_second']:.1f} pairs/s"
     else:
         head = (f"\nHeld-out mean reward {metrics['eval_mean_reward_before']:+.3f} -> "

@@ -25,7 +25,7 @@ from tuning.data.chat_template import encode_prompts, saved_or_ours
 from tuning.models.loading import context_limit
 from tuning.models.scoring import answer_ids, end_length, load_reward_model, pairwise_stats, score_ids
 from tuning.models.scoring import within_context
-from tuning.models.sequence_logps import enable_sequence_logps, model_inputs, sigmoid_dpo_loss
+from tuning.models.sequence_logps import answer_lengths, dpo_losses, enable_sequence_logps, model_inputs
 from tuning.preference import rewards
 from tuning.runs.trainer import RunLayer, report_targets
 
@@ -35,17 +35,19 @@ warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing` is de
 
 class AlignDPOTrainer(RunLayer, DPOTrainer):
     """TRL's DPOTrainer on pairs tokenized as SFT tokenized them, laid out by collate.PairCollator (packed, no
-    padding) and scored at the answer tokens only, with TRL's sigmoid loss. The reference log-probs are
-    TRL's precomputed ones, from the same forward. Held-out evaluation: each pair's implicit-reward margin
+    padding) and scored at the answer tokens only, with TRL's loss of its config's loss_type (align.py's
+    --loss-type, computed by sequence_logps.dpo_losses). The reference log-probs are TRL's precomputed ones,
+    from the same forward. Held-out evaluation: each pair's implicit-reward margin
     beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), summarized by scoring.pairwise_stats:
-    accuracy with ties counted half (exactly 50% before training, where the policy is the reference), the
-    DPO loss -log sigmoid(margin), and the mean margin."""
+    accuracy with ties counted half (exactly 50% before training, where the policy is the reference) and the
+    mean margin, whatever the loss type; and the loss trained on, averaged over the pairs."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_pairs": "pairs"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         drop_ref_adapter(self.model)
+        (self.loss_type,) = self.loss_types  # one loss (align.py's --loss-type), never TRL's weighted mix of several
 
     in_order = False  # train on the pairs in their order (a random draw already: align.pairs_the_run_sees)
 
@@ -86,10 +88,17 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
             logps = model(**model_inputs(inputs)).logits
         return logps[0::2], logps[1::2]
 
+    def pair_losses(self, batch, chosen, rejected):
+        """(each pair's loss, margins) of the batch, from the policy's answer log-probs `chosen` and `rejected`:
+        the run's loss type with TRL's beta and label_smoothing, as TRL's own _compute_loss would compute it."""
+        tokens = answer_lengths(batch)
+        return dpo_losses(self.loss_type, chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+                          self.beta, self.label_smoothing, tokens[0::2], tokens[1::2])
+
     def _compute_loss(self, model, inputs, return_outputs):
         logps = model(**model_inputs(inputs)).logits
-        loss, margins = sigmoid_dpo_loss(logps[0::2], logps[1::2], inputs["ref_chosen_logps"],
-                                         inputs["ref_rejected_logps"], self.beta)
+        losses, margins = self.pair_losses(inputs, logps[0::2], logps[1::2])
+        loss = losses.mean()
         margins = self.accelerator.gather(margins.detach())
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["rewards/margins"].append(margins.mean().item())
@@ -100,14 +109,17 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         from accelerate.utils import gather_object
 
-        margins, started = [], time.perf_counter()
+        margins, losses, started = [], [], time.perf_counter()
         for batch, real in self.evaluation_batches(eval_dataset):
             # The policy's log-probs, computed the same way as the precomputed reference's (so 0 margins at start).
             chosen, rejected = self.compute_ref_log_probs(self.model, batch)
-            ratios = (chosen - batch["ref_chosen_logps"]) - (rejected - batch["ref_rejected_logps"])
-            margins += (self.beta * ratios.double())[:real].tolist()
-        margins = gather_object(margins) if self.args.world_size > 1 else margins
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in pairwise_stats(margins).items()}
+            pair_losses, pair_margins = self.pair_losses(batch, chosen.double(), rejected.double())
+            margins += pair_margins[:real].tolist()
+            losses += pair_losses[:real].tolist()
+        if self.args.world_size > 1:
+            margins, losses = gather_object(margins), gather_object(losses)
+        stats = {**pairwise_stats(margins), "loss": float(torch.tensor(losses, dtype=torch.float64).mean())}
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in stats.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 4)
         return {**self.report_evaluation(metrics), f"{metric_key_prefix}_margins": margins}
 
@@ -362,7 +374,8 @@ def trl_config(args, device, precision: str):
     """TRL's DPOConfig, RLOOConfig or GRPOConfig from align.py's settings. All run without dropout (the log-probs
     that the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO or
     GRPO one) and with gradient checkpointing only when asked; DPO computes the reference log-probs once, before
-    training, instead of keeping a second model. RLOO and GRPO weigh several rewards by --reward-weights."""
+    training, instead of keeping a second model, and holds --loss-type (and robust's --label-smoothing) as TRL's
+    own loss settings, which AlignDPOTrainer's loss reads. RLOO and GRPO weigh several rewards by --reward-weights."""
     from trl import DPOConfig, GRPOConfig, RLOOConfig
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -377,15 +390,16 @@ def trl_config(args, device, precision: str):
         beta=args.beta, disable_dropout=True)
     if args.method == "dpo":
         return DPOConfig(**common, per_device_train_batch_size=args.batch_size,
-                         per_device_eval_batch_size=args.batch_size, max_length=None, precompute_ref_log_probs=True)
-    from tuning.preference.rewards import weights_of
-
+                         per_device_eval_batch_size=args.batch_size, max_length=None, precompute_ref_log_probs=True,
+                         loss_type=[args.loss_type],  # of the losses offered, robust alone reads label_smoothing
+                         label_smoothing=args.label_smoothing if args.loss_type == "robust" else 0.0)
     completions = args.batch_size * args.num_generations  # TRL counts a batch in sampled answers
     config = GRPOConfig if args.method == "grpo" else RLOOConfig
     return config(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
                   num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
                   temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING),
-                  reward_weights=weights_of(getattr(args, "reward", "model"), getattr(args, "reward_weights", "")))
+                  reward_weights=rewards.weights_of(getattr(args, "reward", rewards.MODEL),
+                                                    getattr(args, "reward_weights", "")))
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
