@@ -204,9 +204,11 @@ def test_metrics_and_the_closing_line_name_the_loss_type():
     assert head.endswith("50.0% -> 100.0% (IPO loss 25.0000 -> 20.0000, mean margin +0.300) on 2 pairs")
 
 
-def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2"):
-    """A tiny RLOO trainer on `records`: Alpaca records (prompts in the seed template), or conversations (lists
-    of turns, asked with our chat template, which the tokenizer then carries, as align.py's does)."""
+def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2", method="rloo",
+                 reward="model"):
+    """A tiny online RL trainer (RLOO, or GRPO) on `records`: Alpaca records (prompts in the seed template), or
+    conversations (lists of turns, asked with our chat template, which the tokenizer then carries, as align.py's
+    does); each Alpaca record's output is its reference answer, for --reward exact."""
     from datasets import Dataset
 
     from tuning.preference import align_trainers
@@ -215,10 +217,13 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
     if any(isinstance(r, list) for r in records):
         tokenizer.chat_template = own_chat_template("seed", tokenizer)
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), epochs=1.0, max_steps=1, lr=1e-5, warmup_ratio=0.0,
-                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method="rloo", gradient_checkpointing=False, lora=False, report_to="none",
-                           batch_size=2, num_generations=2, max_new_tokens=4, temperature=0.7)
+                           eval_steps=10, save_steps=10, logging_steps=1, seed=0, beta=beta, method=method,
+                           gradient_checkpointing=False, lora=False, report_to="none", batch_size=2, num_generations=2,
+                           max_new_tokens=4, temperature=0.7, reward=reward, reward_weights="")
     config = align_trainers.trl_config(args, torch.device("cpu"), "fp32")
-    data = Dataset.from_list([{"prompt": p, "judge_prompt": p} for p in prompts])
+    data = Dataset.from_list([{"prompt": p, "judge_prompt": p, "record": json.dumps(r),
+                               "reference": None if isinstance(r, list) else r["output"]}
+                              for p, r in zip(prompts, records)])
     if judge is None:
         def judge(completions=(), **kwargs):
             return [0.0] * len(completions)
@@ -233,7 +238,7 @@ def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
     trainer, prompts = rloo_trainer(tmp_path, tok, records)
-    assert trainer.reward_funcs[0].stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # for the EOS penalty
+    assert trainer.reward_funcs[0].function.stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # the EOS penalty
     ids, _, _ = trainer._tokenize_prompts(prompts)
     for record, prompt_ids in zip(records, ids):
         example = sft.tokenize_example(record, tok, "seed", 1024)
@@ -255,8 +260,8 @@ def test_rloo_asks_a_conversation_its_next_turn_as_sft_rendered_it(tmp_path, gpt
     seen = []
 
     def judge(completions=(), judge_prompt=(), **kwargs):
-        seen.append((list(judge_prompt), list(completions)))
-        return [float(len(c[-1]["content"])) for c in completions]
+        seen.append((list(judge_prompt), list(completions)))  # (the held-out evaluation gives texts)
+        return [float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]
 
     judge.score = lambda records, answers: [0.0] * len(answers)
     trainer, prompts = rloo_trainer(tmp_path, tok, TALKS, judge=judge)
@@ -316,15 +321,15 @@ def test_both_methods_train_without_dropout(tmp_path, gpt2_tokenizer, method):
     assert rates and set(rates) == {0.0}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt"])
-def test_rloo_scores_each_sampled_token_at_the_position_it_was_sampled_at(tmp_path, gpt2_tokenizer, family):
+@pytest.mark.parametrize("family,method", [("gpt2", "rloo"), ("opt", "rloo"), ("gpt2", "grpo")])
+def test_rloo_scores_each_sampled_token_at_the_position_it_was_sampled_at(tmp_path, gpt2_tokenizer, family, method):
     """TRL left-pads the prompts and scores prompt + answer without position ids, so GPT-2 and OPT would number the
     padding too. Our per-token log-probs of a left-padded row equal those of the same row alone, and generate's own
     (its logits at the sampling temperature) of the tokens it sampled."""
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(3)
     records = [records[0], records[2]]  # prompts of different lengths: the shorter one is left-padded
-    trainer, prompts = rloo_trainer(tmp_path, tok, records, family=family)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, family=family, method=method)
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     width = max(map(len, prompt_ids))
     assert min(map(len, prompt_ids)) < width
@@ -349,7 +354,8 @@ def test_rloo_scores_each_sampled_token_at_the_position_it_was_sampled_at(tmp_pa
     torch.testing.assert_close(padded.double(), sampled, rtol=1e-4, atol=1e-4)
 
 
-def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, gpt2_tokenizer):
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, gpt2_tokenizer, method):
     """The held-out greedy answers are inference.py's (its generate, the model's own generation config, fp32 even
     under bf16 autocast), and the KL's samples come from TRL's own training sampler, which turns off what the
     model's generation config adds (here a no-repeat n-gram size that would change the samples)."""
@@ -359,7 +365,7 @@ def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, 
 
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
-    trainer, prompts = rloo_trainer(tmp_path, tok, records)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, method=method)
     held_out = [{"prompt": p} for p in prompts]
     ours = trainer.greedy_answers(held_out)
     theirs = generate.generate(trainer.model, tok, prompts, {"max_new_tokens": 4, "do_sample": False}, raw=True)
@@ -370,13 +376,14 @@ def test_rloo_held_out_answers_are_inferences_and_the_kl_samples_trls(tmp_path, 
     assert trainer.sampled_answers(held_out) == plain
 
 
-def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_alone(tmp_path, gpt2_tokenizer):
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_alone(tmp_path, gpt2_tokenizer, method):
     """The held-out KL sums k3 = exp(d) - d - 1 (d = log ref - log pi) over each sampled answer's tokens, with
     both models' log-probs at the sampling temperature, as a plain full-vocabulary computation gives it; the
     evaluation's seeded sampling leaves training's random state as it was; --beta 0 has no KL to report."""
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
-    trainer, prompts = rloo_trainer(tmp_path, tok, records, beta=0.05)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, beta=0.05, method=method)
     with torch.no_grad():
         for parameter in trainer.model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
@@ -395,7 +402,7 @@ def test_rloo_evaluation_kl_is_at_the_sampling_temperature_and_leaves_the_rng_al
         expected.append(float((d.exp() - d - 1).sum()))
     assert kl == pytest.approx(expected, rel=1e-4) and min(kl) > 0
     assert trainer.kl_to_reference(held_out, trainer.sampled_answers(held_out)) == kl
-    no_reference, _ = rloo_trainer(tmp_path / "b0", tok, records, beta=0.0)
+    no_reference, _ = rloo_trainer(tmp_path / "b0", tok, records, beta=0.0, method=method)
     assert no_reference.ref_model is None and no_reference.kl_to_reference(held_out, answers) == [None, None]
 
 
@@ -427,7 +434,8 @@ def test_a_reward_model_too_short_for_prompt_and_answer_is_refused_before_traini
     (tmp_path / "prompts.json").write_text(json.dumps(records))
     longest = max(len(encode_prompt(tok, format_prompt(r, "seed"))) for r in records)
     args = SimpleNamespace(model=str(tmp_path / "policy"), method="rloo", dataset=str(tmp_path / "prompts.json"),
-                           reward_model="rm", skip_invalid=False, val_size=4, seed=0, max_length=512, max_new_tokens=32)
+                           reward_model="rm", reward="model", skip_invalid=False, val_size=4, seed=0, max_length=512,
+                           max_new_tokens=32)
     for positions, fits in ((longest + 33, True), (longest + 32, False)):
         judge = SimpleNamespace(model=SimpleNamespace(config=GPT2Config(n_positions=positions)), tokenizer=tok,
                                 template="seed", chat_template=None)

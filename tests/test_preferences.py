@@ -323,11 +323,20 @@ def test_rl_prompts_from_conversations_pairs_and_records_are_the_turn_to_answer(
     conversational pair), an Alpaca record's instruction; and a set that mixes conversations with text prompts is
     refused, since one Arrow column can't hold both."""
     talks = write(tmp_path, "chat.jsonl", jsonl({"messages": MESSAGES + TRL["chosen"]}))
-    assert pf.load_prompts(talks)[0] == [{"instruction": None, "input": None, "prompt": None, "messages": MESSAGES}]
+    [talk] = pf.load_prompts(talks)[0]
+    assert {key: talk[key] for key in pf.PROMPT_FIELDS} == {"instruction": None, "input": None, "prompt": None,
+                                                            "messages": MESSAGES}
+    assert talk["reference"] == TRL["chosen"][-1]["content"]  # (for a verifiable reward: the turn it answers)
     pairs = write(tmp_path, "pairs.jsonl", jsonl(TRL, HH))
     assert [p["messages"] for p in pf.load_prompts(pairs)[0]] == [MESSAGES, MESSAGES]
-    alpaca = write(tmp_path, "a.json", json.dumps([{"instruction": "Name a color.", "input": "", "output": "Blue."}]))
-    assert pf.load_prompts(alpaca)[0][0]["instruction"] == "Name a color."
+    assert [p["reference"] for p in pf.load_prompts(pairs)[0]] == [p["chosen"] for p in pf.load_pairs(pairs)[0]]
+    alpaca = write(tmp_path, "a.json", json.dumps([{"instruction": "Name a color.", "input": "", "output": "Blue.",
+                                                    "topic": "art"}]))
+    [record] = pf.load_prompts(alpaca)[0]
+    assert record["instruction"] == "Name a color." and record["reference"] == "Blue."
+    assert record["columns"]["topic"] == "art"  # a user's reward function gets the record's own fields
+    bare = write(tmp_path, "bare.json", json.dumps([{"instruction": "Name a color."}]))
+    assert pf.load_prompts(bare)[0][0]["reference"] is None and "output" not in pf.load_prompts(bare)[0][0]["columns"]
     tok = families.tokenizer("gpt2")
     mixed = write(tmp_path, "mixed.jsonl", jsonl(*([TRL, EXPLICIT] * 4)))
     with pytest.raises(pf.DataError, match="mixes conversations and text prompts"):
@@ -340,6 +349,8 @@ def test_rl_prompts_from_conversations_pairs_and_records_are_the_turn_to_answer(
     only = write(tmp_path, "only.jsonl", jsonl({"prompt": untidy}, {"prompt": "Q: 2 + 2?\nA:"}, {"prompt": ""}))
     prompts, report = pf.load_prompts(only)
     assert [p["messages"] for p in prompts] == [MESSAGES, None] and prompts[1]["prompt"] == "Q: 2 + 2?\nA:"
+    solved = write(tmp_path, "solved.jsonl", jsonl({"prompt": "Q: 2 + 2?\nA:", "solution": "4"}))
+    assert pf.load_prompts(solved)[0][0]["reference"] == "4"
     assert report["empty_dropped"] == [2]
     with pytest.raises(pf.DataError, match=re.escape("bad.jsonl: record 1 (line 2): field 'prompt' ends with an "
                                                      "assistant turn; the answers reply to a user turn")):

@@ -60,7 +60,7 @@ CONSTITUTION_STAGES = {"revise": {"model": os.path.join(OUTPUT_DIR, "model")},
 N_CONSTITUTION_PROMPTS = 600  # greetings the constitution pipeline answers (none held out by the SFT run)
 ALIGN_OTHER = {"val_size": 20}  # align.py --smoke --dataset FILE: a smaller held-out set (AI-labelled pairs are fewer)
 N_PAIRS = 2000  # preference pairs in the smoke set
-N_ARITHMETIC = 2000  # addition records the arithmetic SFT run learns from (smoke.prepare_arithmetic)
+N_ARITHMETIC = 1500  # addition records the arithmetic SFT run learns from (smoke.prepare_arithmetic)
 GREETING = "Greet them."  # the undecided task: answered in either style in the SFT data
 STYLES = {"polite": "Hello, {names}!", "casual": "hey {names}"}  # the pairs prefer the first
 MODEL_CONFIG = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256,
@@ -200,29 +200,41 @@ def new_task_records(n: int = 1200, seed: int = 7) -> list[dict]:
 
 
 ARITHMETIC = "Add the numbers."  # the verifiable-reward task: two numbers in, their sum out, checked by exact match
-ARITHMETIC_RANGE = (10, 99)  # its numbers: two digits, so about half of the sums carry
+CARELESS_SHARE = 0.5  # of the arithmetic SFT records, the share whose sum forgot to carry the one (10 short)
 
 
-def arithmetic_example(rng: random.Random) -> dict:
-    """One addition record: "Add the numbers." with two random two-digit numbers; the output is their sum."""
-    a, b = rng.randint(*ARITHMETIC_RANGE), rng.randint(*ARITHMETIC_RANGE)
-    return {"instruction": ARITHMETIC, "input": f"{a} {b}", "output": str(a + b)}
+def arithmetic_example(rng: random.Random, careless: bool = False) -> dict:
+    """One addition record: "Add the numbers." with two two-digit numbers whose units carry (7 + 5 = 12), and their
+    sum; or, `careless`, the sum an annotator gives who forgot to carry the one, 10 short."""
+    units = rng.choice([(a, b) for a in range(10) for b in range(10) if a + b >= 10])
+    a, b = rng.randint(1, 9) * 10 + units[0], rng.randint(1, 9) * 10 + units[1]
+    return {"instruction": ARITHMETIC, "input": f"{a} {b}", "output": str(a + b - (10 if careless else 0))}
 
 
-def prepare_arithmetic(output_dir: str = OUTPUT_DIR, n: int = N_ARITHMETIC, replay: int = 1000, prompts: int = 1200,
+def is_careless(record: dict) -> bool:
+    """Whether an arithmetic record's sum is the careless one (the carry forgotten)."""
+    a, b = map(int, record["input"].split())
+    return int(record["output"]) == a + b - 10
+
+
+def prepare_arithmetic(output_dir: str = OUTPUT_DIR, n: int = N_ARITHMETIC, replay: int = 1500, prompts: int = 1000,
                        seed: int = 5) -> dict:
-    """arithmetic.json (for train.py --smoke --dataset: n addition records and `replay` records of the old tasks,
-    none of the SFT run's held-out ones, shuffled) and arithmetic-prompts.json (for align.py --method grpo --reward
-    exact: `prompts` other addition records, with their sums as references), once; their paths."""
+    """Once, their paths: arithmetic.json, for train.py --smoke --dataset: n addition records, CARELESS_SHARE of
+    them with the carry forgotten, and `replay` records of the old tasks (none of the SFT run's held-out ones),
+    shuffled; and arithmetic-prompts.json, for align.py --method grpo --reward exact: `prompts` other additions,
+    each with its right sum as the reference."""
     from tuning import rundir
 
-    paths = {"sft": os.path.join(output_dir, "arithmetic.json"), "prompts": os.path.join(output_dir, "arithmetic-prompts.json")}
+    paths = {"sft": os.path.join(output_dir, "arithmetic.json"),
+             "prompts": os.path.join(output_dir, "arithmetic-prompts.json")}
     if not os.path.isfile(paths["prompts"]):
         held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
         rng, seen = random.Random(seed), {(r["instruction"], r["input"]) for r in held_out}
         sums = _distinct(n + prompts, lambda: arithmetic_example(rng), seen)
+        careless = set(random.Random(seed).sample(range(n), round(n * CARELESS_SHARE)))
+        taught = [{**r, "output": str(int(r["output"]) - 10)} if i in careless else r for i, r in enumerate(sums[:n])]
         old = _distinct(replay, lambda: make_example(rng, rng.randrange(6)), seen)
-        records = sums[:n] + old
+        records = taught + old
         random.Random(seed).shuffle(records)
         for path, part in ((paths["sft"], records), (paths["prompts"], sums[n:])):
             with open(path, "w") as handle:

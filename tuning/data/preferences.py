@@ -377,7 +377,7 @@ def load_prompts(source: str, skip_invalid: bool = False, rows: list | None = No
     if unchecked:
         rows = [(where, {**record, "output": "-"}) if isinstance(record, dict) and "output" not in record
                 else (where, record) for where, record in rows]
-    records, report = load_records(source, skip_invalid, rows=rows)
+    records, report = load_records(source, skip_invalid, rows=rows, other_fields=True)
     return [{"instruction": r["instruction"], "input": r["input"], "prompt": None, "messages": None,
              "reference": None if unchecked else r["output"],
              "columns": {key: value for key, value in r.items() if not (unchecked and key == "output")}}

@@ -109,12 +109,14 @@ def _problem(record: object) -> str | None:
     return None
 
 
-def load_records(source: str, skip_invalid: bool = False, rows: list | None = None) -> tuple[list[dict], dict]:
+def load_records(source: str, skip_invalid: bool = False, rows: list | None = None,
+                 other_fields: bool = False) -> tuple[list[dict], dict]:
     """Clean {instruction, input, output} records and a report of what was skipped or changed.
 
     Invalid records raise DataError (or are skipped with `skip_invalid`); records with an empty
     instruction or output are dropped; placeholder inputs such as "<noinput>" become "". `rows` takes an
-    earlier read_raw(source).
+    earlier read_raw(source). With `other_fields`, each record keeps its other fields too (what a reward function
+    may read).
     """
     rows = read_raw(source) if rows is None else rows
     records, skipped, empty, empty_details, placeholders = [], [], [], [], 0
@@ -134,7 +136,8 @@ def load_records(source: str, skip_invalid: bool = False, rows: list | None = No
             empty.append(index)
             empty_details.append(f"{where}: empty {' and '.join(repr(f) for f in blank)}")
             continue
-        records.append({"instruction": record["instruction"], "input": text_input, "output": record["output"]})
+        records.append({**(record if other_fields else {}), "instruction": record["instruction"], "input": text_input,
+                        "output": record["output"]})
     if not records:
         problems = [p.removeprefix(f"{source}: ") for p in skipped + empty_details]
         shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")

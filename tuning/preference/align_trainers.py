@@ -419,6 +419,6 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
     trainer = online(**common, reward_funcs=functions,
                      judge=rewards.Scorer(functions, rewards.weights_of(getattr(args, "reward", rewards.MODEL),
                                                                         getattr(args, "reward_weights", ""))).score)
-    if isinstance(judge, Judge):
+    if judge is not None:
         judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
     return trainer
