@@ -86,7 +86,7 @@ def test_evaluation_of_aligned_against_sft_judged_by_the_reward_model(smoke_alig
     assert os.path.realpath(os.path.join(work, report["base_model"])) == str(work / "smoke-run" / "model")
     assert report["dataset"] == "smoke-run/data.json"  # the SFT run's held-out instructions
     markdown = (work / "smoke-run" / f"aligned-{method}" / "eval" / "report.md").read_text()
-    assert "| metric | better | SFT | aligned | aligned better? |" in markdown
+    assert "| metric | better | SFT | aligned | aligned - SFT (95% interval) | aligned better? |" in markdown
     assert "Win rate of the aligned model over the SFT" in markdown
 
 

@@ -84,14 +84,18 @@ def test_a_reward_adapter_as_finetuned_gets_no_offline_hint(smoke_reward):
     assert "Offline?" not in result.stderr
 
 
-def test_the_report_colours_the_second_model_by_better():
-    """report.png: the fine-tuned (aligned) bar is green where it is better, red where it is not."""
+def test_the_report_colours_the_second_model_by_its_verdict():
+    """report.png: the fine-tuned (aligned) bar is green where it is better, red where it is worse, grey where its
+    interval can't tell; the first model's bar, and a model reported alone, blue."""
     import evaluation
 
-    report = {"base": {}, "finetuned": {}, "finetuned_better": {"rouge_l_f1": False, "eos_rate": True}}
-    assert evaluation.bar_colors(report, "rouge_l_f1") == ["tab:gray", "tab:red"]
-    assert evaluation.bar_colors(report, "eos_rate") == ["tab:gray", "tab:green"]
-    assert evaluation.bar_colors({"finetuned": {}}, "eos_rate") == ["tab:green"]
+    report = {"base": {}, "finetuned": {}, "differences": {
+        "rouge_l_f1": {"verdict": "worse"}, "eos_rate": {"verdict": "better"},
+        "distinct_2": {"verdict": "no clear difference"}}}
+    assert evaluation.bar_colors(report, "rouge_l_f1") == ["tab:blue", "tab:red"]
+    assert evaluation.bar_colors(report, "eos_rate") == ["tab:blue", "tab:green"]
+    assert evaluation.bar_colors(report, "distinct_2") == ["tab:blue", "tab:gray"]
+    assert evaluation.bar_colors({"finetuned": {}}, "eos_rate") == ["tab:blue"]
 
 
 def test_help_shows_each_default_once():

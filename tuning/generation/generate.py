@@ -99,15 +99,15 @@ def generate(lm, tokenizer, prompts: list, gen_kwargs: dict, seed: int = SEED, b
              chat_template: str | None = None) -> list[dict]:
     """Answers to formatted prompts: {text, new_tokens, stopped_at_eos}, each cut at the first stop token
     (the tokenizer's EOS, or any other stop id of the model's generation config, as in Llama 3). With `raw`,
-    also raw_text: the answer as decoded, unstripped, as a reward model scores it. A prompt may also be a
-    conversation (a list of {role, content} turns): its next assistant turn is generated, the prompt rendered
-    with `chat_template` (else the tokenizer's) as plain transformers renders it."""
+    also raw_text: the answer as decoded, unstripped, as a reward model scores it, and token_ids: the ids as
+    generated, the stop token included (decoded and encoded again, a text need not give them back). A prompt may
+    also be a conversation (a list of {role, content} turns): its next assistant turn is generated, the prompt
+    rendered with `chat_template` (else the tokenizer's) as plain transformers renders it."""
     import torch
     from tqdm.auto import tqdm
 
     from tuning.models.loading import stop_token_ids
-    from tuning.data.chat_template import chat_prompt_ids
-    from tuning.data.templates import encode_prompt
+    from tuning.data.chat_template import prompt_ids
 
     stops, pad = stop_token_ids(lm, tokenizer), tokenizer.pad_token_id
     torch.manual_seed(seed)
@@ -115,8 +115,7 @@ def generate(lm, tokenizer, prompts: list, gen_kwargs: dict, seed: int = SEED, b
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress or len(prompts) <= batch_size,
                file=sys.stderr)
     for start in range(0, len(prompts), batch_size):
-        encoded = [chat_prompt_ids(tokenizer, p, chat_template) if isinstance(p, list) else encode_prompt(tokenizer, p)
-                   for p in prompts[start:start + batch_size]]
+        encoded = [prompt_ids(tokenizer, p, chat_template) for p in prompts[start:start + batch_size]]
         width = max(map(len, encoded))
         # Left padding: every prompt ends at the same column, so generation continues right after it.
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in encoded], device=lm.device)
@@ -130,7 +129,7 @@ def generate(lm, tokenizer, prompts: list, gen_kwargs: dict, seed: int = SEED, b
             tokens = row[:end] if stopped else row
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             answers.append({"text": text.strip(), "new_tokens": len(tokens), "stopped_at_eos": stopped,
-                            **({"raw_text": text} if raw else {})})
+                            **({"raw_text": text, "token_ids": row[:end + 1] if stopped else row} if raw else {})})
         bar.update(len(encoded))
     bar.close()
     return answers
