@@ -291,10 +291,12 @@ def main(args, explicit: set) -> None:
         f"(beta {args.beta}, lr {args.lr:g})")
     judge = None
     with training_args.main_process_first(desc="preparing data"):
-        if args.smoke and "dataset" not in explicit:
+        if args.smoke:
             from tuning import smoke
 
-            smoke.prepare_pairs(os.path.dirname(args.dataset))
+            if "dataset" not in explicit:
+                smoke.prepare_pairs(os.path.dirname(args.dataset))
+            smoke.prepare_named(args.dataset)  # (the arithmetic task's prompts, the first time they are named)
         tokenizer = loading.load_tokenizer(args.model)
         template = load_template(args.model)
         tokenizer.chat_template = saved_or_ours(tokenizer, template)  # conversations as SFT rendered them; saved

@@ -103,7 +103,9 @@ def apply_smoke(args, explicit: set) -> None:
                         "--format messages, conversations")
     if chat and args.lora:
         raise UserError("--smoke takes --lora (a new task) or --format messages (conversations), not both")
-    extra = smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else smoke.CONTINUE_SETTINGS if more else {}
+    extra = (smoke.LORA_SETTINGS if args.lora else smoke.CHAT_SETTINGS if chat else
+             smoke.ARITHMETIC_SETTINGS if more and smoke.is_arithmetic_data(args.dataset) else
+             smoke.CONTINUE_SETTINGS if more else {})
     for name, value in {**smoke.TRAIN_SETTINGS, **extra}.items():
         if name not in explicit:
             setattr(args, name, value)
@@ -259,6 +261,7 @@ def main(args, explicit: set) -> None:
                 smoke.prepare_lora(os.path.dirname(args.model))
             if smoke_chat(args):
                 smoke.prepare_chat(os.path.dirname(args.model))
+            smoke.prepare_named(args.dataset)  # (the arithmetic task's data, the first time it is named)
         # Records first: a bad data file is reported before any model download.
         loaded = None if tokencache.is_saved_dir(args.dataset) else conversations.load_training_records(
             args.dataset, args.format, args.skip_invalid)

@@ -48,6 +48,9 @@ ALIGN_SETTINGS = {
 # train.py --smoke --dataset FILE: the smoke SFT model (or --model) continued on FILE, as the Constitutional AI pipeline
 # fine-tunes it on its own revisions (a short run at a lower lr: it must keep the other tasks).
 CONTINUE_SETTINGS = {"epochs": 2.0, "lr": 2e-4, "warmup_ratio": 0.05, "val_size": 20}
+# train.py --smoke --dataset smoke-run/arithmetic.json: the smoke SFT model taught the arithmetic task (a new task: more
+# passes than CONTINUE_SETTINGS, at a lower lr than from scratch, with the old tasks replayed beside it).
+ARITHMETIC_SETTINGS = {"epochs": 8.0, "lr": 5e-4, "warmup_ratio": 0.05, "val_size": 20}
 # constitution.py --smoke: the smoke constitution and greetings, for both stages; then each stage's model. The label
 # stage samples from the SL-CAI model that `train.py --smoke --dataset` makes from the revisions.
 CONSTITUTION_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constitutions",
@@ -217,24 +220,42 @@ def is_careless(record: dict) -> bool:
     return int(record["output"]) == a + b - 10
 
 
+ARITHMETIC_FILES = ("arithmetic.json", "arithmetic-prompts.json")  # prepare_arithmetic's: written when first named
+
+
+def is_arithmetic_data(path: str) -> bool:
+    """Whether `path` is the arithmetic task's SFT data (ARITHMETIC_FILES[0] in OUTPUT_DIR)."""
+    return os.path.normpath(path) == os.path.join(OUTPUT_DIR, ARITHMETIC_FILES[0])
+
+
+def prepare_named(path: str) -> None:
+    """Writes the smoke data file `path` names if it is one that the preset makes on first use (ARITHMETIC_FILES,
+    in OUTPUT_DIR, after `train.py --smoke`); any other path is left alone."""
+    if os.path.normpath(path) in {os.path.join(OUTPUT_DIR, name) for name in ARITHMETIC_FILES}:
+        if os.path.isfile(os.path.join(OUTPUT_DIR, "model", "config.json")):
+            prepare_arithmetic(OUTPUT_DIR)
+
+
 def prepare_arithmetic(output_dir: str = OUTPUT_DIR, n: int = N_ARITHMETIC, replay: int = 1500, prompts: int = 1000,
                        seed: int = 5) -> dict:
     """Once, their paths: arithmetic.json, for train.py --smoke --dataset: n addition records, CARELESS_SHARE of
-    them with the carry forgotten, and `replay` records of the old tasks (none of the SFT run's held-out ones),
-    shuffled; and arithmetic-prompts.json, for align.py --method grpo --reward exact: `prompts` other additions,
-    each with its right sum as the reference."""
+    them with the carry forgotten, and `replay` records of the SFT run's own training data (every task, feedback
+    included; none of its held-out ones), shuffled; and arithmetic-prompts.json, for align.py --method grpo
+    --reward exact: `prompts` other additions, each with its right sum as the reference."""
     from tuning import rundir
 
     paths = {"sft": os.path.join(output_dir, "arithmetic.json"),
              "prompts": os.path.join(output_dir, "arithmetic-prompts.json")}
     if not os.path.isfile(paths["prompts"]):
         held_out = rundir.read_records(os.path.join(output_dir, "model", rundir.HELD_OUT_FILE))
-        rng, seen = random.Random(seed), {(r["instruction"], r["input"]) for r in held_out}
+        seen = {(r["instruction"], r["input"]) for r in held_out}
+        with open(os.path.join(output_dir, "data.json")) as handle:
+            trained = [r for r in json.load(handle) if (r["instruction"], r["input"]) not in seen]
+        rng = random.Random(seed)
         sums = _distinct(n + prompts, lambda: arithmetic_example(rng), seen)
-        careless = set(random.Random(seed).sample(range(n), round(n * CARELESS_SHARE)))
+        careless = set(rng.sample(range(n), round(n * CARELESS_SHARE)))
         taught = [{**r, "output": str(int(r["output"]) - 10)} if i in careless else r for i, r in enumerate(sums[:n])]
-        old = _distinct(replay, lambda: make_example(rng, rng.randrange(6)), seen)
-        records = taught + old
+        records = taught + rng.sample(trained, replay)
         random.Random(seed).shuffle(records)
         for path, part in ((paths["sft"], records), (paths["prompts"], sums[n:])):
             with open(path, "w") as handle:
