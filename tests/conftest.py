@@ -144,3 +144,26 @@ def smoke_constitution(smoke_trained):
         assert result.returncode == 0, (script, args, result.stderr[-3000:])
         outputs.append(result.stdout)
     return smoke_trained, outputs
+
+
+# Verifiable rewards on the smoke preset, as the README gives them (after `train.py --smoke`): the smoke SFT model
+# taught the arithmetic task (half its sums forget the carry), then GRPO rewarded for the right sum.
+ARITHMETIC_COMMANDS = (
+    ("train.py", "--smoke", "--dataset", "smoke-run/arithmetic.json", "--output-dir", "smoke-run/arithmetic"),
+    ("align.py", "--smoke", "--method", "grpo", "--reward", "exact", "--model", "smoke-run/arithmetic", "--dataset",
+     "smoke-run/arithmetic-prompts.json", "--output-dir", "smoke-run/aligned-grpo-exact"),
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_arithmetic(smoke_trained):
+    """(directory, [stdout of each command]): ARITHMETIC_COMMANDS have run in the smoke_trained directory (about
+    90 s): the arithmetic SFT model in smoke-run/arithmetic/, GRPO's in smoke-run/aligned-grpo-exact/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    outputs = []
+    for script, *args in ARITHMETIC_COMMANDS:
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=smoke_trained, env=env,
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, (script, args, result.stderr[-3000:])
+        outputs.append(result.stdout)
+    return smoke_trained, outputs

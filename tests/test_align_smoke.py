@@ -180,7 +180,7 @@ def test_no_run_overwrites_another_scripts_output(smoke_aligned):
     not_rm = run_align(work, "--smoke", "--method", "rloo", "--reward-model", "smoke-run/model")
     assert not_rm.returncode == 2 and "--smoke brings its own models and data" in not_rm.stderr
     other = run_align(work, "--smoke", "--method", "rloo", "--dataset", "smoke-run/pairs.json")
-    assert other.returncode == 2 and "name the new run's --output-dir, and leave --method at dpo" in other.stderr
+    assert other.returncode == 2 and "name the new run's --output-dir" in other.stderr
     reward = run_align(work, "--model", "smoke-run/reward", "--dataset", "smoke-run/pairs.json", "--output-dir", "x")
     assert reward.returncode == 2 and "--model smoke-run/reward is a reward model" in reward.stderr
     wrong = run_align(work, "--model", "smoke-run/model", "--dataset", "smoke-run/pairs.json", "--method", "rloo",
@@ -195,7 +195,7 @@ def test_no_run_overwrites_another_scripts_output(smoke_aligned):
 
 def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_aligned):
     work, _ = smoke_aligned
-    for method, count in (("dpo", "train_pairs"), ("rloo", "train_completions")):
+    for method, count in (("dpo", "train_pairs"), ("rloo", "train_completions"), ("grpo", "train_completions")):
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  str(ROOT / "align.py"), "--smoke", "--method", method, "--max-steps", "3",
                                  "--output-dir", f"ddp-{method}"], cwd=work, env=ENV, capture_output=True, text=True,
@@ -212,7 +212,7 @@ def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_align
 
 @pytest.mark.parametrize("args,expected", [
     ([], "--model distilgpt2-alpaca: no SFT model there. Run `python train.py` first"),
-    (["--method", "rloo"], "--method rloo needs --reward-model DIR"),
+    (["--method", "rloo"], "--method rloo with --reward model needs --reward-model DIR"),
     (["--reward-model", "rm"], "--reward-model: only used with --method rloo"),
     (["--method", "rloo", "--reward-model", "rm", "--num-generations", "1", "--temperature", "0"],
      "--num-generations must be >= 2"),
@@ -234,7 +234,7 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, _ in cli.constant_specs(align):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 36
+    assert len(cli.constant_specs(align)) == 38
 
 
 def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned, smoke_lora_dpo):

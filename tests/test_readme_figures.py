@@ -14,7 +14,7 @@ import pytest
 
 from tuning.data import records
 from tuning import smoke
-from conftest import CONSTITUTION_COMMANDS, ROOT
+from conftest import ARITHMETIC_COMMANDS, CONSTITUTION_COMMANDS, ROOT
 from test_align_smoke import answers_to_held_out
 from test_lora import held_out_exact_match
 from test_train import ENV
@@ -75,13 +75,14 @@ def unshown(command: str, shown: list[str], actual: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def work(smoke_aligned, smoke_lora, smoke_chat, smoke_constitution):
+def work(smoke_aligned, smoke_lora, smoke_chat, smoke_constitution, smoke_arithmetic):
     """The smoke directory with every model the README's smoke commands read."""
     return smoke_aligned[0]
 
 
 def test_every_shown_smoke_output_is_what_the_command_prints(work, smoke_reward, smoke_aligned, smoke_lora,
-                                                            smoke_lora_dpo, smoke_chat, smoke_constitution):
+                                                            smoke_lora_dpo, smoke_chat, smoke_constitution,
+                                                            smoke_arithmetic):
     """The blocks of real output, command by command, in README order (the order a user follows)."""
     ran = {"python reward.py --smoke": smoke_reward[1], "python align.py --smoke": smoke_aligned[1]["dpo"],
            "python align.py --smoke --method rloo": smoke_aligned[1]["rloo"],
@@ -89,7 +90,8 @@ def test_every_shown_smoke_output_is_what_the_command_prints(work, smoke_reward,
            "python align.py --smoke --lora --merge --max-steps 20": smoke_lora_dpo,
            "python train.py --smoke --format messages": smoke_chat,
            **{shlex.join(["python", *command]): out for command, out in zip(CONSTITUTION_COMMANDS,
-                                                                             smoke_constitution[1])}}
+                                                                             smoke_constitution[1])},
+           **{shlex.join(["python", *command]): out for command, out in zip(ARITHMETIC_COMMANDS, smoke_arithmetic[1])}}
     # (shared fixtures ran these)
     assert len(SMOKE_RUNS) >= 10
     wrong = []
