@@ -17,6 +17,7 @@ Running the same command again after an interruption continues from the newest c
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -102,6 +103,9 @@ def validate_args(args) -> None:
         problems.append(f"--temperature must be > 0 (got {args.temperature})")
     if args.missing_eos_penalty < 0:
         problems.append(f"--missing-eos-penalty must be >= 0 (got {args.missing_eos_penalty})")
+    elif args.missing_eos_penalty != MISSING_EOS_PENALTY and rewards.MODEL not in rewards.names(args.reward):
+        problems.append("--missing-eos-penalty: only used with --reward model (the reward model's score of a cut "
+                        "answer); a check or your function sees the cut answer itself")
     online = args.method in ONLINE
     if online and args.num_generations < 2:
         problems.append(f"--num-generations must be >= 2 for {args.method}'s baseline, the mean reward of the other "
@@ -207,6 +211,14 @@ def prepare_data(args, tokenizer, template, judge, say) -> tuple[dict, list[dict
                             f"{args.dataset} have no reference answer to check against (an Alpaca record's "
                             "'output', a pair's 'chosen', a conversation's last assistant turn, or a prompt-only "
                             f"record's {', '.join(repr(f) for f in preferences.REFERENCE_FIELDS)})")
+    if rewards.uses_functions(args.reward):
+        rows = [(json.loads(row["record"]), row["reference"]) for part in data.values() for row in part]
+        clash = sorted({field for record, reference in rows for field in record if field in rewards.ARGUMENTS and
+                        (field != "reference" or str(record[field]) != reference)})  # (its own reference: no clash)
+        if clash:
+            raise UserError(f"--reward {args.reward}: the records of {args.dataset} have a field named "
+                            f"{', '.join(repr(f) for f in clash)}, which is also an argument of your reward function; "
+                            "rename the field")
     if judge is None:
         return data, held_out, report
     judge_limit = context_limit(judge.model.config)  # the reward model reads prompt + answer + its end

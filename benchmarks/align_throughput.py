@@ -73,7 +73,8 @@ def _args(workdir: str, method: str, **settings):
     defaults = {name.lower(): getattr(align, name) for name in ("EPOCHS", "MAX_STEPS", "WARMUP_RATIO", "SEED",
                                                                 "NUM_GENERATIONS", "MAX_NEW_TOKENS", "TEMPERATURE",
                                                                 "MISSING_EOS_PENALTY", "GRADIENT_CHECKPOINTING", "LORA",
-                                                                "REPORT_TO", "LOSS_TYPE", "LABEL_SMOOTHING")}
+                                                                "REPORT_TO", "LOSS_TYPE", "LABEL_SMOOTHING", "REWARD",
+                                                                "REWARD_WEIGHTS")}
     return SimpleNamespace(**{**defaults, "output_dir": os.path.join(workdir, "out"), "method": method,
                               "batch_size": BATCH_SIZE, "eval_steps": 10**6, "save_steps": 10**6, "logging_steps": 1,
                               **align.DEFAULTS[method], **settings})

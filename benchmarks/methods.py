@@ -46,6 +46,7 @@ METHOD_ARGS = {
     "grpo-exact": ["--method", "grpo", "--reward", "exact", "--dataset",
                    os.path.join("smoke-run", "arithmetic-prompts.json")],
 }
+# How the table names each row.
 LABELS = {"dpo": "DPO", "ipo": "IPO (DPO --loss-type ipo)", "rloo": "RLOO, reward model", "grpo": "GRPO, reward model",
           "grpo-exact": "GRPO, --reward exact"}
 

@@ -234,10 +234,11 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
                                       None), prompts
 
 
-def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer):
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_rloo_encodes_prompts_as_inference_does(tmp_path, gpt2_tokenizer, method):
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(2)
-    trainer, prompts = rloo_trainer(tmp_path, tok, records)
+    trainer, prompts = rloo_trainer(tmp_path, tok, records, method=method)
     assert trainer.reward_funcs[0].function.stop_ids == trainer.eos_token_ids == [tok.eos_token_id]  # the EOS penalty
     ids, _, _ = trainer._tokenize_prompts(prompts)
     for record, prompt_ids in zip(records, ids):

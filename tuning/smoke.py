@@ -232,8 +232,12 @@ def prepare_named(path: str) -> None:
     """Writes the smoke data file `path` names if it is one that the preset makes on first use (ARITHMETIC_FILES,
     in OUTPUT_DIR, after `train.py --smoke`); any other path is left alone."""
     if os.path.normpath(path) in {os.path.join(OUTPUT_DIR, name) for name in ARITHMETIC_FILES}:
-        if os.path.isfile(os.path.join(OUTPUT_DIR, "model", "config.json")):
-            prepare_arithmetic(OUTPUT_DIR)
+        if not os.path.isfile(os.path.join(OUTPUT_DIR, "model", "config.json")):
+            from tuning.cli import UserError
+
+            raise UserError(f"{path} is made from the smoke SFT run's data and held-out records: run `python train.py "
+                            "--smoke` first")
+        prepare_arithmetic(OUTPUT_DIR)
 
 
 def prepare_arithmetic(output_dir: str = OUTPUT_DIR, n: int = N_ARITHMETIC, replay: int = 1500, prompts: int = 1000,

@@ -385,8 +385,15 @@ def load_prompts(source: str, skip_invalid: bool = False, rows: list | None = No
 
 
 def _reference_field(record: dict) -> str | None:
-    """A prompt-only record's reference answer: its first REFERENCE_FIELDS field that is a string."""
-    return next((record[field] for field in REFERENCE_FIELDS if isinstance(record.get(field), str)), None)
+    """A prompt-only record's reference answer: its first REFERENCE_FIELDS field that is a non-empty string or a
+    number (as text: a math set's `"answer": 4`)."""
+    for field in REFERENCE_FIELDS:
+        value = record.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def _prompt_only(source: str, rows: list, skip_invalid: bool) -> tuple[list[dict], dict]:
@@ -442,7 +449,8 @@ def prepare_prompts(source: str, skip_invalid: bool, val_size, seed: int, tokeni
         lengths = map(len, encode_prompts(tokenizer, asked, chat_template))
         data[name] = [{"prompt": prompt, "judge_prompt": pair_prompt(p, judge_template, judge_foreign,
                                                                      judge_tokenizer),
-                       "reference": p["reference"], "record": json.dumps(p["columns"], ensure_ascii=False)}
+                       "reference": p["reference"],
+                       "record": json.dumps(p["columns"], ensure_ascii=False, default=str)}  # (a date: its text)
                       for p, prompt, n in zip(part, asked, lengths) if n <= max_length]
         too_long += len(part) - len(data[name])
     if any(len({type(row[column]) for part in data.values() for row in part}) > 1 for column in ("prompt",

@@ -330,7 +330,6 @@ class Judge:
     --max-new-tokens (no stop token among `stop_ids`) is scored as if it had ended there, minus
     `missing_eos_penalty`: a cut answer must not pass for a finished one."""
 
-    __name__ = "reward_model"  # TRL names a reward function in its logs
 
     def __init__(self, path: str, device, batch_size: int = 16, missing_eos_penalty: float = 0.0):
         self.model, self.tokenizer, self.template = load_reward_model(path, device)
@@ -398,8 +397,7 @@ def trl_config(args, device, precision: str):
     return config(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
                   num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
                   temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING),
-                  reward_weights=rewards.weights_of(getattr(args, "reward", rewards.MODEL),
-                                                    getattr(args, "reward_weights", "")))
+                  reward_weights=rewards.weights_of(args.reward, args.reward_weights))
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
@@ -415,10 +413,9 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
         trainer.in_order = in_order
         return trainer
     online = AlignGRPOTrainer if args.method == "grpo" else AlignRLOOTrainer
-    functions = rewards.build(getattr(args, "reward", rewards.MODEL), judge)
+    functions = rewards.build(args.reward, judge)
     trainer = online(**common, reward_funcs=functions,
-                     judge=rewards.Scorer(functions, rewards.weights_of(getattr(args, "reward", rewards.MODEL),
-                                                                        getattr(args, "reward_weights", ""))).score)
+                     judge=rewards.Scorer(functions, rewards.weights_of(args.reward, args.reward_weights)).score)
     if judge is not None:
         judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
     return trainer

@@ -19,12 +19,16 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 import os
+import sys
 
 from tuning.cli import UserError
 
 BUILT_IN = ("exact", "contains")  # the verifiable rewards against the record's reference answer
 MODEL = "model"  # the reward model of --reward-model
+# The keyword arguments a user's function gets besides the records' fields, which must not be one of them.
+ARGUMENTS = ("prompts", "completions", "reference")
 
 
 def names(spec: str) -> list[str]:
@@ -82,12 +86,14 @@ def load_function(spec: str):
     path, _, function = spec.rpartition(":")
     if not os.path.isfile(path):
         raise UserError(f"--reward {spec}: no file {path}")
-    module_name = "reward_" + os.path.splitext(os.path.basename(path))[0]
+    module_name = f"reward_{abs(hash(os.path.realpath(path)))}_{os.path.splitext(os.path.basename(path))[0]}"
     loader = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader)
+    sys.modules[module_name] = module  # (as an import does: dataclasses and pickling look the module up there)
     try:
         loader.loader.exec_module(module)
     except Exception as error:  # the user's file: any failure of it is theirs to fix
+        del sys.modules[module_name]
         raise UserError(f"--reward {spec}: importing {path} raised {_described(error, path)}") from None
     found = getattr(module, function, None)
     if not callable(found):
@@ -127,7 +133,7 @@ class Checked:
 
     def __init__(self, spec: str, function, path: str | None = None):
         self.spec, self.function, self.path = spec, function, path
-        self.__name__ = spec  # TRL names a reward function in its logs by its __name__
+        self.__name__ = os.path.basename(spec)  # TRL names a reward function in its logs (a path's / would nest them)
 
     def __call__(self, prompts=None, completions=(), reference=(), record=(), completion_ids=None, **trl):
         answers = [answer[-1]["content"] if isinstance(answer, list) else answer for answer in completions]
@@ -152,11 +158,13 @@ class Checked:
             raise UserError(f"--reward {self.spec} returned {len(values)} rewards for {expected} answers; it must "
                             "return one per answer")
         for i, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+            if not number or not math.isfinite(float(value)):
                 shown = prompts[i] if prompts is not None and i < len(prompts) else None
                 asked = f" to the prompt {str(shown)[:80]!r}" if shown is not None else ""
+                why = "a finite number" if number else "a number (an int or a float)"
                 raise UserError(f"--reward {self.spec} returned {value!r} for answer {i}{asked}: every reward must "
-                                "be a finite number")
+                                f"be {why}")
         return [float(value) for value in values]
 
 
@@ -181,6 +189,11 @@ def build(spec: str, judge=None) -> list[Checked]:
 
 def uses_reference(spec: str) -> bool:
     return any(name in BUILT_IN for name in names(spec))
+
+
+def uses_functions(spec: str) -> bool:
+    """Whether --reward names a function of the user's (which reads the records' fields)."""
+    return any(name not in (MODEL, *BUILT_IN) for name in names(spec))
 
 
 class Scorer:
