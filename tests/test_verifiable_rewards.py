@@ -67,3 +67,30 @@ def test_the_arithmetic_data_forgets_the_carry_in_half_its_sums_and_holds_out_th
     held = {(r["instruction"], r["input"]) for r in records[600:]}
     assert not held & {(r["instruction"], r["input"]) for r in taught + prompts}
     assert not {r["input"] for r in sums} & {r["input"] for r in prompts}
+
+
+def test_the_methods_table_in_the_readme_is_the_benchmarks_and_counts_what_it_says():
+    """benchmarks/methods.py: the README shows the table it wrote, with every method the issue names, and its
+    figures count greetings in the preferred style, exact answers elsewhere and right sums as they say."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+
+    written = (ROOT / "benchmarks" / "results" / "methods.md").read_text()
+    rows = [line for line in written.splitlines() if line.startswith("|")]
+    readme = (ROOT / "README.md").read_text()
+    assert all(row in readme for row in rows) and len(rows) == 2 + 1 + len(methods.METHOD_ARGS)
+    assert [methods.LABELS[name] for name in methods.METHOD_ARGS] == [row.split(" | ")[0][2:] for row in rows[3:]]
+    tasks = [{"instruction": smoke.GREETING, "input": "cat dog owl", "output": "hey cat dog owl"},
+             {"instruction": smoke.GREETING, "input": "ant bee", "output": "Hello, ant bee!"},
+             {"instruction": "Count the words.", "input": "a b", "output": "2"}]
+    sums = [{"instruction": smoke.ARITHMETIC, "input": "17 25", "output": "42"}] * 2
+    answers = [{"text": text} for text in ("Hello, cat dog owl!", "hey ant bee", "3")]
+    found = methods.style_and_exact(tasks, answers, sums, [{"text": "42"}, {"text": "32"}], smoke)
+    assert found == {"preferred_style": 0.5, "other_exact": 0.0, "arithmetic_exact": 0.5}
+    results = {"sft": found, **{name: {**found, "win_rate": {"value": 0.5, "interval": [0.4, 0.6]},
+                                       "kl": {"value": 0.01, "interval": [0.0, 0.02]}, "wall_seconds": 3.0,
+                                       "peak_memory_mb": 100.0} for name in methods.METHOD_ARGS}}
+    assert "| DPO | 50.0% [40.0%, 60.0%] | 50% | 0.0% | 50.0% | 0.010 [0.000, 0.020] | 3 s | 100 MB |" in (
+        methods.table(results, list(methods.METHOD_ARGS)))
