@@ -170,27 +170,43 @@ def test_dpo_run_resumes_after_sigterm_and_kill_9_and_refuses_another_run(smoke_
     assert metrics["eval_accuracy_before"] == 0.5  # kept from the first session
 
 
-def test_no_run_overwrites_another_scripts_output(smoke_aligned):
+def refused_here(work, monkeypatch, capsys, *argv) -> str:
+    """align.py run in this process (no interpreter start-up) as its __main__ runs it, refused: its one line."""
+    import align
+    from tuning.runs import runner
+
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["align.py", *argv])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            runner.run_script(align, align.validate_args, align.run)
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # (run_script's, until training starts)
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in error, error[-3000:]
+    return error
+
+
+def test_no_run_overwrites_another_scripts_output(smoke_aligned, monkeypatch, capsys):
     work, _ = smoke_aligned
-    same = run_align(work, "--smoke", "--output-dir", "smoke-run/model")
-    assert same.returncode == 2 and "is the --model directory" in same.stderr
-    into_rm = run_align(work, "--smoke", "--output-dir", "smoke-run/reward", "--no-resume")
-    assert into_rm.returncode == 2 and "holds a run of reward.py" in into_rm.stderr
+    refused = lambda *argv: refused_here(work, monkeypatch, capsys, *argv)  # noqa: E731
+    assert "is the --model directory" in refused("--smoke", "--output-dir", "smoke-run/model")
+    assert "holds a run of reward.py" in refused("--smoke", "--output-dir", "smoke-run/reward", "--no-resume")
     assert (work / "smoke-run" / "reward" / "metrics.json").exists()
-    not_rm = run_align(work, "--smoke", "--method", "rloo", "--reward-model", "smoke-run/model")
-    assert not_rm.returncode == 2 and "--smoke brings its own models and data" in not_rm.stderr
-    other = run_align(work, "--smoke", "--method", "rloo", "--dataset", "smoke-run/pairs.json")
-    assert other.returncode == 2 and "name the new run's --output-dir" in other.stderr
-    reward = run_align(work, "--model", "smoke-run/reward", "--dataset", "smoke-run/pairs.json", "--output-dir", "x")
-    assert reward.returncode == 2 and "--model smoke-run/reward is a reward model" in reward.stderr
-    wrong = run_align(work, "--model", "smoke-run/model", "--dataset", "smoke-run/pairs.json", "--method", "rloo",
-                      "--reward-model", "smoke-run/model", "--output-dir", "x")
-    assert wrong.returncode == 2 and "not a reward model" in wrong.stderr and "Traceback" not in wrong.stderr
-    long = run_align(work, "--smoke", "--max-length", "1000", "--output-dir", "too-long")
-    assert long.returncode == 2 and "--max-length 1000 is more than the 256 positions" in long.stderr
-    long = run_align(work, "--smoke", "--method", "rloo", "--max-length", "240", "--output-dir", "too-long")
-    assert long.returncode == 2 and ("--max-length 240 + --max-new-tokens 24 is more than the 256 positions of "
-                                     "smoke-run/model; use --max-length 232 or less") in long.stderr
+    assert "--smoke brings its own models and data" in refused("--smoke", "--method", "rloo", "--reward-model",
+                                                               "smoke-run/model")
+    assert "name the new run's --output-dir" in refused("--smoke", "--method", "rloo", "--dataset",
+                                                        "smoke-run/pairs.json")
+    assert "--model smoke-run/reward is a reward model" in refused("--model", "smoke-run/reward", "--dataset",
+                                                                   "smoke-run/pairs.json", "--output-dir", "x")
+    assert "not a reward model" in refused("--model", "smoke-run/model", "--dataset", "smoke-run/pairs.json", "--method",
+                                           "rloo", "--reward-model", "smoke-run/model", "--output-dir", "x")
+    assert "--max-length 1000 is more than the 256 positions" in refused("--smoke", "--max-length", "1000",
+                                                                         "--output-dir", "too-long")
+    assert ("--max-length 240 + --max-new-tokens 24 is more than the 256 positions of smoke-run/model; use "
+            "--max-length 232 or less") in refused("--smoke", "--method", "rloo", "--max-length", "240",
+                                                    "--output-dir", "too-long")
 
 
 def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_aligned):
@@ -198,16 +214,16 @@ def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_align
     for method, count in (("dpo", "train_pairs"), ("rloo", "train_completions"), ("grpo", "train_completions")):
         result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  str(ROOT / "align.py"), "--smoke", "--method", method, "--max-steps", "3",
-                                 "--output-dir", f"ddp-{method}"], cwd=work, env=ENV, capture_output=True, text=True,
-                                timeout=300)
+                                 "--val-size", "16", "--output-dir", f"ddp-{method}"], cwd=work, env=ENV,
+                                capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         metrics = load_json(work / f"ddp-{method}" / "metrics.json")
         assert metrics["world_size"] == 2 and metrics["global_step"] == 3
         assert metrics[count] == 3 * 32 * 2  # both processes counted: 32 pairs, or 8 prompts x 4 answers, each
         if method == "dpo":  # the reference pass and the evaluation shard the pairs alike: margins exactly 0 before
-            assert metrics["eval_pairs"] == 200 and metrics["eval_accuracy_before"] == 0.5
+            assert metrics["eval_pairs"] == 16 and metrics["eval_accuracy_before"] == 0.5
         else:
-            assert metrics["eval_prompts"] == 200 and metrics["eval_kl_before"] == 0
+            assert metrics["eval_prompts"] == 16 and metrics["eval_kl_before"] == 0
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -220,10 +236,8 @@ def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_align
     (["--missing-eos-penalty", "-1"], "--missing-eos-penalty must be >= 0 (got -1)"),
     (["--smoke"], "run `python train.py --smoke` first"),
 ])
-def test_bad_settings_are_refused_naming_the_flag(tmp_path, args, expected):
-    result = run_align(tmp_path, *args)
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert expected in result.stderr and "Traceback" not in result.stderr
+def test_bad_settings_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys, args, expected):
+    assert expected in refused_here(tmp_path, monkeypatch, capsys, *args)
 
 
 def test_help_lists_every_setting():
@@ -252,13 +266,14 @@ def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_a
                                "finetuned", "--prompt", smoke.GREETING, "--input", "cat dog owl", "--json"], cwd=work,
                               env=ENV, capture_output=True, text=True, timeout=120) for path in (out, out / "merged")]
     assert answers[0].returncode == 0 and answers[0].stdout == answers[1].stdout, answers[0].stderr[-2000:]
-    rloo = run_align(work, "--smoke", "--method", "rloo", "--lora", "--max-steps", "3", "--output-dir", "lora-rloo")
+    rloo = run_align(work, "--smoke", "--method", "rloo", "--lora", "--max-steps", "3", "--val-size", "8",
+                     "--output-dir", "lora-rloo")
     assert rloo.returncode == 0, rloo.stderr[-3000:]
     assert load_json(work / "lora-rloo" / "metrics.json")["eval_kl_before"] == 0
     assert (work / "lora-rloo" / "adapter_model.safetensors").exists() and not (work / "lora-rloo" / "ref").exists()
     # GRPO with a verifiable reward (the pairs' chosen answers as references), under LoRA, extended by a resume.
     grpo = [run_align(work, "--smoke", "--method", "grpo", "--reward", "exact", "--lora", "--max-steps", str(steps),
-                      "--save-steps", "2", "--output-dir", "lora-grpo") for steps in (2, 3)]
+                      "--save-steps", "2", "--val-size", "8", "--output-dir", "lora-grpo") for steps in (2, 3)]
     assert all(run.returncode == 0 for run in grpo), grpo[-1].stderr[-3000:]
     assert "Resuming from lora-grpo/checkpoint-2" in grpo[1].stdout
     metrics = load_json(work / "lora-grpo" / "metrics.json")

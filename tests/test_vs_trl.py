@@ -1,5 +1,6 @@
 """Steps 2 and 3 learn at least as much as TRL's own trainers at the same budget, on the smoke preset
-(benchmarks/learning_vs_trl.py runs both stages and writes the README's table)."""
+(benchmarks/learning_vs_trl.py runs both stages and writes the README's table; here both sides of a stage train
+at once, one thread each, since what they learn is compared, not their speed)."""
 
 import sys
 
@@ -17,7 +18,7 @@ def test_the_reward_model_learns_at_least_as_much_as_trls(smoke_trained):
     own position, which SFT never trains, less so. Now both read the answer's last token."""
     import learning_vs_trl
 
-    results = learning_vs_trl.compare(str(smoke_trained), "reward", lambda text: None)["reward"]
+    results = learning_vs_trl.compare(str(smoke_trained), "reward", lambda text: None, together=True)["reward"]
     assert results["ours"]["accuracy"] >= results["trl"]["accuracy"] >= 0.9, results
 
 
@@ -28,7 +29,7 @@ def test_rloo_learns_at_least_as_much_as_trls(smoke_trained):
     on GPT-2, and neither loses the other tasks."""
     import learning_vs_trl
 
-    results = learning_vs_trl.compare(str(smoke_trained), "rloo", lambda text: None)["rloo"]
+    results = learning_vs_trl.compare(str(smoke_trained), "rloo", lambda text: None, together=True)["rloo"]
     ours, theirs, sft = results["ours"], results["trl"], results["sft"]
     assert ours["preferred_style"] >= max(theirs["preferred_style"], 0.9), results
     assert ours["other_exact"] >= sft["other_exact"] - 0.05, results
