@@ -54,10 +54,35 @@ def run(work, command: str) -> str:
         stdin = shlex.split(typed)[1].encode().decode("unicode_escape")
     argv = shlex.split(command)
     assert argv[0] == "python", command
+    if argv[1] == "inference.py":  # (no training: in this process, without an interpreter's start-up)
+        return run_here(work, argv[1:], stdin)
     result = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd=work, env=ENV,
                             capture_output=True, text=True, timeout=400, input=stdin)
     assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     return result.stdout
+
+
+def run_here(work, argv: list[str], stdin: str | None) -> str:
+    """A script run in this process as `python SCRIPT ARGS` runs it, in `work`, `stdin` as its input (a pipe, not
+    a terminal); its stdout."""
+    import contextlib
+    import io
+    import os
+    import runpy
+
+    saved = os.getcwd(), sys.argv, sys.stdin
+    out = io.StringIO()
+    os.chdir(work)
+    sys.argv, sys.stdin = argv, io.StringIO(stdin or "")
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
+    except SystemExit as stop:
+        assert not stop.code, f"{shlex.join(argv)} exited with {stop.code}:\n{out.getvalue()[-3000:]}"
+    finally:
+        os.chdir(saved[0])
+        sys.argv, sys.stdin = saved[1], saved[2]
+    return out.getvalue()
 
 
 def unshown(command: str, shown: list[str], actual: str) -> str:
