@@ -136,14 +136,20 @@ CONSTITUTION_COMMANDS = (
 def smoke_constitution(smoke_trained):
     """(directory, [stdout of each command]): CONSTITUTION_COMMANDS have run in the smoke_trained directory (about
     a minute): SL-CAI into smoke-run/sl-cai/, the AI-labelled pairs' DPO into smoke-run/rl-cai/."""
+    return smoke_trained, run_commands(smoke_trained, CONSTITUTION_COMMANDS, timeout=300)
+
+
+def run_commands(cwd, commands, timeout: int) -> list[str]:
+    """Each (script, *args) of `commands` run in `cwd`, one after the other, as a user runs them; their stdout.
+    A failing one fails the fixture with its stderr."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     outputs = []
-    for script, *args in CONSTITUTION_COMMANDS:
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=smoke_trained, env=env,
-                                capture_output=True, text=True, timeout=300)
+    for script, *args in commands:
+        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=timeout)
         assert result.returncode == 0, (script, args, result.stderr[-3000:])
         outputs.append(result.stdout)
-    return smoke_trained, outputs
+    return outputs
 
 
 # Verifiable rewards on the smoke preset, as the README gives them (after `train.py --smoke`): the smoke SFT model
@@ -159,11 +165,4 @@ ARITHMETIC_COMMANDS = (
 def smoke_arithmetic(smoke_trained):
     """(directory, [stdout of each command]): ARITHMETIC_COMMANDS have run in the smoke_trained directory (about
     90 s): the arithmetic SFT model in smoke-run/arithmetic/, GRPO's in smoke-run/aligned-grpo-exact/."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    outputs = []
-    for script, *args in ARITHMETIC_COMMANDS:
-        result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=smoke_trained, env=env,
-                                capture_output=True, text=True, timeout=400)
-        assert result.returncode == 0, (script, args, result.stderr[-3000:])
-        outputs.append(result.stdout)
-    return smoke_trained, outputs
+    return smoke_trained, run_commands(smoke_trained, ARITHMETIC_COMMANDS, timeout=400)
