@@ -17,6 +17,7 @@ Running the same command again after an interruption continues from the newest c
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -51,7 +52,8 @@ SAVE_STEPS = 500  # write checkpoint-N/ every N steps; >= 1
 LOGGING_STEPS = 50  # log the training loss every N steps; >= 1
 SEED = 42  # seed of the split, the shuffling and the sampling
 PRECISION = "auto"  # auto|fp32|bf16|fp16: auto = bf16 where supported, fp16 on older GPUs, fp32 on MPS
-PACKING = "auto"  # auto|none|rows|flat: dpo batch layout (sequence_logps.py); auto = rows, or flat with FlashAttention
+PACKING = "auto"  # auto|none|rows|flat: layout of dpo's pairs, rloo/grpo's samples, for their log-probs; auto = rows, or flat with FlashAttention
+VLLM = False  # rloo, grpo: sample the answers with vLLM (TRL's use_vllm, colocate mode); needs CUDA and the vllm package
 LORA = False  # train LoRA adapters (peft) on the SFT model instead of every weight; the reference is it without them
 LORA_R = 16  # --lora: rank of each adapter; >= 1
 LORA_ALPHA = 32.0  # --lora: adapter scale numerator (the update is scaled by alpha / r); > 0
@@ -123,6 +125,8 @@ def validate_args(args) -> None:
         problems.append(f"--reward-model: only used when --reward has model (it is {args.reward})")
     if online:
         problems += rewards.spec_problems(args.reward, args.reward_weights)
+    elif args.vllm:
+        problems.append("--vllm: only used with --method rloo or grpo (DPO samples nothing)")
     problems += lora.problems(args) + checks.report_to_problems(args.report_to)
     check_all(problems + val_size_problems(args.val_size))
 
@@ -249,6 +253,17 @@ def pairs_the_run_sees(args, train, world_size: int, say):
     return train.select(order[:needed])
 
 
+def probe_samples(train, tokenizer, n: int = 3) -> list[tuple[list[int], list[int]]]:
+    """The packing check's samples for RLOO and GRPO: (prompt ids, answer ids) of the first n training prompts, each
+    encoded as the trainer encodes it, answered twice, with the last 8 and 3 tokens of the next prompts (real text
+    of different lengths: the answers share their prompt, as in training)."""
+    from tuning.data.chat_template import encode_prompts
+
+    prompts = encode_prompts(tokenizer, [train[i]["prompt"] for i in range(min(n, len(train)))])
+    return [(prompt, prompts[(i + k) % len(prompts)][-length:]) for i, prompt in enumerate(prompts)
+            for k, length in ((1, 8), (2, 3))]
+
+
 def probe_loss(args, data: dict, tokenizer, packing: str):
     """A loss over a few real training examples, for launchers.find_unused_parameters: DPO's answer log-probs of
     packed pairs, or, for RLOO, the language-model loss of a prompt."""
@@ -270,7 +285,7 @@ def main(args, explicit: set) -> None:
     from tuning.preference import align_report
     from tuning.models import lora
     from tuning.models import devices, loading
-    from tuning.models import packing_checks, sequence_logps
+    from tuning.models import packing_checks, sampled_logps, sequence_logps
     from tuning import rundir
     from tuning.data.chat_template import saved_or_ours
     from tuning.data.templates import load_template, write_template
@@ -280,6 +295,8 @@ def main(args, explicit: set) -> None:
     if args.smoke and "precision" not in explicit:
         why = "set by --smoke"
     packing, attn = checks.resolve_packing(args.packing, device, precision)
+    if args.vllm:
+        checks.refuse_without_vllm(device)
     check_dirs(args)
     if args.method in ONLINE:
         from tuning.preference import rewards
@@ -320,15 +337,21 @@ def main(args, explicit: set) -> None:
         if args.method == "dpo":
             data["train"] = pairs_the_run_sees(args, data["train"], training_args.world_size, say)
     policy = loading.load_model(args.model, "pretrained", tokenizer)
-    if args.method == "dpo":  # packed pairs, where this model keeps packed sequences apart (checked on real pairs)
+    # Packed pairs or samples, where this model keeps packed sequences apart (checked on real examples).
+    pad = tokenizer.pad_token_id
+    if args.method == "dpo":
         probe = checks.probe_examples(data["train"])
-        packing = checks.choose_packing(sequence_logps.enable_sequence_logps(policy), packing, "packing" in explicit,
-                                        say, "answer log-probs", len(probe),
-                                        lambda: packing_checks.packed_logps_match(policy, probe, tokenizer.pad_token_id))
-        if attn and packing == "flat":
-            policy.set_attn_implementation(attn)
-        config["packing"] = packing
-        say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
+        enabled, matches = sequence_logps.enable_sequence_logps(policy), packing_checks.packed_logps_match
+    else:
+        probe = probe_samples(data["train"], tokenizer)
+        enabled = sampled_logps.enable_sampled_logps(policy)
+        matches = functools.partial(packing_checks.packed_samples_match, mode=packing)
+    packing = checks.choose_packing(enabled, packing, "packing" in explicit, say, "answer log-probs", len(probe),
+                                    lambda: matches(policy, probe, pad))
+    if attn and packing == "flat":
+        policy.set_attn_implementation(attn)
+    config["packing"] = packing
+    say(f"Packing: {packing} (answer log-probs read at the answer tokens only)")
     if args.lora:  # after the packing check, which compares the plain model's own forward passes
         policy = lora.add_lora(policy, rundir.model_path(args.model), args.lora_r, args.lora_alpha, 0.0,  # no dropout
                                args.lora_target, seed=args.seed)  # in either method (align_trainers.trl_config)

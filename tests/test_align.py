@@ -22,12 +22,17 @@ from tuning.data.templates import encode_prompt, format_prompt
 
 
 def tiny_policy(tmp_path, tokenizer, dropout=0.0, family="gpt2"):
-    """A saved tiny GPT-2 (or OPT) with the tokenizer's vocabulary (random weights: enough to check tokens and
-    losses)."""
-    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+    """A saved tiny GPT-2 (or OPT, or Llama) with the tokenizer's vocabulary (random weights: enough to check tokens
+    and losses)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    if family == "opt":
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                             intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=1024, bos_token_id=tokenizer.eos_token_id,
+                                             eos_token_id=tokenizer.eos_token_id, attention_dropout=dropout))
+    elif family == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
                                          num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=1024,
                                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
@@ -205,10 +210,11 @@ def test_metrics_and_the_closing_line_name_the_loss_type():
 
 
 def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None, family="gpt2", method="rloo",
-                 reward="model"):
+                 reward="model", wrap=None, packing="rows"):
     """A tiny online RL trainer (RLOO, or GRPO) on `records`: Alpaca records (prompts in the seed template), or
     conversations (lists of turns, asked with our chat template, which the tokenizer then carries, as align.py's
-    does); each Alpaca record's output is its reference answer, for --reward exact."""
+    does); each Alpaca record's output is its reference answer, for --reward exact. `wrap(policy)` (LoRA) runs
+    before the trainer is built; `packing` lays out the samples for their log-probs."""
     from datasets import Dataset
 
     from tuning.preference import align_trainers
@@ -230,8 +236,9 @@ def rloo_trainer(tmp_path, tokenizer, records, beta=0.0, dropout=0.0, judge=None
 
         judge.score = lambda records, answers: [0.0] * len(answers)
     policy = tiny_policy(tmp_path, tokenizer, dropout, family)
+    policy = wrap(policy) if wrap else policy
     return align_trainers.build_trainer(args, policy, tokenizer, config, {"train": data, "validation": data}, judge, [],
-                                      None), prompts
+                                      None, packing), prompts
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
@@ -300,11 +307,11 @@ def test_the_judge_scores_a_conversation_answer_in_its_dialogue(tmp_path, gpt2_t
     judge = align_trainers.Judge(str(tmp_path / "rm"), torch.device("cpu"))
     [example] = tokenize_conversations([TALKS[0] + [{"role": "assistant", "content": "Blue."}]], tok,
                                        tok.chat_template, 1024)
-    assert judge.sequence(TALKS[0], "Blue.") == example["input_ids"]
+    assert sum(judge.parts(TALKS[0], "Blue."), []) == example["input_ids"]
     pair = preferences.parse_pair({"prompt": TALKS[0], "chosen": [{"role": "assistant", "content": "Blue."}],
                                    "rejected": [{"role": "assistant", "content": "No."}]})
     tokens = preferences.tokenize_pair(pair, tok, "seed", 1024)
-    assert judge.sequence(TALKS[0], "Blue.") == tokens["prompt_ids"] + tokens["chosen_ids"]
+    assert sum(judge.parts(TALKS[0], "Blue."), []) == tokens["prompt_ids"] + tokens["chosen_ids"]
     as_text = judge(completions=["Blue.", "No."], judge_prompt=[TALKS[0]] * 2)
     as_turns = judge(completions=[[{"role": "assistant", "content": a}] for a in ("Blue.", "No.")],
                      judge_prompt=[TALKS[0]] * 2)

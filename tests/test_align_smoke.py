@@ -65,6 +65,10 @@ def test_smoke_alignment_prefers_the_polite_style_and_keeps_the_other_tasks(smok
         assert metrics["eval_truncated_before"] <= 0.1 and metrics["eval_truncated_after"] <= 0.1
         assert "cut at --max-new-tokens); KL to the SFT model" in outputs[method]
         assert 0 < metrics["generation_share"] < 1 and metrics["seconds_per_step"] > 0
+        assert set(metrics["phase_seconds"]) == {"sampling", "rewards", "reference", "update"}
+        assert sum(metrics["phase_seconds"].values()) <= metrics["train_runtime_s"]
+        assert metrics["generation_share"] == metrics["phase_shares"]["sampling"]
+        assert metrics["generated_tokens_per_second"] > 0 and "\nTime in the steps: " in outputs[method]
     config = load_json(work / "smoke-run" / f"aligned-{method}" / "run_config.json")
     assert config["sft_model"] == str(work / "smoke-run" / "model")  # absolute: found from any working dir
     for name in ("config.json", "model.safetensors", "sft_template.json", "before_after.png", "tokenizer.json"):
@@ -239,6 +243,9 @@ def test_torchrun_two_cpu_processes_count_every_pair_and_prompt_once(smoke_align
     (["--batch-size", "0", "--lr", "0", "--beta", "-2"], "--lr must be > 0, or -1"),
     (["--missing-eos-penalty", "-1"], "--missing-eos-penalty must be >= 0 (got -1)"),
     (["--smoke"], "run `python train.py --smoke` first"),
+    (["--vllm"], "--vllm: only used with --method rloo or grpo"),
+    (["--method", "grpo", "--reward", "exact", "--vllm"],
+     "--vllm needs a CUDA GPU (this run's device is cpu) and the vllm package (pip install vllm); leave --vllm out"),
 ])
 def test_bad_settings_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys, args, expected):
     assert expected in refused_here(tmp_path, monkeypatch, capsys, *args)

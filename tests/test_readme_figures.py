@@ -21,8 +21,8 @@ from test_train import ENV
 
 README = (ROOT / "README.md").read_text()
 # What varies with the machine: masked before comparing.
-TIMINGS = [(re.compile(r"[\d.]+ (real tokens/s|pairs/s|answers/s|s/step)"), r"<n> \1"),
-           (re.compile(r"\(\d+% of it generating\)"), "(<n>% of it generating)"),
+TIMINGS = [(re.compile(r"[\d.]+ (real tokens/s|pairs/s|answers/s|s/step|sampled tokens/s)"), r"<n> \1"),
+           (re.compile(r"\d+% (sampling|reward scoring|reference and old-policy log-probs|policy update)"), r"<n>% \1"),
            (re.compile(r"\((tokenized|cached)\)$"), "(tokenized or cached)")]  # (whether an earlier run cached them)
 
 

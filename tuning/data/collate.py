@@ -1,7 +1,8 @@
 """Batches from tokenized examples: dynamic padding, or packing that keeps examples apart. The three kinds of
 batch the training scripts feed a model: SFT examples with labels (SFTCollator), sequences scored at their last
 token (ScoreCollator: the reward model's pairs), and preference pairs with their answer tokens marked
-(PairCollator: DPO's answer log-probs).
+(PairCollator: DPO's answer log-probs); and online RL's sampled answers, packed from TRL's padded batch
+(pack_samples: RLOO's and GRPO's per-token log-probs).
 
 Padding is always labelled -100 by position, never by token id, so a pad id equal to EOS can't
 hide the real EOS from the loss.
@@ -183,3 +184,84 @@ class PairCollator:
                 batch[key] = torch.tensor([pair[key] for pair in pairs], dtype=torch.float32)
         batch["num_real_tokens"], batch["num_pairs"] = sum(map(len, sequences)), len(pairs)  # popped by the trainer
         return batch
+
+
+def pack_samples(input_ids, attention_mask, logits_to_keep: int, pad_id: int, mode: str = "rows") -> dict:
+    """TRL's batch of sampled answers (RLOO, GRPO: each row a left-padded prompt, then its answer right-padded to
+    `logits_to_keep` columns; `attention_mask` marks the real tokens) laid out by `mode` for their log-probs, each
+    sample at the positions generate() gave it (its prompt from 0, its answer after it):
+
+    - "rows": the answers to one prompt share it: the prompt once, then each answer, which attends to the prompt
+      and to itself only (a 4D mask: "attention_mask", (rows, 1, width, width), True where a token may attend);
+      these groups are bin-packed into rows no longer than the longest group. The prompt is computed once for
+      its --num-generations answers, in every forward and its backward.
+    - "flat": every sample whole in one row, position ids restarting at each, no mask (FlashAttention's
+      variable-length kernels, which take no 4D mask).
+    - "none": each sample in a row of its own, right-padded, with an attention mask (models that mishandle
+      both: packing_checks.packed_samples_match decides).
+
+    "sources" (flat indices into rows x width) are the positions whose hidden states predict the answer tokens
+    "targets"; "slots" where each log-prob goes in TRL's (rows, logits_to_keep) layout: row i's j-th answer token
+    is slot i * logits_to_keep + j. Samples with no answer token (a mask_truncated_completions row) are left out:
+    there is nothing to score."""
+    if mode not in PACKING_MODES:
+        raise ValueError(f"packing mode {mode!r}: choose from {', '.join(PACKING_MODES)}")
+    real = attention_mask.bool().cpu()
+    ids = input_ids.cpu()
+    prompt_width = ids.shape[1] - logits_to_keep
+    answers = real[:, prompt_width:].sum(1).tolist()
+    prompts = [ids[i, :prompt_width][real[i, :prompt_width]] for i in range(len(ids))]
+    if any(answers[i] and not len(prompts[i]) for i in range(len(ids))):
+        raise ValueError("pack_samples: a sample has no prompt token before its answer")
+    groups: dict[tuple, list[int]] = {}  # prompt -> its samples with an answer, in batch order
+    for i in range(len(ids)):
+        if answers[i]:
+            key = tuple(prompts[i].tolist()) if mode == "rows" else (i,)
+            groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    lengths = [len(prompts[m[0]]) + sum(answers[i] for i in m) for m in members]
+    if mode == "none":
+        bins = [[g] for g in range(len(members))]
+    else:
+        bins = pack_bins(lengths, sum(lengths) if mode == "flat" else max(lengths, default=1))
+    width = max((sum(lengths[g] for g in b) for b in bins), default=1)
+    packed = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    group = torch.full((len(bins), width), -1, dtype=torch.long)  # which group each token is in (-1: padding)
+    part = torch.zeros((len(bins), width), dtype=torch.long)  # 0: the prompt, k: the group's k-th answer
+    sources, targets, slots = [], [], []
+    for row, bin_groups in enumerate(bins):
+        start = 0
+        for g in sorted(bin_groups):
+            prompt = prompts[members[g][0]]
+            n = len(prompt)
+            packed[row, start:start + n] = prompt
+            positions[row, start:start + n] = torch.arange(n)
+            group[row, start:start + n] = g
+            last_prompt, start = row * width + start + n - 1, start + n
+            for k, i in enumerate(members[g], 1):
+                a = answers[i]
+                answer = ids[i, prompt_width:prompt_width + a]
+                packed[row, start:start + a] = answer
+                positions[row, start:start + a] = torch.arange(n, n + a)
+                group[row, start:start + a], part[row, start:start + a] = g, k
+                flat = row * width + start
+                sources += [last_prompt, *range(flat, flat + a - 1)]  # each token predicts the next
+                targets += answer.tolist()
+                slots += range(i * logits_to_keep, i * logits_to_keep + a)
+                start += a
+        positions[row, start:] = torch.arange(width - start)  # trailing padding: a segment of its own
+    device = input_ids.device
+    batch = {"input_ids": packed.to(device), "position_ids": positions.to(device),
+             "sources": torch.tensor(sources, dtype=torch.long, device=device),
+             "targets": torch.tensor(targets, dtype=torch.long, device=device),
+             "slots": torch.tensor(slots, dtype=torch.long, device=device), "attention_mask": None}
+    if mode == "none":
+        batch["attention_mask"] = (group >= 0).long().to(device)
+    elif mode == "rows":
+        order = torch.arange(width)
+        same = group[:, :, None] == group[:, None, :]
+        seen = part[:, None, :] == 0
+        own = part[:, :, None] == part[:, None, :]
+        batch["attention_mask"] = (same & (seen | own) & (order[:, None] >= order[None, :]))[:, None].to(device)
+    return batch

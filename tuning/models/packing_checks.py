@@ -79,3 +79,32 @@ def packed_logps_match(model, pairs: list[dict], pad_id: int) -> tuple[bool, flo
         model.train(was_training)
     same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-3))
     return same, padded.mean().item(), packed.mean().item()
+
+
+def packed_samples_match(model, samples: list[tuple[list[int], list[int]]], pad_id: int,
+                         mode: str = "rows") -> tuple[bool, float, float]:
+    """(same, padded, packed): does `model` (with sampled_logps.enable_sampled_logps) score samples laid out by
+    `mode` as it scores them one padded row each? Compares the per-token log-probs of (prompt ids, answer ids)
+    samples, in fp32; padded/packed are their means. Give each prompt several answers of different lengths, so that
+    "rows" shares it. A model that can't take the layout (a 4D mask: BLOOM's ALiBi) does not match, and neither does
+    one with a sliding attention window, which a 4D mask would override (Mistral, Gemma 2 and 3, ...)."""
+    from tuning.models.sampled_logps import padded_samples, token_logps
+
+    text = model.config.get_text_config()
+    if mode == "rows" and getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
+        return False, float("nan"), float("nan")
+    ids, mask, keep = padded_samples([p for p, _ in samples], [a for _, a in samples], pad_id,
+                                     next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = token_logps(model, ids, mask, keep, pad_id, packing="none")[0]
+            try:
+                packed = token_logps(model, ids, mask, keep, pad_id, packing=mode)[0]
+            except Exception:  # e.g. a model that builds its attention bias from a 2D mask
+                return False, padded.mean().item(), float("nan")
+    finally:
+        model.train(was_training)
+    same = bool(torch.allclose(padded, packed, rtol=1e-4, atol=1e-4))
+    return same, padded.mean().item(), packed.mean().item()

@@ -173,6 +173,32 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 
     return scores
 
 
+@torch.no_grad()
+def score_samples(model, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> list[float]:
+    """The score of each prompt + answer (token ids, the answer with its end), read where score_ids reads it (at the
+    token before the last), with the answers to one prompt sharing it: sampled_logps' layout (collate.pack_samples'
+    "rows": the prompt once, each answer attending to it and to itself), so a prompt is read once for all its
+    answers. For a model that keeps them apart (Judge checks on the first answers it scores)."""
+    from tuning.data.collate import pack_samples
+    from tuning.models.sampled_logps import attention_for, padded_samples
+
+    device = next(model.parameters()).device
+    ids, mask, keep = padded_samples(prompts, answers, pad_id, device)
+    batch = pack_samples(ids, mask, keep, pad_id, "rows")
+    where = {slot: k for k, slot in enumerate(batch["slots"].tolist())}  # each answer token's place in the layout
+    last = batch["sources"][[where[i * keep + len(answer) - 1] for i, answer in enumerate(answers)]]
+    width = batch["input_ids"].shape[1]
+    index = torch.stack([last // width, last % width + 1], 1)  # (row, column of the final token): read one before
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model(input_ids=batch["input_ids"], attention_mask=attention_for(model, batch["attention_mask"]),
+                       position_ids=batch["position_ids"], score_index=index).logits
+    finally:
+        model.train(was_training)
+    return scores.tolist()
+
+
 def within_context(ids: list[int], limit: int | None, end: int = 1) -> list[int]:
     """prompt + answer + its end (EOS, or a chat template's `end` end-of-turn tokens) cut to the reward model's
     `limit` tokens: the answer's last words go, its end stays. A generated answer, decoded and encoded again, can

@@ -3,6 +3,8 @@ the method's throughput, the before/after picture, and the closing lines."""
 
 from __future__ import annotations
 
+from tuning.preference import phases
+
 # What the closing line calls each --loss-type's held-out loss (its values are not comparable across types).
 LOSS_NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "hinge", "robust": "robust DPO"}
 
@@ -16,9 +18,12 @@ def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
     if args.method == "dpo":
         return {**held_out, "loss_type": args.loss_type, "eval_pairs": len(after["eval_margins"]),
                 "pairs_per_second": metrics["train_pairs"] / seconds}
+    phase_seconds = metrics["train_phase_seconds"]
     return {**held_out, "eval_prompts": len(after["eval_rewards"]), "seconds_per_step": seconds / steps,
             "completions_per_second": metrics["train_completions"] / seconds,
-            "generation_share": trainer.generation_seconds / max(1e-9, trainer.last_session_seconds())}
+            "phase_seconds": phase_seconds, "phase_shares": phases.shares(phase_seconds),
+            "generation_share": phases.shares(phase_seconds)["sampling"],
+            "generated_tokens_per_second": metrics["train_generated_tokens"] / max(1e-9, phase_seconds["sampling"])}
 
 
 def plot(args, before: dict, after: dict, path: str) -> None:
@@ -49,8 +54,10 @@ def report_lines(args, metrics: dict) -> list[str]:
                 f"{metrics['eval_mean_reward_after']:+.3f} on {metrics['eval_prompts']} prompts ("
                 f"{metrics['eval_truncated_after']:.0%} cut at --max-new-tokens); KL to the SFT model "
                 + ("not measured (--beta 0)" if metrics["eval_kl_after"] is None else f"{metrics['eval_kl_after']:.3f}"))
-        speed = (f"{metrics['seconds_per_step']:.2f} s/step ({metrics['generation_share']:.0%} of it generating), "
-                 f"{metrics['completions_per_second']:.1f} answers/s")
+        speed = f"{metrics['seconds_per_step']:.2f} s/step, {metrics['completions_per_second']:.1f} answers/s"
     merged = f"; the merged full weights in {args.output_dir}/merged/" if args.merge else ""
-    return [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
-                  f"{args.output_dir}/{merged}"]
+    lines = [head, f"{speed} on {metrics['device']}; aligned model, metrics.json and before_after.png in "
+                   f"{args.output_dir}/{merged}"]
+    if args.method != "dpo":
+        lines.append(phases.share_line(metrics["phase_seconds"], metrics["generated_tokens_per_second"]))
+    return lines

@@ -5,9 +5,10 @@ model saw, and evaluated the way metrics.json reports them.
 - DPO trains on pairs tokenized by preferences.tokenize_pairs (the SFT template's prompt, each answer + EOS),
   not TRL's text tokenization. Its reference log-probs are computed once, before training, by the frozen
   SFT model (TRL's precompute_ref_log_probs), so no second model stays in memory.
-- RLOO encodes prompts as inference.py does (a text as templates.encode_prompt, a conversation with the SFT
-  model's chat template), and scores its samples with
-  a reward model through models/scoring.py, which reads the score at the answer's final token.
+- RLOO and GRPO encode prompts as inference.py does (a text as templates.encode_prompt, a conversation with the
+  SFT model's chat template), read the log-probs of their samples packed, at the answer tokens only
+  (models/sampled_logps.py), score them with a reward model through models/scoring.py, which reads the score at the
+  answer's final token, and time each phase of a step (phases.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import torch
 from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
 
 from tuning.data.collate import PairCollator, positions_from_mask
-from tuning.data.chat_template import encode_prompts, saved_or_ours
+from tuning.data.chat_template import answer_tokens, encode_prompts, prompt_ids, saved_or_ours
 from tuning.models.loading import context_limit
-from tuning.models.scoring import answer_ids, end_length, load_reward_model, pairwise_stats, score_ids
+from tuning.models.scoring import end_length, load_reward_model, pairwise_stats, score_ids, score_samples
 from tuning.models.scoring import within_context
+from tuning.models.sampled_logps import enable_sampled_logps, padded_samples, token_logps
+from tuning.models.sampler import enable_fast_sampling
 from tuning.models.sequence_logps import answer_lengths, dpo_losses, enable_sequence_logps, model_inputs
 from tuning.preference import rewards
+from tuning.preference.phases import PHASES, PhaseTimes
 from tuning.runs.trainer import RunLayer, report_targets
 
 # TRL 1.16 still uses transformers' old names for activation checkpointing.
@@ -126,22 +130,43 @@ class AlignDPOTrainer(RunLayer, DPOTrainer):
 
 class OnlineLayer:
     """What align.py's online RL trainers (TRL's RLOO and GRPO) share: prompts encoded as inference.py encodes
-    them, and the sampled answers scored at the positions they were sampled at. `judge(records, answers) ->
+    them, and the sampled answers' log-probs read packed, at the answer tokens only, at the positions they were
+    sampled at (models/sampled_logps.py: the policy's, the old policy's and the reference's; the same values as
+    TRL's own forwards, tested), with the phases of each step timed (PhaseTimes, mixed in before this class: the
+    run's totals keep them across a resume). `judge(records, answers) ->
     rewards` scores answers (texts) to prompt records, as the training rewards add up (rewards.Scorer). Held-out
     evaluation on the eval set's prompts: the mean reward of greedy answers, as inference.py would give them, the
     share of them cut off at --max-new-tokens, and the KL to the reference over answers sampled at the training
     temperature (kl_to_reference)."""
 
     COUNTS = {"num_real_tokens": "real_tokens", "num_completions": "completions"}
+    # How samples are laid out for their log-probs (collate.pack_samples): packed rows, or one padded row each for a
+    # model that lets packed sequences attend to each other (align.py checks, as for DPO's pairs).
+    sample_packing = "rows"
+    # Sampled answers per forward and backward of the policy update (the answers to a prompt kept together): its
+    # activations are the most memory a step takes, so the update goes through the batch this many at a time.
+    UPDATE_SAMPLES = 4
 
     def __init__(self, *args, judge=None, **kwargs):
         super().__init__(*args, **kwargs)
         drop_ref_adapter(self.model)  # TRL's RLOO then takes the reference with the adapters off
+        enable_sampled_logps(self.model)
+        enable_fast_sampling(self.model)  # (each prompt read once for its answers; on a CPU, eager attention)
+        if self.ref_model is not None:  # (under LoRA there is none: the reference is the policy, adapters off)
+            enable_sampled_logps(self.accelerator.unwrap_model(self.ref_model))
         self.judge = judge
-        self.generation_seconds = 0.0  # this session's time spent sampling answers in training
 
-    def last_session_seconds(self) -> float:
-        return self._train_seconds if self._train_seconds is not None else time.perf_counter() - self._started
+    def run_totals(self) -> dict:
+        """RunLayer's totals, and the seconds of each phase (mean over processes) and tokens sampled (summed)."""
+        totals = super().run_totals()
+        here = torch.tensor([self.phase_seconds[phase] for phase in PHASES] + [self.generated_tokens],
+                            dtype=torch.float64, device=self.args.device)
+        seconds = self.accelerator.reduce(here[:-1].clone(), reduction="mean").tolist()
+        tokens = self.accelerator.reduce(here[-1:].clone(), reduction="sum").item()
+        before = self.prior.get("phase_seconds") or {}
+        totals["phase_seconds"] = {phase: before.get(phase, 0.0) + value for phase, value in zip(PHASES, seconds)}
+        totals["generated_tokens"] = int(self.prior.get("generated_tokens", 0) + tokens)
+        return totals
 
     def batch_counts(self, inputs) -> dict:
         return {}  # prompts only: counted once their answers are generated (_prepare_inputs)
@@ -151,14 +176,6 @@ class OnlineLayer:
         the SFT model's chat template (the tokenizer's, saved with the model), its next assistant turn's prompt."""
         return encode_prompts(self._tokenizer, prompts), None, {}
 
-    def _generate(self, prompts: list):
-        started = time.perf_counter()
-        try:
-            return super()._generate(prompts)
-        finally:
-            if self.model.training:
-                self.generation_seconds += time.perf_counter() - started
-
     def _prepare_inputs(self, generation_batch):
         inputs = super()._prepare_inputs(generation_batch)
         if self.model.training:
@@ -166,13 +183,61 @@ class OnlineLayer:
             self._session["completions"] += len(inputs["completion_ids"])
         return inputs
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, *args, **kwargs):
-        """TRL's per-token log-probs of the sampled answers (policy, and reference), with each row's positions
-        taken from its attention mask, as generate() took them: TRL passes none, and GPT-2 or OPT would number
-        the left padding of a short prompt as positions, scoring the answer at other positions than those it
-        was sampled at."""
-        return super()._get_per_token_logps_and_entropies(WithPositions(model), input_ids, attention_mask, *args,
-                                                           **kwargs)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **inputs):
+        """The per-token log-probs (and entropies) of the sampled answers that TRL's loss and KL read, laid out as
+        TRL's: packed, each sample at the positions generate() gave it, the output layer at its answer tokens only
+        (sampled_logps.token_logps). A mixture-of-experts' balancing loss, or a batch with no answer token, goes
+        through TRL's own forward, with each row's positions taken from its attention mask (TRL passes none, and
+        GPT-2 or OPT would number the left padding of a short prompt as positions)."""
+        if compute_aux_loss or any(value is not None for value in inputs.values()) or \
+                not attention_mask[:, -logits_to_keep:].any():
+            return super()._get_per_token_logps_and_entropies(WithPositions(model), input_ids, attention_mask,
+                                                               logits_to_keep, batch_size, compute_entropy,
+                                                               compute_aux_loss, **inputs)
+        with self.accelerator.autocast():
+            logps, entropies = token_logps(model, input_ids, attention_mask, logits_to_keep,
+                                           self._tokenizer.pad_token_id, self.temperature, compute_entropy,
+                                           self.sample_packing)
+        return logps, entropies, None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss, its gradient taken UPDATE_SAMPLES answers at a time (update_parts): each part's backward runs
+        here but the last's, which the Trainer runs on the returned loss (the whole batch's value), so the
+        gradients are the whole batch's while only a part's activations are held."""
+        parts = self.update_parts(inputs)
+        if len(parts) == 1:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        done = 0.0
+        for part, weight in parts[:-1]:
+            with self.accelerator.no_sync(model):  # (under DDP, the gradients are shared once, at the last part)
+                loss = super().compute_loss(model, part, return_outputs, num_items_in_batch) * weight
+                self.accelerator.backward(loss)
+            done += loss.detach()
+        part, weight = parts[-1]
+        return super().compute_loss(model, part, return_outputs, num_items_in_batch) * weight + done
+
+    def update_parts(self, inputs: dict) -> list[tuple[dict, float]]:
+        """(part of the batch, its weight in the loss) for compute_loss: the samples ordered by prompt, so that the
+        answers to one prompt share it in a part's forward, in parts of UPDATE_SAMPLES (the same count in every
+        process, as the loss's collectives need). The whole batch as one part where TRL's loss is not a weighted
+        sum of its parts' (GRPO's loss types other than its default dapo, an entropy quantile), or where the
+        Trainer's backward scales it (gradient accumulation, DeepSpeed)."""
+        rows, grpo = len(inputs["completion_ids"]), isinstance(self, GRPOTrainer)
+        summed = grpo and self.loss_type == "dapo" and self.top_entropy_quantile == 1.0
+        if rows <= self.UPDATE_SAMPLES or (grpo and not summed) or self.is_deepspeed_enabled or \
+                getattr(self, "current_gradient_accumulation_steps", 1) != 1:
+            return [(inputs, 1.0)]
+        prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
+        order = sorted(range(rows), key=lambda i: (prompts.index(prompts[i]), i))
+        parts = []
+        for start in range(0, rows, self.UPDATE_SAMPLES):
+            index = torch.tensor(order[start:start + self.UPDATE_SAMPLES], device=inputs["completion_ids"].device)
+            part = {key: value[index] if isinstance(value, torch.Tensor) and value.dim() and len(value) == rows
+                    else value for key, value in inputs.items()}
+            # GRPO's dapo loss divides by the whole batch's token count (num_items_in_batch): its parts just add up.
+            parts.append((part, 1.0 if summed else len(index) / rows))  # RLOO's: the mean over the samples
+        return parts
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict:
         from accelerate.utils import gather_object
@@ -214,7 +279,8 @@ class OnlineLayer:
     def sampled_answers(self, records: list[dict]) -> list[list[int]]:
         """Each record's answer ids sampled by TRL's own training sampler (its generation config: the training
         temperature, no repetition penalty, under the run's precision), cut after the first stop token, which is
-        kept. Seeded, so each evaluation of a policy draws the same samples, and training's RNG is left as it was."""
+        kept. Seeded, so each evaluation of a policy draws the same samples (not with --vllm, whose sampler has its
+        own seed), and training's RNG is left as it was."""
         with self.forked_rng():
             torch.manual_seed(self.args.seed)
             prompt_ids, _, _ = self._tokenize_prompts([record["prompt"] for record in records])
@@ -238,33 +304,25 @@ class OnlineLayer:
         """An estimate of KL(pi || ref) from each answer, sampled from the policy at the training temperature:
         the sum over its tokens of k3 = exp(d) - d - 1, d = log ref - log pi (unbiased, never below 0, less noisy
         than log pi - log ref), both models' log-probs at that temperature, as TRL's loss uses them, and read at
-        the answer tokens only (TRL's fused output layer). None where there is no reference model (--beta 0)."""
+        the answer tokens only, as in training. None where there is no reference model (--beta 0)."""
         if self.beta == 0:
             return [None] * len(answers)
         values, pad = [], self._tokenizer.pad_token_id
         for start in range(0, len(records), self.args.per_device_eval_batch_size):
             chunk = range(start, min(len(records), start + self.args.per_device_eval_batch_size))
-            sequences = [ids + answers[i] for i, ids in zip(chunk, encode_prompts(self._tokenizer,
-                                                                                 [records[i]["prompt"] for i in chunk]))]
-            width = max(map(len, sequences))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=self.args.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=self.args.device)
-            labels = torch.full_like(ids, -100)
-            for row, i in enumerate(chunk):
-                end = len(sequences[row])
-                labels[row, end - len(answers[i]):end] = ids[row, end - len(answers[i]):end]
+            prompts = encode_prompts(self._tokenizer, [records[i]["prompt"] for i in chunk])
+            ids, mask, right = padded_samples(prompts, [answers[i] for i in chunk], pad, self.args.device)
             logps = []
             for reference in (False, True):  # the reference: TRL's copy of the SFT model, or (LoRA) adapters off
                 model = self.ref_model if reference and self.ref_model is not None else self.model
-                with self.accelerator.autocast(), (without_adapters(model) if reference else nullcontext()):
-                    logps.append(model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
-                                 .log_probs.double())
-            d = (logps[1] - logps[0]) * (labels[:, 1:] != -100)
+                with without_adapters(model) if reference else nullcontext():
+                    logps.append(self._get_per_token_logps_and_entropies(model, ids, mask, right)[0].double())
+            d = (logps[1] - logps[0]) * mask[:, -right:]
             values += (d.exp() - d - 1).sum(-1).tolist()
         return values
 
 
-class AlignRLOOTrainer(OnlineLayer, RunLayer, RLOOTrainer):
+class AlignRLOOTrainer(PhaseTimes, OnlineLayer, RunLayer, RLOOTrainer):
     """TRL's RLOO (REINFORCE with each answer's baseline the mean reward of the other answers to its prompt), with
     OnlineLayer and the run layer."""
 
@@ -272,7 +330,7 @@ class AlignRLOOTrainer(OnlineLayer, RunLayer, RLOOTrainer):
         return self._generate_single_turn(prompt_ids, None, {})
 
 
-class AlignGRPOTrainer(OnlineLayer, RunLayer, GRPOTrainer):
+class AlignGRPOTrainer(PhaseTimes, OnlineLayer, RunLayer, GRPOTrainer):
     """TRL's GRPO (each answer's advantage its reward less the mean of its prompt's group, over their standard
     deviation; a clipped objective), with OnlineLayer and the run layer."""
 
@@ -326,7 +384,8 @@ def without_adapters(model):
 class Judge:
     """A reward model (reward.py's output dir) as RLOO's reward function and as the evaluation's judge. Each
     answer is scored, exactly as decoded, after its prompt formatted with the reward model's own template, or,
-    for a conversation, rendered with its chat template ("judge_prompt"). In training, an answer cut off at
+    for a conversation, rendered with its chat template ("judge_prompt"); in training, under the run's mixed
+    precision (as TRL scores), held out in fp32. In training, an answer cut off at
     --max-new-tokens (no stop token among `stop_ids`) is scored as if it had ended there, minus
     `missing_eos_penalty`: a cut answer must not pass for a finished one."""
 
@@ -336,12 +395,15 @@ class Judge:
         self.chat_template = saved_or_ours(self.tokenizer, self.template)
         self.turn_end = end_length(self.tokenizer, [], self.chat_template)  # a conversation's end-of-turn length
         self.batch_size, self.missing_eos_penalty, self.stop_ids = batch_size, missing_eos_penalty, ()
+        self.shares = None  # whether the answers to a prompt share it when scored (checked on the first call)
+        self.autocast = nullcontext  # training's mixed precision, which scores the samples (set by build_trainer)
 
     def __call__(self, prompts=None, completions=(), judge_prompt=(), completion_ids=None, **kwargs) -> list[float]:
         # TRL gives a conversation's answers as one assistant turn each: [{"role": "assistant", "content": ...}]
         completions = [answer[-1]["content"] if isinstance(answer, list) else answer for answer in completions]
-        rewards = score_ids(self.model, [self.sequence(p, a) for p, a in zip(judge_prompt, completions)],
-                            self.tokenizer.pad_token_id, self.batch_size)
+        parts = [self.parts(p, a) for p, a in zip(judge_prompt, completions)]
+        with self.autocast() if completion_ids is not None else nullcontext():  # (training: TRL gives the ids)
+            rewards = self.scores(parts)
         if completion_ids is None or not self.missing_eos_penalty:
             return rewards
         if not self.stop_ids:
@@ -349,14 +411,39 @@ class Judge:
         return [reward - self.missing_eos_penalty * (not ids or ids[-1] not in self.stop_ids)
                 for reward, ids in zip(rewards, completion_ids)]
 
-    def sequence(self, prompt, answer: str) -> list[int]:
-        """prompt + answer + its end (EOS, or the chat template's end-of-turn) as the reward model reads them.
+    def scores(self, parts: list[tuple[list[int], list[int]]]) -> list[float]:
+        """The score of each (prompt ids, answer ids), --batch-size x --num-generations at a time: the answers to a
+        prompt sharing it (scoring.score_samples) once the reward model has given the same scores so as one padded
+        row each on the first answers it reads (two prompts, each with two answers), else one padded row each."""
+        pad = self.tokenizer.pad_token_id
+        if self.shares is None and len(parts) >= 2:
+            (p, a), (q, b) = parts[:2]
+            probe = [(p, a), (p, b), (q, b), (q, a)]
+            with torch.autocast(self.model.device.type, enabled=False):  # (compared in fp32)
+                padded = score_ids(self.model, [x + y for x, y in probe], pad, self.batch_size)
+                try:
+                    shared = score_samples(self.model, [x for x, _ in probe], [y for _, y in probe], pad)
+                except Exception:  # a model that builds its attention bias from a 2D mask (BLOOM's ALiBi)
+                    shared = [float("nan")] * len(probe)
+            self.shares = bool(torch.allclose(torch.tensor(padded), torch.tensor(shared), rtol=1e-4, atol=1e-4))
+        if not self.shares:
+            return score_ids(self.model, [p + a for p, a in parts], pad, self.batch_size)
+        out = []
+        for start in range(0, len(parts), self.batch_size):
+            chunk = parts[start:start + self.batch_size]
+            out += score_samples(self.model, [p for p, _ in chunk], [a for _, a in chunk], pad)
+        return out
+
+    def parts(self, prompt, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt, answer + its end: EOS, or the chat template's end-of-turn) as the reward model reads them.
         Re-encoding decoded text can take more tokens than were sampled (a character cut mid-way, another
         tokenizer), so an answer is cut to fit the reward model's context (align.py checks that every prompt
         leaves room for --max-new-tokens)."""
         end = self.turn_end if isinstance(prompt, list) else 1  # the chat template's end-of-turn, or EOS
-        return within_context(answer_ids(self.tokenizer, prompt, answer, self.chat_template),
-                              context_limit(self.model.config), end)
+        asked = prompt_ids(self.tokenizer, prompt, self.chat_template)
+        ids = within_context(asked + answer_tokens(self.tokenizer, prompt, answer, self.chat_template),
+                             context_limit(self.model.config), end)
+        return ids[:len(asked)], ids[len(asked):]
 
     def score(self, records: list[dict], answers: list[str]) -> list[float]:
         return self(completions=answers, judge_prompt=[record["judge_prompt"] for record in records])
@@ -372,7 +459,7 @@ POLICY_SAMPLING = {"no_repeat_ngram_size": 0, "min_new_tokens": 0, "typical_p": 
 def trl_config(args, device, precision: str):
     """TRL's DPOConfig, RLOOConfig or GRPOConfig from align.py's settings. All run without dropout (the log-probs
     that the loss compares must be the policy's own, not a random subnetwork's: TRL's DPO default, not its RLOO or
-    GRPO one) and with gradient checkpointing only when asked; DPO computes the reference log-probs once, before
+    GRPO one) and with gradient checkpointing only when asked; RLOO and GRPO sample with vLLM in this process with --vllm; DPO computes the reference log-probs once, before
     training, instead of keeping a second model, and holds --loss-type (and robust's --label-smoothing) as TRL's
     own loss settings, which AlignDPOTrainer's loss reads. RLOO and GRPO weigh several rewards by --reward-weights."""
     from trl import DPOConfig, GRPOConfig, RLOOConfig
@@ -396,13 +483,16 @@ def trl_config(args, device, precision: str):
     config = GRPOConfig if args.method == "grpo" else RLOOConfig
     return config(**common, per_device_train_batch_size=completions, per_device_eval_batch_size=completions,
                   num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
-                  temperature=args.temperature, generation_kwargs=dict(POLICY_SAMPLING),
-                  reward_weights=rewards.weights_of(args.reward, args.reward_weights))
+                  temperature=args.temperature,  # (vLLM's sampler reads none of POLICY_SAMPLING's settings)
+                  generation_kwargs=None if getattr(args, "vllm", False) else dict(POLICY_SAMPLING),
+                  reward_weights=rewards.weights_of(args.reward, args.reward_weights),
+                  use_vllm=getattr(args, "vllm", False), vllm_mode="colocate")  # (vLLM inside this process)
 
 
 def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, callbacks, checkpoint_files,
                   packing: str = "rows", in_order: bool = False):
-    """The method's trainer on the prepared data (DPO's batches laid out by `packing`, a data/collate.py mode;
+    """The method's trainer on the prepared data (DPO's batches and online RL's samples laid out by `packing`, a
+    data/collate.py mode;
     with `in_order`, DPO trains on its pairs in their order, already drawn at random: align.pairs_the_run_sees)."""
     common = dict(model=policy, args=training_args, train_dataset=data["train"], eval_dataset=data["validation"],
                   processing_class=tokenizer, callbacks=callbacks, checkpoint_files=checkpoint_files)
@@ -416,6 +506,8 @@ def build_trainer(args, policy, tokenizer, training_args, data: dict, judge, cal
     functions = rewards.build(args.reward, judge)
     trainer = online(**common, reward_funcs=functions,
                      judge=rewards.Scorer(functions, rewards.weights_of(args.reward, args.reward_weights)).score)
+    trainer.sample_packing = packing
     if judge is not None:
         judge.stop_ids = trainer.eos_token_ids  # what ends an answer in generation
+        judge.autocast = trainer.accelerator.autocast
     return trainer

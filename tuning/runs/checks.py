@@ -102,3 +102,15 @@ def report_to_problems(report_to: str) -> list[str]:
                 f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}"]
     return [f"--report-to {name}: its package is not installed (pip install {name.replace('_', '-')})"
             for name in names if name not in get_available_reporting_integrations()]
+
+
+def refuse_without_vllm(device) -> None:
+    """align.py --vllm: TRL samples with vLLM, which needs a CUDA GPU and the vllm package; refused in one line
+    naming what this machine lacks."""
+    import importlib.util
+
+    missing = [] if device.type == "cuda" else [f"a CUDA GPU (this run's device is {device.type})"]
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("the vllm package (pip install vllm)")
+    if missing:
+        raise rundir.UserError(f"--vllm needs {' and '.join(missing)}; leave --vllm out to sample with transformers")

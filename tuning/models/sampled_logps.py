@@ -1,0 +1,203 @@
+"""Per-token log-probabilities of sampled answers, computed without padding: what RLOO's and GRPO's losses and
+KL penalties read, from the policy, the old policy and the reference.
+
+TRL 1.16's online trainers score a batch of samples as rows of prompt + answer, every prompt left-padded and every
+answer right-padded to the longest, with no position ids (GPT-2 then numbers the padding too), each prompt
+computed once for each of its --num-generations answers, and off CUDA they run the vocabulary-sized output layer
+at every position. Here (collate.pack_samples) the answers to a prompt share one copy of it, each attending to
+the prompt and to itself (a 4D mask), at the positions generate() gave them, packed into rows without padding
+(one padded row each for the models that mishandle that: packing_checks); the output layer runs at the answer
+tokens only, in tiles of TOKEN_CHUNK tokens recomputed in the backward pass (AnswerHead), so no tokens x vocabulary
+tensor is ever kept, at the temperature and logit scaling of TRL's fused head; and the log-probs go back into
+TRL's (rows, answer length) layout, so TRL's loss and KL read them unchanged. Tests compare the log-probs,
+entropies, advantages, KL, loss and gradients with TRL's own forwards'.
+
+    enable_sampled_logps(model)          # once; the model's other uses are unchanged
+    logps, entropies = token_logps(model, input_ids, attention_mask, logits_to_keep, pad_id, temperature)
+
+Models floor: imports data.collate.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+
+from tuning.data.collate import pack_samples
+
+# Answer tokens per tile of the output layer: 256 tokens x 50,257 words x 4 bytes = 51 MB per fp32 tile of logits.
+TOKEN_CHUNK = 256
+
+
+def head_scaling(config) -> tuple[float | None, float]:
+    """(final logit soft-capping, logit scale) of a causal LM's output layer, read as TRL's add_fused_lm_head reads
+    them: Gemma-2's soft cap, Cohere's logit_scale, Falcon-H1's lm_head_multiplier, Granite's logits_scaling, ..."""
+    text = config.get_text_config()
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if scale is None:
+        scale = getattr(text, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(text, "lm_head_multiplier", None)
+    if scale is None and getattr(text, "logits_scaling", None) is not None:
+        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
+    return softcap, 1.0 if scale is None else scale
+
+
+def enable_sampled_logps(model):
+    """Give `model` (a causal LM, or a peft model around one) the packed answer-token forward: called with
+    `answer_sources` and `answer_targets` (collate.pack_samples' "sources" and "targets"), it returns the log-prob
+    (and with `entropy`, the entropy) of each target under the temperature-scaled distribution at its source
+    position; any other call is the model's forward as it was. Set on the instance, over whatever forward it has (TRL's fused head, accelerate's autocast),
+    so every caller (DDP, FSDP, peft, disabled adapters) reaches it through the model's forward."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "_forward_before_sampled_logps" in lm.__dict__:
+        return model
+    previous = lm.forward
+
+    def forward(self, *args, answer_sources=None, answer_targets=None, temperature: float = 1.0, entropy: bool = False,
+                **kwargs):
+        if answer_sources is None:
+            return previous(*args, **kwargs)
+        return answer_token_logps(self, kwargs["input_ids"], kwargs.get("attention_mask"), kwargs["position_ids"],
+                                  answer_sources, answer_targets, temperature, entropy)
+
+    signature = inspect.signature(previous)  # generate() reads the forward's parameters (logits_to_keep, ...)
+    forward.__signature__ = signature.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *signature.parameters.values()])
+    lm._forward_before_sampled_logps = previous
+    lm.forward = types.MethodType(forward, lm)
+    return model
+
+
+def answer_token_logps(lm, input_ids, attention_mask, position_ids, sources, targets, temperature: float,
+                       entropy: bool):
+    """(log-probs, entropies or None) of each of `targets` at the hidden state of its source position (flat
+    indices into rows x width). A 4D boolean `attention_mask` (pack_samples' shared prompts) is given to the
+    attention as it expects it: as is to SDPA, as 0 / -inf to be added to the scores elsewhere."""
+    from transformers.utils import ModelOutput
+
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_for(lm, attention_mask),
+                           position_ids=position_ids, use_cache=False).last_hidden_state
+    head = lm.get_output_embeddings()
+    softcap, scale = head_scaling(lm.config)
+    logps, entropies = AnswerHead.apply(hidden.reshape(-1, hidden.shape[-1])[sources].to(head.weight.device),
+                                        head.weight, head.bias, targets.to(head.weight.device), temperature, softcap,
+                                        scale, entropy)
+    return ModelOutput(log_probs=logps, entropy=entropies)
+
+
+class AnswerHead(torch.autograd.Function):
+    """Log-probs (and entropies) of `targets` under the output layer at `hidden` (answer tokens x hidden size),
+    in tiles of TOKEN_CHUNK tokens x the whole vocabulary, none of them kept: the backward pass recomputes each
+    tile. The logits are scaled as TRL's fused head scales them (logit scale, soft cap, 1 / temperature). The
+    matrix products run in the autocast precision (bf16 on a CPU with it), as a plain autocast forward and backward
+    would, with the softmax and the sums over the vocabulary in fp32. TRL's kernel (trl.kernels) makes its
+    backward's products in fp32 for accuracy on GPUs; on a CPU, where bf16 products take half the time, that is
+    the costliest part of an online step's update, and ours equals it in fp32 (tested)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, softcap, scale: float, entropy: bool):
+        ctx.set_materialize_grads(False)  # (an entropy only logged gets no gradient: nothing to compute for it)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        logps, entropies, lses = [], [], []
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, len(targets), TOKEN_CHUNK):
+                z, _ = _logits(hidden[start:start + TOKEN_CHUNK].to(dtype), w, bias, temperature, softcap, scale)
+                lse = torch.logsumexp(z, -1)
+                logps.append(z.gather(-1, targets[start:start + TOKEN_CHUNK, None]).squeeze(-1) - lse)
+                if entropy:
+                    entropies.append(lse - (torch.softmax(z, -1) * z).sum(-1))
+                lses.append(lse)
+        lse = torch.cat(lses)
+        out_entropy = torch.cat(entropies) if entropy else None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, out_entropy if entropy else lse)
+        ctx.settings = (dtype, temperature, softcap, scale)
+        return torch.cat(logps), out_entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_entropy):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        dtype, temperature, softcap, scale = ctx.settings
+        device = hidden.device.type
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            for start in range(0, len(targets), TOKEN_CHUNK):
+                end = min(start + TOKEN_CHUNK, len(targets))
+                h = hidden[start:end].to(dtype)
+                z, dz = _logits(h, w, bias, temperature, softcap, scale)  # dz: d z / d (h W^T + b)
+                logp = z - lse[start:end, None]
+                p = logp.exp()
+                grad = torch.zeros_like(z)
+                if grad_logps is not None:  # d log p_target / d z_j = 1[j = target] - p_j
+                    g = grad_logps[start:end, None].float()
+                    grad.sub_(g * p).scatter_add_(-1, targets[start:end, None], g)
+                if grad_entropy is not None:
+                    # d entropy / d z_j = -p_j (log p_j + entropy)
+                    grad.sub_(grad_entropy[start:end, None].float() * p * (logp + entropy[start:end, None]))
+                grad = (grad * dz).to(dtype)
+                grad_hidden[start:end] = (grad @ w).float()
+                grad_weight += (grad.t() @ h).float()
+                if grad_bias is not None:
+                    grad_bias += grad.float().sum(0)
+        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
+                None if bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+
+
+def _logits(h, w, bias, temperature: float, softcap, scale: float):
+    """(the output layer's logits as the sampler and TRL's loss see them, in fp32; their derivative with respect
+    to the layer's own output, h W^T + b)."""
+    raw = (h @ w.t()).float()
+    if bias is not None:
+        raw += bias.float()
+    y = raw * scale
+    if softcap is None:
+        return y / temperature, scale / temperature
+    t = torch.tanh(y / softcap)
+    return softcap * t / temperature, scale * (1 - t * t) / temperature
+
+
+def padded_samples(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device=None):
+    """(input_ids, attention_mask, logits_to_keep) of prompt + answer samples laid out as TRL's online trainers lay
+    them out: each prompt left-padded to the longest, each answer right-padded to the longest."""
+    left, right = max(map(len, prompts)), max(map(len, answers))
+    ids = [[pad_id] * (left - len(p)) + p + a + [pad_id] * (right - len(a)) for p, a in zip(prompts, answers)]
+    mask = [[0] * (left - len(p)) + [1] * (len(p) + len(a)) + [0] * (right - len(a)) for p, a in zip(prompts, answers)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device), right
+
+
+def attention_for(model, mask):
+    """pack_samples' 4D boolean mask as `model`'s attention takes it: as is for SDPA (True: may attend), as 0 / the
+    lowest value, added to the scores, for eager attention; a 2D mask, or none, unchanged."""
+    if mask is None or mask.dim() != 4 or model.config._attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, torch.finfo(model.dtype).min)
+
+
+def token_logps(model, input_ids, attention_mask, logits_to_keep: int, pad_id: int, temperature: float = 1.0,
+                entropy: bool = False, packing: str = "rows"):
+    """(log-probs, entropies or None) of TRL's batch of samples, each (rows, logits_to_keep) as TRL lays them out:
+    row i's j-th answer token at [i, j], 0 where the answer has ended; the samples laid out by `packing`
+    (collate.pack_samples). `model` has enable_sampled_logps; call it under the run's autocast, with or without
+    gradients."""
+    batch = pack_samples(input_ids, attention_mask, logits_to_keep, pad_id, packing)
+    rows = input_ids.shape[0]
+    if batch["slots"].numel() == 0:
+        zeros = torch.zeros((rows, logits_to_keep), device=input_ids.device)
+        return zeros, zeros.clone() if entropy else None
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], answer_sources=batch["sources"], answer_targets=batch["targets"],
+                temperature=temperature, entropy=entropy)
+
+    def laid_out(values):
+        flat = values.new_zeros(rows * logits_to_keep).index_copy(0, batch["slots"].to(values.device), values)
+        return flat.view(rows, logits_to_keep)
+
+    return laid_out(out.log_probs), laid_out(out.entropy) if entropy else None
