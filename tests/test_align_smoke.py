@@ -128,7 +128,7 @@ def test_the_judge_scores_answers_as_decoded_and_penalizes_cut_ones(smoke_aligne
     plain = score_texts(judge.model, judge.tokenizer, [prompt] * 2, answers)
     assert plain != score_texts(judge.model, judge.tokenizer, [prompt] * 2, [a.strip() for a in answers])
     rewards = judge(completions=answers, judge_prompt=[prompt] * 2, completion_ids=[[10, *eos], [10, 11]])
-    assert rewards == pytest.approx([plain[0], plain[1] - 1.5])
+    assert rewards == pytest.approx([plain[0], plain[1] - 1.5], rel=1e-5)  # (shared prompt: fp32 rounding apart)
 
 
 def test_inference_compares_sft_and_aligned_side_by_side(smoke_aligned):
@@ -259,7 +259,7 @@ def test_help_lists_every_setting():
     assert result.returncode == 0
     for name, _, _ in cli.constant_specs(align):
         assert cli.flag_name(name) in result.stdout, name
-    assert len(cli.constant_specs(align)) == 38
+    assert len(cli.constant_specs(align)) == 39
 
 
 def test_lora_alignment_uses_the_sft_model_without_adapters_as_reference(smoke_aligned, smoke_lora_dpo):

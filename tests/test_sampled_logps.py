@@ -2,6 +2,7 @@
 TRL's own per-token log-probs, entropies, KL and loss on the same samples, within 1e-5 in fp32; no second model
 under LoRA; the packing check; and the phase clock (phases.py)."""
 
+import contextlib
 import gc
 
 import pytest
@@ -68,6 +69,10 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias):
     assert len(targets) > 2 * sampled_logps.TOKEN_CHUNK
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    frozen = hidden.clone().requires_grad_()  # a frozen output layer (LoRA): its gradient is not computed
+    logps, entropy = sampled_logps.AnswerHead.apply(frozen, weight, b, targets, 0.7, softcap, scale, True)
+    (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
+    torch.testing.assert_close(frozen.grad, results[0][2], rtol=1e-5, atol=1e-5)
 
 
 def samples_of(trainer, prompts, seed=0):
@@ -121,7 +126,7 @@ def varied_reward(completions=(), **kwargs):
 varied_reward.score = lambda records, answers: varied_reward(answers)
 
 
-@pytest.mark.parametrize("family,method", [("gpt2", "rloo"), ("gpt2", "grpo"), ("llama", "rloo"), ("llama", "grpo")])
+@pytest.mark.parametrize("family,method", [("gpt2", "rloo"), ("llama", "grpo")])
 def test_trls_loss_kl_and_gradients_on_the_same_samples(tmp_path, gpt2_tokenizer, monkeypatch, family, method):
     """One generation batch scored and one loss computed with our log-probs, then again, from the same samples,
     with TRL's own: the advantages (RLOO's include the KL penalty), the KL TRL logs, the loss and the gradients
@@ -234,7 +239,7 @@ def test_the_phases_of_each_step_are_timed(tmp_path, gpt2_tokenizer):
     assert all(name in line for name in phases.PHASES.values())
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["llama"])
 def test_sampling_reads_each_prompt_once_and_draws_the_same_answers(tmp_path, gpt2_tokenizer, family):
     """TRL's sampling call on repeated, left-padded prompts: with the prompts read once (and eager attention on a
     CPU) the same answers are drawn from the same seed as by generate() as it comes; a batch with no repeated
@@ -254,14 +259,16 @@ def test_sampling_reads_each_prompt_once_and_draws_the_same_answers(tmp_path, gp
     config = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id)
     drawn = []
-    for generate in (model._generate_before_fast_sampling, model.generate):
+    for fast in (False, True):
         torch.manual_seed(0)
-        with torch.no_grad():
-            drawn.append(generate(input_ids=ids, attention_mask=mask, generation_config=config))
+        with torch.no_grad(), sampler.fast_sampling(model) if fast else contextlib.nullcontext():
+            drawn.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
     assert torch.equal(drawn[0], drawn[1]) and drawn[0].shape == (len(ids), ids.shape[1] + 12)
-    assert sampler.prefilled_cache(model, ids, mask, {}) is not None
+    assert "generate" not in model.__dict__ and model.config._attn_implementation == "sdpa"  # (as it was after)
+    assert sampler.prefilled_cache(model, ids, mask, {"generation_config": config}) is not None
     assert sampler.prefilled_cache(model, ids[::3], mask[::3], {}) is None  # nothing repeats
-    assert model.config._attn_implementation == "sdpa"  # (eager only while sampling)
+    for own in ({"num_return_sequences": 2, "do_sample": True}, {"cache_implementation": "static"}, {"use_cache": False}):
+        assert sampler.prefilled_cache(model, ids, mask, {"generation_config": GenerationConfig(**own)}) is None
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
@@ -279,9 +286,9 @@ def test_the_update_in_parts_has_the_whole_batchs_loss_and_gradients(tmp_path, g
     torch.manual_seed(0)
     inputs = trainer._generate_and_score_completions([{"prompt": p, "judge_prompt": p} for p in prompts[-3:]] * 2)
     results = []
-    for samples in (100, 2):
-        trainer.UPDATE_SAMPLES = samples
-        assert len(trainer.update_parts(inputs)) == (1 if samples == 100 else 3)
+    for tokens in (10**6, 1):
+        trainer.UPDATE_TOKENS = tokens  # the whole batch at once, then one sample a part
+        assert len(trainer.update_parts(inputs)) == (1 if tokens > 1 else 6)
         trainer.model.zero_grad()
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()

@@ -124,9 +124,10 @@ class AnswerHead(torch.autograd.Function):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         dtype, temperature, softcap, scale = ctx.settings
         device = hidden.device.type
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if bias is not None else None
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # (under LoRA the output layer is frozen)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             for start in range(0, len(targets), TOKEN_CHUNK):
@@ -143,12 +144,15 @@ class AnswerHead(torch.autograd.Function):
                     # d entropy / d z_j = -p_j (log p_j + entropy)
                     grad.sub_(grad_entropy[start:end, None].float() * p * (logp + entropy[start:end, None]))
                 grad = (grad * dz).to(dtype)
-                grad_hidden[start:end] = (grad @ w).float()
-                grad_weight += (grad.t() @ h).float()
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (grad @ w).float()
+                if grad_weight is not None:
+                    grad_weight += (grad.t() @ h).float()
                 if grad_bias is not None:
                     grad_bias += grad.float().sum(0)
-        return (grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype),
-                None if bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
 
 
 def _logits(h, w, bias, temperature: float, softcap, scale: float):

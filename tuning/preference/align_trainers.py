@@ -27,7 +27,7 @@ from tuning.models.loading import context_limit
 from tuning.models.scoring import end_length, load_reward_model, pairwise_stats, score_ids, score_samples
 from tuning.models.scoring import within_context
 from tuning.models.sampled_logps import enable_sampled_logps, padded_samples, token_logps
-from tuning.models.sampler import enable_fast_sampling
+from tuning.models.sampler import fast_sampling
 from tuning.models.sequence_logps import answer_lengths, dpo_losses, enable_sequence_logps, model_inputs
 from tuning.preference import rewards
 from tuning.preference.phases import PHASES, PhaseTimes
@@ -143,15 +143,14 @@ class OnlineLayer:
     # How samples are laid out for their log-probs (collate.pack_samples): packed rows, or one padded row each for a
     # model that lets packed sequences attend to each other (align.py checks, as for DPO's pairs).
     sample_packing = "rows"
-    # Sampled answers per forward and backward of the policy update (the answers to a prompt kept together): its
-    # activations are the most memory a step takes, so the update goes through the batch this many at a time.
-    UPDATE_SAMPLES = 4
+    # Tokens (prompt + answer, of the samples) per forward and backward of the policy update: its activations are
+    # the most memory a step takes, so a batch with more goes through in parts of about this many.
+    UPDATE_TOKENS = 2048
 
     def __init__(self, *args, judge=None, **kwargs):
         super().__init__(*args, **kwargs)
         drop_ref_adapter(self.model)  # TRL's RLOO then takes the reference with the adapters off
         enable_sampled_logps(self.model)
-        enable_fast_sampling(self.model)  # (each prompt read once for its answers; on a CPU, eager attention)
         if self.ref_model is not None:  # (under LoRA there is none: the reference is the policy, adapters off)
             enable_sampled_logps(self.accelerator.unwrap_model(self.ref_model))
         self.judge = judge
@@ -170,6 +169,13 @@ class OnlineLayer:
 
     def batch_counts(self, inputs) -> dict:
         return {}  # prompts only: counted once their answers are generated (_prepare_inputs)
+
+    def _generate_single_turn(self, *args, **kwargs):
+        """TRL's sampling (training's, and the held-out KL's), each prompt read once for its answers and on a CPU
+        with eager attention (models/sampler.py); inference.py's greedy answers (greedy_answers) are left as they
+        are."""
+        with fast_sampling(self.accelerator.unwrap_model(self.model)):
+            return super()._generate_single_turn(*args, **kwargs)
 
     def _tokenize_prompts(self, prompts: list):
         """Each prompt's ids as inference.py encodes it: a text (encode_prompt), or a conversation rendered with
@@ -202,7 +208,7 @@ class OnlineLayer:
         return logps, entropies, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's loss, its gradient taken UPDATE_SAMPLES answers at a time (update_parts): each part's backward runs
+        """TRL's loss, its gradient taken a part of the batch at a time (update_parts): each part's backward runs
         here but the last's, which the Trainer runs on the returned loss (the whole batch's value), so the
         gradients are the whole batch's while only a part's activations are held."""
         parts = self.update_parts(inputs)
@@ -219,20 +225,28 @@ class OnlineLayer:
 
     def update_parts(self, inputs: dict) -> list[tuple[dict, float]]:
         """(part of the batch, its weight in the loss) for compute_loss: the samples ordered by prompt, so that the
-        answers to one prompt share it in a part's forward, in parts of UPDATE_SAMPLES (the same count in every
-        process, as the loss's collectives need). The whole batch as one part where TRL's loss is not a weighted
-        sum of its parts' (GRPO's loss types other than its default dapo, an entropy quantile), or where the
-        Trainer's backward scales it (gradient accumulation, DeepSpeed)."""
+        answers to one prompt share it in a part's forward, in parts of about UPDATE_TOKENS tokens (as many parts in
+        every process, as the loss's collectives need: the most any process needs). The whole batch as one part
+        where it has fewer tokens, or where TRL's loss is not a weighted
+        sum of its parts' (GRPO's loss types other than its default dapo, an entropy quantile or bonus, a mixture of
+        experts' balancing loss), or where the Trainer's backward scales it (gradient accumulation, DeepSpeed)."""
         rows, grpo = len(inputs["completion_ids"]), isinstance(self, GRPOTrainer)
-        summed = grpo and self.loss_type == "dapo" and self.top_entropy_quantile == 1.0
-        if rows <= self.UPDATE_SAMPLES or (grpo and not summed) or self.is_deepspeed_enabled or \
+        summed = grpo and self.loss_type == "dapo" and self.top_entropy_quantile == 1.0 and \
+            not self._entropy_bonus_enabled  # (a bonus of each part's mean entropy would count once per part)
+        if (grpo and not summed) or self.aux_loss_enabled or self.is_deepspeed_enabled or \
                 getattr(self, "current_gradient_accumulation_steps", 1) != 1:
             return [(inputs, 1.0)]
+        tokens = int(inputs["prompt_mask"].sum() + inputs["completion_mask"].sum())
+        count = torch.tensor([min(rows, -(-tokens // self.UPDATE_TOKENS))], device=inputs["completion_ids"].device)
+        count = int(self.accelerator.gather(count).max()) if self.accelerator.num_processes > 1 else int(count)
+        if count <= 1:
+            return [(inputs, 1.0)]
+        size = -(-rows // count)
         prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
         order = sorted(range(rows), key=lambda i: (prompts.index(prompts[i]), i))
         parts = []
-        for start in range(0, rows, self.UPDATE_SAMPLES):
-            index = torch.tensor(order[start:start + self.UPDATE_SAMPLES], device=inputs["completion_ids"].device)
+        for start in range(0, rows, size):
+            index = torch.tensor(order[start:start + size], device=inputs["completion_ids"].device)
             part = {key: value[index] if isinstance(value, torch.Tensor) and value.dim() and len(value) == rows
                     else value for key, value in inputs.items()}
             # GRPO's dapo loss divides by the whole batch's token count (num_items_in_batch): its parts just add up.
@@ -417,8 +431,8 @@ class Judge:
         row each on the first answers it reads (two prompts, each with two answers), else one padded row each."""
         pad = self.tokenizer.pad_token_id
         if self.shares is None and len(parts) >= 2:
-            (p, a), (q, b) = parts[:2]
-            probe = [(p, a), (p, b), (q, b), (q, a)]
+            (p, a), (q, b) = parts[0], next((part for part in parts if part[0] != parts[0][0]), parts[1])
+            probe = [(p, a), (p, b), (q, b), (q, a)]  # two prompts (where there are), each with two answers
             with torch.autocast(self.model.device.type, enabled=False):  # (compared in fp32)
                 padded = score_ids(self.model, [x + y for x, y in probe], pad, self.batch_size)
                 try:
