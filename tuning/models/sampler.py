@@ -81,14 +81,12 @@ def prefilled_cache(lm, input_ids, attention_mask, kwargs: dict):
             (setting("num_beams") or 1) != 1 or (setting("num_return_sequences") or 1) != 1:
         return None  # (a cache given, or one generate() would build its own way, or rows it would multiply)
     rows = [tuple(row) for row in torch.cat([input_ids, attention_mask], 1).tolist()]
-    distinct: dict[tuple, int] = {}
-    for row in rows:
-        distinct.setdefault(row, len(distinct))
-    if len(distinct) == len(rows) or attention_mask[:, :-1].sum(1).min() < 1:
-        return None
-    first = {}
+    first: dict[tuple, int] = {}  # each distinct row: where it first comes
     for i, row in enumerate(rows):
         first.setdefault(row, i)
+    if len(first) == len(rows) or attention_mask[:, :-1].sum(1).min() < 1:
+        return None
+    distinct = {row: k for k, row in enumerate(first)}  # each distinct row: its place among them
     unique = torch.tensor(list(first.values()), device=input_ids.device)
     mask = attention_mask[unique, :-1]
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(lm.forward).parameters else {}

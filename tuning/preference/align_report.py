@@ -19,10 +19,10 @@ def summary(args, trainer, before: dict, after: dict, metrics: dict) -> dict:
         return {**held_out, "loss_type": args.loss_type, "eval_pairs": len(after["eval_margins"]),
                 "pairs_per_second": metrics["train_pairs"] / seconds}
     phase_seconds = metrics["train_phase_seconds"]
+    shares = phases.shares(phase_seconds)
     return {**held_out, "eval_prompts": len(after["eval_rewards"]), "seconds_per_step": seconds / steps,
             "completions_per_second": metrics["train_completions"] / seconds,
-            "phase_seconds": phase_seconds, "phase_shares": phases.shares(phase_seconds),
-            "generation_share": phases.shares(phase_seconds)["sampling"],
+            "phase_seconds": phase_seconds, "phase_shares": shares, "generation_share": shares["sampling"],
             "generated_tokens_per_second": metrics["train_generated_tokens"] / max(1e-9, phase_seconds["sampling"])}
 
 

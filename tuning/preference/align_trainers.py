@@ -243,7 +243,10 @@ class OnlineLayer:
             return [(inputs, 1.0)]
         size = -(-rows // count)
         prompts = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
-        order = sorted(range(rows), key=lambda i: (prompts.index(prompts[i]), i))
+        place = {}  # each prompt: where it first comes
+        for i, prompt in enumerate(prompts):
+            place.setdefault(prompt, i)
+        order = sorted(range(rows), key=lambda i: (place[prompts[i]], i))
         parts = []
         for start in range(0, rows, size):
             index = torch.tensor(order[start:start + size], device=inputs["completion_ids"].device)
