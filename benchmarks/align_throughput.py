@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import _peak_mb, plan, run_workers, script_main, write_results  # noqa: E402  (the shared tools)
+from throughput import _peak_mb, plan, scratch_dir, run_workers, script_main, write_results  # noqa: E402  (the shared tools)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
@@ -96,7 +95,7 @@ def run_dpo_row(row: str, precision: str, n: int) -> dict:
     from tuning.preference import align_trainers
     from tuning.models import loading
 
-    workdir = tempfile.mkdtemp()
+    workdir = scratch_dir()
     path, tokenizer, pairs, tokens = _setup(workdir, n)
     started = time.perf_counter()
     policy = loading.load_model(path, "pretrained", tokenizer)
@@ -143,7 +142,7 @@ def run_online_row(row: str, precision: str, steps: int) -> dict:
     from tuning.preference import align_trainers, phases
 
     method = row.removeprefix("trl-")
-    workdir = tempfile.mkdtemp()
+    workdir = scratch_dir()
     path, tokenizer, pairs, _ = _setup(workdir, BATCH_SIZE * (steps + 1))
     rm = scoring.reward_model_from(path)
     torch.manual_seed(1)

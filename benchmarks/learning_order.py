@@ -15,10 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import scratch_dir  # noqa: E402  (a temporary directory removed at exit)
 
 # ---- settings (each has a flag: SEEDS -> --seeds) ----
 SEEDS = "42"  # comma-separated training seeds; each variant is trained once per seed
@@ -48,7 +50,7 @@ def score(workdir: str, run: str) -> dict:
 
 
 def main(args) -> None:
-    workdir = tempfile.mkdtemp(prefix="learning-order-")
+    workdir = scratch_dir("learning-order-")
     results = []
     for seed in args.seeds.split(","):
         for name, flags in VARIANTS.items():

@@ -20,10 +20,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import scratch_dir  # noqa: E402  (a temporary directory removed at exit)
 
 # ---- settings (each has a flag: RM_STEPS -> --rm-steps) ----
 STAGES = "reward,rloo"  # which stages to compare: reward, rloo, or both (rloo needs the reward models)
@@ -230,7 +232,7 @@ def table(results: dict) -> str:
 
 
 def main(args) -> None:
-    workdir = args.workdir or tempfile.mkdtemp(prefix="learning-vs-trl-")
+    workdir = args.workdir or scratch_dir("learning-vs-trl-")
     if not os.path.isfile(os.path.join(workdir, SMOKE_SFT, "config.json")):
         print("SFT: train.py --smoke ...", flush=True)
         run(workdir, os.path.join(ROOT, "train.py"), "--smoke")

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import (  # noqa: E402  (the SFT rows' measuring and running tools)
-    Counting, _peak_mb, _timing_callback, run_workers, script_main, write_results)
+    Counting, _peak_mb, _timing_callback, scratch_dir, run_workers, script_main, write_results)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 SMALL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # DistilGPT2's config.json + tokenizer
@@ -72,7 +71,7 @@ def model_dir(name: str, layers: int | None = None) -> str:
                              bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     if layers:
         config.num_hidden_layers = layers
-    directory = tempfile.mkdtemp(prefix=f"{name}-")
+    directory = scratch_dir(f"{name}-")
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -104,7 +103,7 @@ def run_row(name: str, mode: str, precision: str, n_records: int) -> dict:
     if mode.startswith("lora"):
         model = lora.add_lora(model, path, LORA_R, 2.0 * LORA_R, 0.05, seed=0)
     trainable, total = lora.parameter_counts(model)
-    times, outdir = [], tempfile.mkdtemp()
+    times, outdir = [], scratch_dir()
     counter = Counting(SFTCollator(tokenizer.pad_token_id, packing))
     targs = TrainingArguments(output_dir=outdir, per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1,
                               logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",

@@ -24,11 +24,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import scratch_dir  # noqa: E402  (a temporary directory removed at exit)
 
 # ---- settings (each has a flag: RESAMPLES -> --resamples) ----
 METHODS = "dpo,ipo,rloo,grpo,grpo-exact"  # which rows to run, a comma list of METHOD_ARGS' names
@@ -186,7 +188,7 @@ def main(args) -> None:
     unknown = [m for m in methods if m not in METHOD_ARGS]
     if unknown:
         raise SystemExit(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHOD_ARGS)})")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="methods-")
+    workdir = args.workdir or scratch_dir("methods-")
     results = compare(workdir, methods, lambda text: print(text, flush=True))
     text = table(results, methods)
     print("\n" + text)

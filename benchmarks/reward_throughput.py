@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from throughput import (  # noqa: E402  (the SFT rows' measuring and running tools)
-    Counting, _peak_mb, _timing_callback, plan, run_workers, script_main, write_results)
+    Counting, _peak_mb, _timing_callback, scratch_dir, plan, run_workers, script_main, write_results)
 
 # ---- settings (each has a flag: BATCH_SIZE -> --batch-size) ----
 MODEL = os.path.join(ROOT, "..", "shared", "distilgpt2-config")  # config.json + tokenizer (random weights)
@@ -69,7 +68,7 @@ def run_row(row: str, precision: str, n: int) -> dict:
     pairs, tokens = _pairs(tokenizer, n)
     model = _reward_model()
     model.config.pad_token_id = tokenizer.pad_token_id
-    times, outdir = [], tempfile.mkdtemp()
+    times, outdir = [], scratch_dir()
     common = dict(output_dir=outdir, per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1, logging_steps=1,
                   save_strategy="no", eval_strategy="no", report_to="none", bf16=precision == "bf16", use_cpu=True,
                   learning_rate=1e-5, seed=42, disable_tqdm=True)

@@ -10,8 +10,10 @@ its peak memory is its own. Results go to benchmarks/results/throughput-<device>
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +99,7 @@ def run_row(row: str, precision: str, n_records: int) -> dict:
     bf16 = precision == "bf16"
     if row == "raw_bound":
         return _raw_bound(model, tokenizer, records, bf16)
-    times, outdir = [], tempfile.mkdtemp()
+    times, outdir = [], scratch_dir()
     common = dict(output_dir=outdir, per_device_train_batch_size=BATCH_SIZE, num_train_epochs=1, logging_steps=1,
                   save_strategy="no", eval_strategy="no", report_to="none", bf16=bf16, use_cpu=True,
                   learning_rate=1e-4, seed=42, disable_tqdm=True)
@@ -182,6 +184,14 @@ def _raw_bound(model, tokenizer, records, bf16) -> dict:
     return {"row": "raw_bound", "precision": "bf16" if bf16 else "fp32", "steps": len(batches),
             "tokens_per_s": per_step * (len(batches) - 1) / (times[-1] - times[0]), "real_share": 1.0,
             "mean_loss": None, "peak_mb": _peak_mb(), "seconds": times[-1] - times[0]}
+
+
+def scratch_dir(prefix: str = "bench-") -> str:
+    """A temporary directory removed when this process exits: the rows save whole models and checkpoints
+    (1.6 GB for an online row), which would otherwise pile up in /tmp run after run."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def _peak_mb() -> float:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from throughput import scratch_dir  # noqa: E402  (a temporary directory removed at exit)
 
 # ---- settings (each has a flag: DATASET -> --dataset) ----
 DATASET = os.path.join(ROOT, "..", "shared", "data", "alpaca_5000.json")  # records to tokenize
@@ -23,7 +25,7 @@ TEMPLATE = "alpaca"  # prompt template: seed|alpaca
 
 
 def main(args) -> None:
-    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="tokenize-speed-")
+    os.environ["HF_DATASETS_CACHE"] = scratch_dir("tokenize-speed-")
     import datasets
 
     datasets.disable_progress_bars()
