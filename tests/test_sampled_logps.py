@@ -157,7 +157,7 @@ def test_trls_loss_kl_and_gradients_on_the_same_samples(tmp_path, gpt2_tokenizer
     (ours, our_kl, our_loss, our_grads), (trl, trl_kl, trl_loss, trl_grads) = results
     assert torch.equal(ours["completion_ids"], trl["completion_ids"])  # the same samples
     torch.testing.assert_close(ours["advantages"], trl["advantages"], rtol=1e-5, atol=1e-5)
-    assert our_kl == pytest.approx(trl_kl, rel=1e-5, abs=1e-7) and our_kl != 0
+    assert our_kl == pytest.approx(trl_kl, rel=1e-5, abs=1e-6) and our_kl != 0
     torch.testing.assert_close(our_loss, trl_loss, rtol=1e-5, atol=1e-6)
     assert our_loss.item() != 0
     torch.testing.assert_close(our_grads, trl_grads, rtol=1e-4, atol=1e-6)
@@ -239,15 +239,8 @@ def test_the_phases_of_each_step_are_timed(tmp_path, gpt2_tokenizer):
     assert all(name in line for name in phases.PHASES.values())
 
 
-@pytest.mark.parametrize("family", ["llama"])
-def test_sampling_reads_each_prompt_once_and_draws_the_same_answers(tmp_path, gpt2_tokenizer, family):
-    """TRL's sampling call on repeated, left-padded prompts: with the prompts read once (and eager attention on a
-    CPU) the same answers are drawn from the same seed as by generate() as it comes; a batch with no repeated
-    prompt is left to generate() as it comes."""
-    from transformers import GenerationConfig
-
-    from tuning.models import sampler
-
+def sampling_setup(tmp_path, gpt2_tokenizer, family):
+    """A tiny trainer's policy and its distinct prompts, each repeated 3 times, left-padded (TRL's sampling call)."""
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(3)
     trainer, prompts = rloo_trainer(tmp_path, tok, records, family=family)
@@ -255,20 +248,100 @@ def test_sampling_reads_each_prompt_once_and_draws_the_same_answers(tmp_path, gp
     assert len(prompt_ids) >= 2
     ids, mask, _ = padded_samples([p for p in prompt_ids for _ in range(3)], [[]] * 3 * len(prompt_ids),
                                   tok.pad_token_id)
-    model = trainer.model
-    config = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id,
+    return tok, trainer.model, ids, mask
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_sampling_loop_is_generates_given_the_same_draws(tmp_path, gpt2_tokenizer, family, monkeypatch):
+    """TRL's sampling call on repeated, left-padded prompts, with each token's draw made the most likely one on
+    both sides (torch.multinomial for generate() as it comes, draw_tokens for ours): with each prompt read once,
+    the loop of sample_answers, the cache with room and eager attention on a CPU, the same answers as
+    generate()'s, in fp32, through the temperature and top-k processors, and each row padded after its stop
+    token as generate() pads it; generate() is as it was after."""
+    from transformers import GenerationConfig
+
+    from tuning.models import sampler
+
+    tok, model, ids, mask = sampling_setup(tmp_path, gpt2_tokenizer, family)
+    with torch.no_grad():  # sharper attention and words than a tiny random model's, so that a difference shows
+        for weight in model.parameters():
+            weight.mul_(6)
+    seen = {False: [], True: []}  # each side's probabilities at each step
+
+    def most_likely(fast):
+        return lambda probs, *args, **kwargs: seen[fast].append(probs) or probs.argmax(-1, keepdim=not fast)
+
+    monkeypatch.setattr(torch, "multinomial", most_likely(False))
+    monkeypatch.setattr(sampler, "draw_tokens", most_likely(True))
+
+    def both(**settings):
+        config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=20,
+                                  pad_token_id=tok.pad_token_id, **settings)
+        out = []
+        for fast in (False, True):
+            seen[fast].clear()
+            with torch.no_grad(), sampler.fast_sampling(model) if fast else contextlib.nullcontext():
+                out.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
+        assert torch.equal(out[0], out[1]) and out[0].shape == (len(ids), ids.shape[1] + 12)
+        assert len(seen[True]) == len(seen[False]) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in
+                                                           zip(seen[True], seen[False]))
+        return out[0]
+
+    drawn = both(eos_token_id=tok.eos_token_id)
+    stop = int(drawn[0, ids.shape[1] + 2])  # a token row 0 draws third: as a stop token, rows end early
+    stopped = both(eos_token_id=[stop, tok.eos_token_id])
+    assert (stopped[0, ids.shape[1] + 3:] == tok.pad_token_id).all()
+    assert "generate" not in model.__dict__ and model.config._attn_implementation == "sdpa"  # (as it was after)
+
+
+def test_the_sampler_draws_each_token_with_its_probability():
+    """draw_tokens: over 200,000 draws from rows of known probabilities (some 0, as top-k or top-p leave them),
+    each token's share within 0.005 of its probability, and a token of probability 0 never drawn."""
+    from tuning.models.sampler import draw_tokens
+
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    drawn = draw_tokens(probs.repeat(100_000, 1)).view(100_000, 2)
+    for row in range(2):
+        shares = torch.bincount(drawn[:, row], minlength=6) / 100_000
+        assert (shares - probs[row]).abs().max() < 0.005
+        assert (shares[probs[row] == 0] == 0).all()
+    with pytest.MonkeyPatch.context() as patch:  # a uniform number of exactly 0 draws the first token of them
+        patch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, **kw))  # that has a probability
+        assert draw_tokens(probs).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_the_sampler_keeps_generates_distribution_and_leaves_other_calls_to_it(tmp_path, gpt2_tokenizer, family):
+    """The first token of 600 samples of each prompt, with top-k 4: ours and generate()'s as it comes fall on the
+    same four tokens in shares within 0.08 of each other (the draws differ, the distribution does not); a call
+    that is not plain sampling (greedy, several sequences a row, a cache implementation of its own, no cache)
+    is generate()'s own, and a batch with no repeated prompt gets no shared prefill."""
+    from transformers import GenerationConfig
+
+    from tuning.models import sampler
+
+    tok, model, ids, mask = sampling_setup(tmp_path, gpt2_tokenizer, family)
+    config = GenerationConfig(max_new_tokens=1, do_sample=True, top_k=4, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id)
-    drawn = []
+    rows = torch.arange(len(ids)).repeat_interleave(200)  # each prompt 3 x 200 times
+    shares = []
     for fast in (False, True):
         torch.manual_seed(0)
         with torch.no_grad(), sampler.fast_sampling(model) if fast else contextlib.nullcontext():
-            drawn.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
-    assert torch.equal(drawn[0], drawn[1]) and drawn[0].shape == (len(ids), ids.shape[1] + 12)
-    assert "generate" not in model.__dict__ and model.config._attn_implementation == "sdpa"  # (as it was after)
-    assert sampler.prefilled_cache(model, ids, mask, {"generation_config": config}) is not None
-    assert sampler.prefilled_cache(model, ids[::3], mask[::3], {}) is None  # nothing repeats
-    for own in ({"num_return_sequences": 2, "do_sample": True}, {"cache_implementation": "static"}, {"use_cache": False}):
-        assert sampler.prefilled_cache(model, ids, mask, {"generation_config": GenerationConfig(**own)}) is None
+            first = model.generate(input_ids=ids[rows], attention_mask=mask[rows], generation_config=config)[:, -1]
+        shares.append({(int(row) // 3, int(token)): 0 for row, token in zip(rows, first)})
+        for row, token in zip(rows, first):
+            shares[-1][(int(row) // 3, int(token))] += 1 / 600
+    assert shares[0].keys() == shares[1].keys() and len(shares[0]) <= 4 * len(ids) // 3
+    assert max(abs(shares[0][key] - shares[1][key]) for key in shares[0]) < 0.08
+    plain = {"generation_config": config}
+    assert sampler.samples_plainly(model, ids, plain)
+    for own in ({"do_sample": False}, {"num_return_sequences": 2}, {"cache_implementation": "static"},
+                {"use_cache": False}, {"return_dict_in_generate": True}):
+        assert not sampler.samples_plainly(model, ids, {**plain, **own})
+    assert sampler.prefilled_cache(model, ids, mask) is not None
+    assert sampler.prefilled_cache(model, ids[::3], mask[::3]) is None  # nothing repeats
 
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])

@@ -7,7 +7,7 @@ computed once for each of its --num-generations answers, and off CUDA they run t
 at every position. Here (collate.pack_samples) the answers to a prompt share one copy of it, each attending to
 the prompt and to itself (a 4D mask), at the positions generate() gave them, packed into rows without padding
 (one padded row each for the models that mishandle that: packing_checks); the output layer runs at the answer
-tokens only, in tiles of TOKEN_CHUNK tokens recomputed in the backward pass (AnswerHead), so no tokens x vocabulary
+tokens only, in tiles recomputed in the backward pass (AnswerHead), so no tokens x vocabulary
 tensor is ever kept, at the temperature and logit scaling of TRL's fused head; and the log-probs go back into
 TRL's (rows, answer length) layout, so TRL's loss and KL read them unchanged. Tests compare the log-probs,
 entropies, advantages, KL, loss and gradients with TRL's own forwards'.
@@ -27,7 +27,8 @@ import torch
 
 from tuning.data.collate import pack_samples
 
-# Answer tokens per tile of the output layer: 256 tokens x 50,257 words x 4 bytes = 51 MB per fp32 tile of logits.
+# Answer tokens per tile of the output layer: 256 tokens x 50,257 words x 4 bytes = 51 MB per fp32 tile of logits
+# (the backward pass's tiles, of every token x a slice of the vocabulary, are as large).
 TOKEN_CHUNK = 256
 
 
@@ -91,12 +92,17 @@ def answer_token_logps(lm, input_ids, attention_mask, position_ids, sources, tar
 
 class AnswerHead(torch.autograd.Function):
     """Log-probs (and entropies) of `targets` under the output layer at `hidden` (answer tokens x hidden size),
-    in tiles of TOKEN_CHUNK tokens x the whole vocabulary, none of them kept: the backward pass recomputes each
-    tile. The logits are scaled as TRL's fused head scales them (logit scale, soft cap, 1 / temperature). The
-    matrix products run in the autocast precision (bf16 on a CPU with it), as a plain autocast forward and backward
-    would, with the softmax and the sums over the vocabulary in fp32. TRL's kernel (trl.kernels) makes its
-    backward's products in fp32 for accuracy on GPUs; on a CPU, where bf16 products take half the time, that is
-    the costliest part of an online step's update, and ours equals it in fp32 (tested)."""
+    in tiles of about TOKEN_CHUNK x vocabulary-size logits, none of them kept: the backward pass recomputes them.
+    The logits are scaled as TRL's fused head scales them (logit scale, soft cap, 1 / temperature). The matrix
+    products run in the autocast precision (bf16 on a CPU with it), as a plain autocast forward and backward would,
+    with the softmax and the sums over the vocabulary in fp32. TRL's kernel (trl.kernels) makes its backward's
+    products in fp32 for accuracy on GPUs; on a CPU, where bf16 products take half the time, that is the costliest
+    part of an online step's update, and ours equals it in fp32 (tested).
+
+    The forward pass tiles the tokens (each tile's log-sum-exp over the whole vocabulary). The backward pass tiles
+    the vocabulary instead, every token in each tile: each slice of the weight's gradient is then one product,
+    written once, where token tiles would each add a vocabulary x hidden-size product into it (converting and
+    adding 38.6M numbers per tile for GPT-2: as long as the product itself, here)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, softcap, scale: float, entropy: bool):
@@ -110,7 +116,7 @@ class AnswerHead(torch.autograd.Function):
                 z, _ = _logits(hidden[start:start + TOKEN_CHUNK].to(dtype), w, bias, temperature, softcap, scale)
                 lse = torch.logsumexp(z, -1)
                 logps.append(z.gather(-1, targets[start:start + TOKEN_CHUNK, None]).squeeze(-1) - lse)
-                if entropy:
+                if entropy:  # sum_j p_j (lse - z_j)
                     entropies.append(lse - (torch.softmax(z, -1) * z).sum(-1))
                 lses.append(lse)
         lse = torch.cat(lses)
@@ -125,31 +131,35 @@ class AnswerHead(torch.autograd.Function):
         dtype, temperature, softcap, scale = ctx.settings
         device = hidden.device.type
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]  # (under LoRA the output layer is frozen)
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+        grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        words, tokens = weight.shape[0], len(targets)
+        width = max(1, TOKEN_CHUNK * words // max(1, tokens))  # (a tile as large as the forward's)
+        g = None if grad_logps is None else grad_logps.float()[:, None]
         with torch.autocast(device, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, len(targets), TOKEN_CHUNK):
-                end = min(start + TOKEN_CHUNK, len(targets))
-                h = hidden[start:end].to(dtype)
-                z, dz = _logits(h, w, bias, temperature, softcap, scale)  # dz: d z / d (h W^T + b)
-                logp = z - lse[start:end, None]
+            h = hidden.to(dtype)
+            for start in range(0, words, width):
+                end = min(start + width, words)
+                w = weight[start:end].to(dtype)
+                z, dz = _logits(h, w, None if bias is None else bias[start:end], temperature, softcap, scale)
+                logp = z.sub_(lse[:, None])
                 p = logp.exp()
-                grad = torch.zeros_like(z)
-                if grad_logps is not None:  # d log p_target / d z_j = 1[j = target] - p_j
-                    g = grad_logps[start:end, None].float()
-                    grad.sub_(g * p).scatter_add_(-1, targets[start:end, None], g)
-                if grad_entropy is not None:
-                    # d entropy / d z_j = -p_j (log p_j + entropy)
-                    grad.sub_(grad_entropy[start:end, None].float() * p * (logp + entropy[start:end, None]))
-                grad = (grad * dz).to(dtype)
+                grad = torch.zeros_like(p) if g is None else p.mul(-g)  # d log p_target / d z_j = 1[j = target] - p_j
+                if g is not None:
+                    inside = ((targets >= start) & (targets < end)).nonzero().squeeze(1)
+                    grad.index_put_((inside, targets[inside] - start), g[inside, 0], accumulate=True)
+                if grad_entropy is not None:  # d entropy / d z_j = -p_j (log p_j + entropy)
+                    grad.sub_(p.mul_(logp.add_(entropy[:, None])).mul_(grad_entropy.float()[:, None]))
+                if not isinstance(dz, float) or dz != 1.0:
+                    grad.mul_(dz)
+                grad = grad.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:end] = (grad @ w).float()
+                    grad_hidden += (grad @ w).float()
                 if grad_weight is not None:
-                    grad_weight += (grad.t() @ h).float()
+                    grad_weight[start:end] = (grad.t() @ h).float()
                 if grad_bias is not None:
-                    grad_bias += grad.float().sum(0)
+                    grad_bias[start:end] = grad.float().sum(0)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
@@ -157,15 +167,15 @@ class AnswerHead(torch.autograd.Function):
 
 def _logits(h, w, bias, temperature: float, softcap, scale: float):
     """(the output layer's logits as the sampler and TRL's loss see them, in fp32; their derivative with respect
-    to the layer's own output, h W^T + b)."""
+    to the layer's own output, h W^T + b: a number, or a tensor under a soft cap)."""
     raw = (h @ w.t()).float()
     if bias is not None:
         raw += bias.float()
-    y = raw * scale
     if softcap is None:
-        return y / temperature, scale / temperature
-    t = torch.tanh(y / softcap)
-    return softcap * t / temperature, scale * (1 - t * t) / temperature
+        factor = scale / temperature
+        return (raw if factor == 1.0 else raw.mul_(factor)), factor
+    t = torch.tanh(raw.mul_(scale / softcap))
+    return t * (softcap / temperature), (1 - t * t).mul_(scale / temperature)
 
 
 def padded_samples(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device=None):

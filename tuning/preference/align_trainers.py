@@ -171,10 +171,13 @@ class OnlineLayer:
         return {}  # prompts only: counted once their answers are generated (_prepare_inputs)
 
     def _generate_single_turn(self, *args, **kwargs):
-        """TRL's sampling (training's, and the held-out KL's), each prompt read once for its answers and on a CPU
-        with eager attention (models/sampler.py); inference.py's greedy answers (greedy_answers) are left as they
-        are."""
-        with fast_sampling(self.accelerator.unwrap_model(self.model)):
+        """TRL's sampling (training's, and the held-out KL's) by models/sampler.py: each prompt read once for its
+        answers, our decoding loop, on a CPU eager attention; inference.py's greedy answers (greedy_answers) are
+        left as they are. Under mixed precision, inside one autocast context: the model's forward enters its own
+        at every token, and a context's exit empties the cache of weights cast to bf16 unless one encloses it, so
+        that every weight would be cast again at every token (on a CPU, the output layer's cast took as long as
+        its product)."""
+        with fast_sampling(self.accelerator.unwrap_model(self.model)), self.accelerator.autocast():
             return super()._generate_single_turn(*args, **kwargs)
 
     def _tokenize_prompts(self, prompts: list):
