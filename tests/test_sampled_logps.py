@@ -11,7 +11,7 @@ import torch
 from test_align import real_pairs, rloo_trainer
 from tuning.data.collate import pack_samples
 from tuning.models import loading, packing_checks
-from tuning.models.sampled_logps import padded_samples
+from tuning.models.sampled_logps import padded_samples, token_logps
 
 
 def test_the_answers_to_a_prompt_share_it_each_at_its_sampled_positions():
@@ -130,7 +130,7 @@ varied_reward.score = lambda records, answers: varied_reward(answers)
 def test_trls_loss_kl_and_gradients_on_the_same_samples(tmp_path, gpt2_tokenizer, monkeypatch, family, method):
     """One generation batch scored and one loss computed with our log-probs, then again, from the same samples,
     with TRL's own: the advantages (RLOO's include the KL penalty), the KL TRL logs, the loss and the gradients
-    agree within 1e-5 in fp32."""
+    agree within 1e-5 in fp32; RLOO's old-policy log-probs, here the sampler's own, cost no forward."""
     tok = loading.ready_tokenizer(gpt2_tokenizer)
     records, _ = real_pairs(3)
     trainer, prompts = rloo_trainer(tmp_path, tok, records, beta=0.05, family=family, method=method,
@@ -142,6 +142,10 @@ def test_trls_loss_kl_and_gradients_on_the_same_samples(tmp_path, gpt2_tokenizer
     trainer.model.train()  # (as in training: TRL logs the KL of the mode the model is in)
     trainer.current_gradient_accumulation_steps = 1  # (set by the training loop; GRPO's loss reads it)
     results = []
+    from tuning.preference import align_trainers
+
+    forwards = []  # our forwards over the samples: the reference's only (RLOO's old policy is the sampler's)
+    monkeypatch.setattr(align_trainers, "token_logps", lambda *a, **k: forwards.append(1) or token_logps(*a, **k))
     for theirs in (False, True):
         if theirs:
             monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies",
@@ -149,6 +153,7 @@ def test_trls_loss_kl_and_gradients_on_the_same_samples(tmp_path, gpt2_tokenizer
         trainer._metrics["train"].clear()
         torch.manual_seed(0)
         inputs = trainer._generate_and_score_completions(batch)
+        assert theirs or len(forwards) == 1
         trainer.model.zero_grad()
         loss = trainer._compute_loss(trainer.model, inputs)
         loss.backward()
@@ -371,3 +376,38 @@ def test_the_update_in_parts_has_the_whole_batchs_loss_and_gradients(tmp_path, g
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)  # (RLOO's: about 0, its advantages centred)
     torch.testing.assert_close(part_grads, whole_grads, rtol=1e-4, atol=1e-4 * whole_grads.abs().max().item())
     assert whole_grads.abs().max() > 1e-3
+
+
+def test_gpt2s_activation_runs_as_one_kernel_with_the_same_outputs(tmp_path, gpt2_tokenizer):
+    """fuse_activations: GPT-2's gelu_new modules become the fused tanh-GELU kernel, one per layer, with the
+    same logits and gradients within 1e-5 in fp32 and the same saved weights; the online trainer's policy has no
+    unfused one left."""
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.activations import NewGELUActivation
+
+    from tuning.models.activations import fuse_activations
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=3, n_head=2, n_positions=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    with torch.no_grad():  # large enough inputs to the activation that its tanh is not flat
+        for weight in model.parameters():
+            weight.mul_(4)
+    fused = copy.deepcopy(model)
+    assert fuse_activations(fused) == 3 and fuse_activations(fused) == 0
+    ids = torch.randint(0, 300, (2, 20))
+    outs = []
+    for m in (model, fused):
+        logits = m(ids).logits
+        logits.square().mean().backward()
+        outs.append((logits, torch.cat([p.grad.flatten() for p in m.parameters()])))
+    assert outs[0][0].abs().max() > 1
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    scale = outs[0][1].abs().max()  # (large here, from the scaled weights)
+    torch.testing.assert_close(outs[1][1] / scale, outs[0][1] / scale, rtol=1e-5, atol=1e-5)
+    assert fused.state_dict().keys() == model.state_dict().keys() and fused.config.activation_function == "gelu_new"
+    tok = loading.ready_tokenizer(gpt2_tokenizer)
+    trainer, _ = rloo_trainer(tmp_path, tok, real_pairs(2)[0])
+    assert not any(isinstance(m, NewGELUActivation) for m in trainer.model.modules())

@@ -39,18 +39,26 @@ from tuning.data.collate import positions_from_mask
 
 
 @contextmanager
-def fast_sampling(model):
+def fast_sampling(model, record: list | None = None):
     """A context in which `model`'s generate() (a causal LM's, or a peft model's inner one) samples as the module
-    says: each repeated prompt read once, then sample_answers' loop; generate() is as it was again after it."""
+    says: each repeated prompt read once, then sample_answers' loop; generate() is as it was again after it.
+    `record`, a list, receives each call's log-probs of the tokens drawn (sample_answers), for the calls that
+    sample_answers draws (None appended for the others)."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     previous, original = lm.__dict__.get("generate"), lm.generate
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         if not samples_plainly(self, input_ids, kwargs):
+            if record is not None:
+                record.append(None)
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         cache = sampling_cache(self, input_ids, attention_mask, kwargs)  # (the prefill keeps SDPA: long rows)
-        return original(input_ids=input_ids, attention_mask=attention_mask, custom_generate=sample_answers,
-                        cache=cache, **kwargs)
+        steps = None if record is None else []
+        out = original(input_ids=input_ids, attention_mask=attention_mask, custom_generate=sample_answers,
+                       cache=cache, drawn_logps=steps, **kwargs)
+        if record is not None:
+            record.append(torch.stack(steps, 1) if steps else None)
+        return out
 
     lm.generate = types.MethodType(generate, lm)
     try:
@@ -76,14 +84,17 @@ def samples_plainly(lm, input_ids, kwargs: dict) -> bool:
 
 
 def sample_answers(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
-                   streamer=None, **model_kwargs):
+                   streamer=None, drawn_logps: list | None = None, **model_kwargs):
     """generate()'s sampling loop (GenerationMixin._sample) for the calls samples_plainly admits, with the
-    tokens drawn by draw_tokens and the cache growing in place (GrowingLayer); generate() calls it with everything
-    prepared (custom_generate). Returns the prompt and answer ids, each answer padded after its stop."""
+    tokens drawn by draw_tokens, in the cache sampling_cache made; generate() calls it with everything prepared
+    (custom_generate). Returns the prompt and answer ids, each answer padded after its stop. `drawn_logps`, a
+    list, receives each step's log-probs of the tokens drawn (rows,), as TRL's trainers define a token's log-prob:
+    the model's logits at the sampling temperature, before any other processor (top-k, top-p, ...), in fp32."""
     if synced_gpus or streamer is not None or generation_config.return_dict_in_generate or \
             not generation_config.do_sample:  # (never from fast_sampling; the loop as it comes otherwise)
         return model._sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
                              **model_kwargs)
+    temperature = generation_config.temperature or 1.0
     pad = generation_config._pad_token_tensor
     stops_at_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
     unfinished = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)
@@ -91,9 +102,12 @@ def sample_answers(model, input_ids, logits_processor, stopping_criteria, genera
     with decoding_attention(model):
         while True:
             model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
-            scores = logits_processor(input_ids, outputs.logits[:, -1].to(copy=True, dtype=torch.float32))
+            logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
             del outputs
+            scores = logits_processor(input_ids, logits if drawn_logps is None else logits.clone())  # (in place)
             tokens = draw_tokens(scores.softmax(-1))
+            if drawn_logps is not None:
+                drawn_logps.append(torch.log_softmax(logits.div_(temperature), -1).gather(-1, tokens[:, None])[:, 0])
             if stops_at_eos:  # (a finished row gets padding)
                 tokens = torch.where(unfinished, tokens, pad)
             input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)

@@ -23,6 +23,7 @@ from trl import DPOTrainer, GRPOTrainer, RLOOTrainer
 
 from tuning.data.collate import PairCollator, positions_from_mask
 from tuning.data.chat_template import answer_tokens, encode_prompts, prompt_ids, saved_or_ours
+from tuning.models.activations import fuse_activations
 from tuning.models.loading import context_limit
 from tuning.models.scoring import end_length, load_reward_model, pairwise_stats, score_ids, score_samples
 from tuning.models.scoring import within_context
@@ -145,15 +146,19 @@ class OnlineLayer:
     sample_packing = "rows"
     # Tokens (prompt + answer, of the samples) per forward and backward of the policy update: its activations are
     # the most memory a step takes, so a batch with more goes through in parts of about this many.
-    UPDATE_TOKENS = 2048
+    UPDATE_TOKENS = 1024
 
     def __init__(self, *args, judge=None, **kwargs):
         super().__init__(*args, **kwargs)
         drop_ref_adapter(self.model)  # TRL's RLOO then takes the reference with the adapters off
         enable_sampled_logps(self.model)
+        fuse_activations(self.model)  # (GPT-2's GELU in one kernel: less memory in the update, the same function)
         if self.ref_model is not None:  # (under LoRA there is none: the reference is the policy, adapters off)
             enable_sampled_logps(self.accelerator.unwrap_model(self.ref_model))
+            fuse_activations(self.ref_model)
         self.judge = judge
+        self._drawn = None  # (answers, their log-probs) from the sampler, for RLOO's old policy (drawn_logps)
+        self._loss_inputs = None  # the batch whose loss is being computed, when its old log-probs are the update's
 
     def run_totals(self) -> dict:
         """RunLayer's totals, and the seconds of each phase (mean over processes) and tokens sampled (summed)."""
@@ -177,8 +182,47 @@ class OnlineLayer:
         at every token, and a context's exit empties the cache of weights cast to bf16 unless one encloses it, so
         that every weight would be cast again at every token (on a CPU, the output layer's cast took as long as
         its product)."""
-        with fast_sampling(self.accelerator.unwrap_model(self.model)), self.accelerator.autocast():
-            return super()._generate_single_turn(*args, **kwargs)
+        record = [] if self.old_policy_is_sampler() else None
+        with fast_sampling(self.accelerator.unwrap_model(self.model), record), self.accelerator.autocast():
+            answers = super()._generate_single_turn(*args, **kwargs)
+        self._drawn = (answers, record[0]) if record and len(record) == 1 and record[0] is not None and \
+            isinstance(answers, list) else None
+        return answers
+
+    def old_policy_is_sampler(self) -> bool:
+        """Whether TRL's RLOO would take the old policy's log-probs from a forward of the very model that sampled:
+        in training, one update per batch sampled (num_iterations 1, one generation per optimizer step), sampled by
+        our sampler (not vLLM). RLOO then reads them twice, both served without that forward: the KL penalty in
+        its rewards reads the sampler's own log-probs of the tokens it drew (drawn_logps), and its loss's ratio
+        reads the policy's log-probs from the update's own forward, detached (_compute_loss): a ratio of exactly 1
+        in value, as TRL's second forward of the same weights gives it. GRPO computes no old log-probs then."""
+        return isinstance(self, RLOOTrainer) and self.model.training and not self.use_vllm and \
+            self.num_iterations == 1 and self.args.steps_per_generation == self.args.gradient_accumulation_steps
+
+    def drawn_logps(self, input_ids, logits_to_keep: int):
+        """The sampler's log-probs of the answers of TRL's batch (rows, logits_to_keep), 0 after each answer;
+        None unless they are that batch's answers. Used once."""
+        (answers, logps), self._drawn = self._drawn, None
+        completions = input_ids[:, -logits_to_keep:]
+        out = torch.zeros(completions.shape, dtype=torch.float32, device=completions.device)
+        if len(answers) != len(completions):
+            return None
+        for i, answer in enumerate(answers):
+            if len(answer) > logps.shape[1] or completions[i, :len(answer)].tolist() != list(answer):
+                return None
+            out[i, :len(answer)] = logps[i, :len(answer)]
+        return out
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss; where the old policy is the policy itself (old_policy_is_sampler), its log-probs are the
+        update's own, detached (set by _get_per_token_logps_and_entropies as it computes them)."""
+        if not self.old_policy_is_sampler() or "old_logps" not in inputs:
+            return super()._compute_loss(model, inputs)
+        self._loss_inputs = dict(inputs)
+        try:
+            return super()._compute_loss(model, self._loss_inputs)
+        finally:
+            self._loss_inputs = None
 
     def _tokenize_prompts(self, prompts: list):
         """Each prompt's ids as inference.py encodes it: a text (encode_prompt), or a conversation rendered with
@@ -199,16 +243,23 @@ class OnlineLayer:
         (sampled_logps.token_logps). A mixture-of-experts' balancing loss, or a batch with no answer token, goes
         through TRL's own forward, with each row's positions taken from its attention mask (TRL passes none, and
         GPT-2 or OPT would number the left padding of a short prompt as positions)."""
+        if self._drawn is not None and model is self.model and not torch.is_grad_enabled() and \
+                not compute_entropy and not compute_aux_loss:  # RLOO's old policy: the sampler's log-probs
+            logps = self.drawn_logps(input_ids, logits_to_keep)
+            if logps is not None:
+                return logps, None, None
         if compute_aux_loss or any(value is not None for value in inputs.values()) or \
                 not attention_mask[:, -logits_to_keep:].any():
-            return super()._get_per_token_logps_and_entropies(WithPositions(model), input_ids, attention_mask,
-                                                               logits_to_keep, batch_size, compute_entropy,
-                                                               compute_aux_loss, **inputs)
-        with self.accelerator.autocast():
-            logps, entropies = token_logps(model, input_ids, attention_mask, logits_to_keep,
-                                           self._tokenizer.pad_token_id, self.temperature, compute_entropy,
-                                           self.sample_packing)
-        return logps, entropies, None
+            out = super()._get_per_token_logps_and_entropies(WithPositions(model), input_ids, attention_mask,
+                                                              logits_to_keep, batch_size, compute_entropy,
+                                                              compute_aux_loss, **inputs)
+        else:
+            with self.accelerator.autocast():
+                out = token_logps(model, input_ids, attention_mask, logits_to_keep, self._tokenizer.pad_token_id,
+                                  self.temperature, compute_entropy, self.sample_packing) + (None,)
+        if self._loss_inputs is not None and torch.is_grad_enabled():  # (see _compute_loss)
+            self._loss_inputs["old_logps"] = (out[0].detach() * self._loss_inputs["completion_mask"]).sum(1)
+        return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss, its gradient taken a part of the batch at a time (update_parts): each part's backward runs

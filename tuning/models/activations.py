@@ -1,0 +1,33 @@
+"""Activation functions run as one fused kernel where a model writes them out as several operations.
+
+GPT-2 (and the models that copied its "gelu_new") computes its MLP's activation, the tanh approximation of GELU,
+as eight elementwise operations in Python, and autograd keeps the output of each of them for the backward pass:
+for DistilGPT2 in training that was ~25 KB per token and layer, 45% of the activations an online RL update holds
+(560 MB of a 4.6 GB step of align.py's RLOO defaults, measured). PyTorch computes the same function in one kernel
+(torch.nn.functional.gelu(approximate="tanh"), transformers' "gelu_pytorch_tanh", which it documents as equivalent
+to gelu_new "but much faster"), keeping its input only. The two agree to float rounding (tested within 1e-5 in
+fp32); under bf16 autocast the fused kernel rounds once where the eight operations round eight times.
+
+    fuse_activations(model)   # in place; returns how many modules it replaced
+
+Only modules are replaced, not the config: a model saved afterwards is the same model.
+
+Models floor: imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.activations import GELUTanh, NewGELUActivation
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Every NewGELUActivation module of `model` (or of a peft model's base) replaced by GELUTanh, the fused kernel
+    of the same function; the number replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+                replaced += 1
+    return replaced
