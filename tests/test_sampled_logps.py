@@ -44,10 +44,11 @@ def test_the_answers_to_a_prompt_share_it_each_at_its_sampled_positions():
 
 
 @pytest.mark.parametrize("softcap,scale,bias", [(None, 1.0, False), (30.0, 0.5, True)])
-def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias):
+def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias, monkeypatch):
     """Our output layer at the answer tokens (tiles of whole-vocabulary rows, products in the autocast precision)
     against TRL's chunked kernel, in fp32: log-probs, entropies and every gradient, with Gemma-2's soft cap, a
-    logit scale (Cohere's) and a bias too; across several tiles."""
+    logit scale (Cohere's) and a bias too; across several tiles; with the products kept for the backward pass
+    (as in bf16) or recomputed in it."""
     from trl.kernels import ChunkedLogProbFunction
 
     from tuning.models import sampled_logps
@@ -57,18 +58,20 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias):
     b = torch.randn(300) if bias else None
     targets = torch.randint(0, 300, (1200,))
     results = []
-    for head in ("ours", "trl"):
+    for head in ("ours", "trl", "ours, products kept"):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight) + ((b,) if bias else ())]
         args = (leaves[0], leaves[1], leaves[2] if bias else None, targets)
-        if head == "ours":
+        monkeypatch.setattr(sampled_logps, "keeps_products", lambda dtype: head == "ours, products kept")
+        if head.startswith("ours"):
             logps, entropy = sampled_logps.AnswerHead.apply(*args, 0.7, softcap, scale, True)
         else:
             logps, entropy, *_ = ChunkedLogProbFunction.apply(*args, 0.7, 128, softcap, scale, ("log_probs", "entropy"))
         (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
         results.append([logps, entropy] + [leaf.grad for leaf in leaves])
     assert len(targets) > 2 * sampled_logps.TOKEN_CHUNK
-    for ours, theirs in zip(*results):
+    for ours, theirs, kept in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kept, ours, rtol=1e-6, atol=1e-6)
     frozen = hidden.clone().requires_grad_()  # a frozen output layer (LoRA): its gradient is not computed
     logps, entropy = sampled_logps.AnswerHead.apply(frozen, weight, b, targets, 0.7, softcap, scale, True)
     (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
@@ -301,7 +304,8 @@ def test_the_sampling_loop_is_generates_given_the_same_draws(tmp_path, gpt2_toke
 
 def test_the_sampler_draws_each_token_with_its_probability():
     """draw_tokens: over 200,000 draws from rows of known probabilities (some 0, as top-k or top-p leave them),
-    each token's share within 0.005 of its probability, and a token of probability 0 never drawn."""
+    each token's share within 0.005 of its probability, and a token of probability 0 never drawn; a NaN row
+    refused."""
     from tuning.models.sampler import draw_tokens
 
     torch.manual_seed(0)
@@ -314,6 +318,8 @@ def test_the_sampler_draws_each_token_with_its_probability():
     with pytest.MonkeyPatch.context() as patch:  # a uniform number of exactly 0 draws the first token of them
         patch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, **kw))  # that has a probability
         assert draw_tokens(probs).tolist() == [1, 0]
+    with pytest.raises(RuntimeError, match="NaN, infinite or all zero"):  # (as torch.multinomial refuses it)
+        draw_tokens(torch.tensor([[0.5, 0.5], [float("nan"), 0.5]]))
 
 
 @pytest.mark.parametrize("family", ["llama"])

@@ -75,7 +75,9 @@ def samples_plainly(lm, input_ids, kwargs: dict) -> bool:
     generate() builds as it does by default, and asks nothing back but the ids: what sample_answers does."""
     config = kwargs.get("generation_config") or lm.generation_config
     setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731 (a call's own override first)
+    own = lm.generation_config  # (generate() fills a given config's unset fields from the model's own)
     return input_ids is not None and input_ids.dim() == 2 and not lm.config.is_encoder_decoder and \
+        own.cache_implementation is None and (own.num_return_sequences or 1) == 1 and (own.num_beams or 1) == 1 and \
         all(kwargs.get(name) is None for name in ("cache", "past_key_values", "inputs_embeds", "assistant_model",
                                                   "streamer", "custom_generate", "synced_gpus")) and \
         setting("do_sample") is True and setting("use_cache") is not False and \
@@ -90,6 +92,8 @@ def sample_answers(model, input_ids, logits_processor, stopping_criteria, genera
     (custom_generate). Returns the prompt and answer ids, each answer padded after its stop. `drawn_logps`, a
     list, receives each step's log-probs of the tokens drawn (rows,), as TRL's trainers define a token's log-prob:
     the model's logits at the sampling temperature, before any other processor (top-k, top-p, ...), in fp32."""
+    # (generate() gives a callable custom_generate no synced_gpus: under ZeRO-3 or FSDP with several processes,
+    # which would need it, launchers.py refuses align.py)
     if synced_gpus or streamer is not None or generation_config.return_dict_in_generate or \
             not generation_config.do_sample:  # (never from fast_sampling; the loop as it comes otherwise)
         return model._sample(input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
@@ -120,9 +124,12 @@ def sample_answers(model, input_ids, logits_processor, stopping_criteria, genera
 
 def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of `probs` (rows, vocabulary), each drawn with its probability: where one uniform number
-    per row falls among the row's cumulative probabilities (in float64, so a word of probability 0 is never
-    drawn)."""
+    per row falls among the row's cumulative probabilities (in float64, so that a word of probability 0, which
+    top-k or top-p leave, is drawn only if the number rounds to the row's total, about once in 2^53 draws). A row
+    that is not a distribution (NaN, as from a diverged model) is refused, as torch.multinomial refuses it."""
     cumulative = probs.double().cumsum(-1)
+    if not (cumulative[:, -1] > 0).all() or not torch.isfinite(cumulative[:, -1]).all():
+        raise RuntimeError("sampling: a row of probabilities is NaN, infinite or all zero")
     where = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
     return torch.searchsorted(cumulative, where, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
