@@ -61,7 +61,7 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias, monkeypatc
     for head in ("ours", "trl", "ours, products kept"):
         leaves = [x.clone().requires_grad_() for x in (hidden, weight) + ((b,) if bias else ())]
         args = (leaves[0], leaves[1], leaves[2] if bias else None, targets)
-        monkeypatch.setattr(sampled_logps, "keeps_products", lambda dtype: head == "ours, products kept")
+        monkeypatch.setattr(sampled_logps, "keeps_products", lambda *a: head == "ours, products kept")
         if head.startswith("ours"):
             logps, entropy = sampled_logps.AnswerHead.apply(*args, 0.7, softcap, scale, True)
         else:
@@ -76,6 +76,10 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias, monkeypatc
     logps, entropy = sampled_logps.AnswerHead.apply(frozen, weight, b, targets, 0.7, softcap, scale, True)
     (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
     torch.testing.assert_close(frozen.grad, results[0][2], rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert not sampled_logps.keeps_products(torch.float32, 1024, 50257)  # (fp32: recomputed)
+    assert sampled_logps.keeps_products(torch.bfloat16, 1024, 50257)  # (a part of the update, in bf16: kept)
+    assert not sampled_logps.keeps_products(torch.bfloat16, 4096, 50257)  # (a whole batch: recomputed)
 
 
 def samples_of(trainer, prompts, seed=0):

@@ -7,7 +7,7 @@ computed once for each of its --num-generations answers, and off CUDA they run t
 at every position. Here (collate.pack_samples) the answers to a prompt share one copy of it, each attending to
 the prompt and to itself (a 4D mask), at the positions generate() gave them, packed into rows without padding
 (one padded row each for the models that mishandle that: packing_checks); the output layer runs at the answer
-tokens only, in tiles recomputed in the backward pass (AnswerHead), so no tokens x vocabulary
+tokens only, in tiles (AnswerHead), so no fp32 tokens x vocabulary
 tensor is ever kept, at the temperature and logit scaling of TRL's fused head; and the log-probs go back into
 TRL's (rows, answer length) layout, so TRL's loss and KL read them unchanged. Tests compare the log-probs,
 entropies, advantages, KL, loss and gradients with TRL's own forwards'.
@@ -30,6 +30,9 @@ from tuning.data.collate import pack_samples
 # Answer tokens per tile of the output layer: 256 tokens x 50,257 words x 4 bytes = 51 MB per fp32 tile of logits
 # (the backward pass's tiles, of every token x a slice of the vocabulary, are as large).
 TOKEN_CHUNK = 256
+# The most output-layer products (answer tokens x vocabulary) the forward keeps for the backward pass, in bf16:
+# 2^26 = 134 MB, 1,335 answer tokens of GPT-2's vocabulary (the update's parts of ~1,024 tokens fit).
+KEPT_PRODUCTS = 2 ** 26
 
 
 def head_scaling(config) -> tuple[float | None, float]:
@@ -92,7 +95,8 @@ def answer_token_logps(lm, input_ids, attention_mask, position_ids, sources, tar
 
 class AnswerHead(torch.autograd.Function):
     """Log-probs (and entropies) of `targets` under the output layer at `hidden` (answer tokens x hidden size),
-    in tiles of about TOKEN_CHUNK x vocabulary-size logits, none of them kept: the backward pass recomputes them.
+    in tiles of about TOKEN_CHUNK x vocabulary-size logits, none of them kept in fp32: the backward pass reads the
+    forward's products in bf16 (keeps_products) or recomputes them in fp32.
     The logits are scaled as TRL's fused head scales them (logit scale, soft cap, 1 / temperature). The matrix
     products run in the autocast precision (bf16 on a CPU with it), as a plain autocast forward and backward would,
     with the softmax and the sums over the vocabulary in fp32. TRL's kernel (trl.kernels) makes its backward's
@@ -110,7 +114,7 @@ class AnswerHead(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         logps, entropies, lses = [], [], []
-        keep = any(ctx.needs_input_grad[:3]) and keeps_products(dtype)
+        keep = any(ctx.needs_input_grad[:3]) and keeps_products(dtype, len(targets), weight.shape[0])
         products = torch.empty(len(targets), weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
@@ -171,11 +175,12 @@ class AnswerHead(torch.autograd.Function):
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
 
 
-def keeps_products(dtype) -> bool:
+def keeps_products(dtype, tokens: int, words: int) -> bool:
     """Whether AnswerHead's forward keeps the output layer's products (answer tokens x vocabulary) for the backward
-    pass, which then need not recompute them: in a 2-byte precision (bf16: 100 MB for 1,024 answer tokens of
-    GPT-2's), where that saves a quarter of the layer's work in the policy update; not in fp32."""
-    return dtype.itemsize < 4
+    pass, which then need not recompute them (a quarter of the layer's work in the policy update): in a 2-byte
+    precision (bf16: 100 MB for 1,024 answer tokens of GPT-2's), up to KEPT_PRODUCTS of them, as in a part of the
+    update (a batch whose update is not split recomputes them); not in fp32."""
+    return dtype.itemsize < 4 and tokens * words <= KEPT_PRODUCTS
 
 
 def _scaled(products, bias, temperature: float, softcap, scale: float):
