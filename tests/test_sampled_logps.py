@@ -63,7 +63,7 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias, monkeypatc
         args = (leaves[0], leaves[1], leaves[2] if bias else None, targets)
         monkeypatch.setattr(sampled_logps, "keeps_products", lambda *a: head == "ours, products kept")
         if head.startswith("ours"):
-            logps, entropy = sampled_logps.AnswerHead.apply(*args, 0.7, softcap, scale, True)
+            logps, entropy = sampled_logps.AnswerHead.apply(*args, 0.7, softcap, scale, True, True)
         else:
             logps, entropy, *_ = ChunkedLogProbFunction.apply(*args, 0.7, 128, softcap, scale, ("log_probs", "entropy"))
         (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
@@ -72,14 +72,35 @@ def test_the_answer_head_is_trls_kernel_in_fp32(softcap, scale, bias, monkeypatc
     for ours, theirs, kept in zip(*results):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(kept, ours, rtol=1e-6, atol=1e-6)
+    monkeypatch.undo()
     frozen = hidden.clone().requires_grad_()  # a frozen output layer (LoRA): its gradient is not computed
-    logps, entropy = sampled_logps.AnswerHead.apply(frozen, weight, b, targets, 0.7, softcap, scale, True)
+    logps, entropy = sampled_logps.AnswerHead.apply(frozen, weight, b, targets, 0.7, softcap, scale, True, True)
     (logps * torch.linspace(-1, 1, 1200)).sum().add(entropy.sum() * 0.3).backward()
     torch.testing.assert_close(frozen.grad, results[0][2], rtol=1e-5, atol=1e-5)
-    monkeypatch.undo()
     assert not sampled_logps.keeps_products(torch.float32, 1024, 50257)  # (fp32: recomputed)
     assert sampled_logps.keeps_products(torch.bfloat16, 1024, 50257)  # (a part of the update, in bf16: kept)
     assert not sampled_logps.keeps_products(torch.bfloat16, 4096, 50257)  # (a whole batch: recomputed)
+
+
+def test_the_answer_heads_kept_products_give_the_recomputed_gradients_in_bf16(monkeypatch):
+    """Under bf16 autocast, where the products are kept for the backward pass: the log-probs and every gradient as
+    when the backward recomputes them (within bf16 rounding), across vocabulary slices."""
+    from tuning.models import sampled_logps
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(600, 32), torch.randn(500, 32) * 0.3
+    targets = torch.randint(0, 500, (600,))
+    results = []
+    for keep in (True, False):
+        monkeypatch.setattr(sampled_logps, "keeps_products", lambda *a: keep)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, entropy = sampled_logps.AnswerHead.apply(h, w, None, targets, 0.7, None, 1.0, True, True)
+        (logps * torch.linspace(-1, 1, 600)).sum().add(entropy.sum() * 0.3).backward()
+        results.append((logps, entropy, h.grad, w.grad))
+    for kept, recomputed in zip(*results):
+        assert recomputed.abs().max() > 0
+        torch.testing.assert_close(kept, recomputed, rtol=2e-2, atol=2e-2 * recomputed.abs().max().item())
 
 
 def samples_of(trainer, prompts, seed=0):

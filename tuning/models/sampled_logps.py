@@ -87,16 +87,17 @@ def answer_token_logps(lm, input_ids, attention_mask, position_ids, sources, tar
                            position_ids=position_ids, use_cache=False).last_hidden_state
     head = lm.get_output_embeddings()
     softcap, scale = head_scaling(lm.config)
-    logps, entropies = AnswerHead.apply(hidden.reshape(-1, hidden.shape[-1])[sources].to(head.weight.device),
-                                        head.weight, head.bias, targets.to(head.weight.device), temperature, softcap,
-                                        scale, entropy)
+    answers = hidden.reshape(-1, hidden.shape[-1])[sources].to(head.weight.device)
+    backward = torch.is_grad_enabled() and (answers.requires_grad or head.weight.requires_grad)
+    logps, entropies = AnswerHead.apply(answers, head.weight, head.bias, targets.to(head.weight.device), temperature,
+                                        softcap, scale, entropy, backward)
     return ModelOutput(log_probs=logps, entropy=entropies)
 
 
 class AnswerHead(torch.autograd.Function):
     """Log-probs (and entropies) of `targets` under the output layer at `hidden` (answer tokens x hidden size),
     in tiles of about TOKEN_CHUNK x vocabulary-size logits, none of them kept in fp32: the backward pass reads the
-    forward's products in bf16 (keeps_products) or recomputes them in fp32.
+    forward's products in bf16 (keeps_products) or recomputes them (fp32 runs, or too many to keep).
     The logits are scaled as TRL's fused head scales them (logit scale, soft cap, 1 / temperature). The matrix
     products run in the autocast precision (bf16 on a CPU with it), as a plain autocast forward and backward would,
     with the softmax and the sums over the vocabulary in fp32. TRL's kernel (trl.kernels) makes its backward's
@@ -109,12 +110,15 @@ class AnswerHead(torch.autograd.Function):
     adding 38.6M numbers per tile for GPT-2: as long as the product itself, here)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, softcap, scale: float, entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, softcap, scale: float, entropy: bool,
+                backward: bool):
+        """`backward`: whether a backward pass will follow (grad mode on and an input that needs a gradient: in
+        here grad mode is always off), so that keeping the products can pay."""
         ctx.set_materialize_grads(False)  # (an entropy only logged gets no gradient: nothing to compute for it)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         logps, entropies, lses = [], [], []
-        keep = any(ctx.needs_input_grad[:3]) and keeps_products(dtype, len(targets), weight.shape[0])
+        keep = backward and keeps_products(dtype, len(targets), weight.shape[0])
         products = torch.empty(len(targets), weight.shape[0], dtype=dtype, device=hidden.device) if keep else None
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
@@ -172,7 +176,7 @@ class AnswerHead(torch.autograd.Function):
                     grad_bias[start:end] = grad.float().sum(0)
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
                 None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None)
 
 
 def keeps_products(dtype, tokens: int, words: int) -> bool:

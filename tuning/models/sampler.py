@@ -75,9 +75,11 @@ def samples_plainly(lm, input_ids, kwargs: dict) -> bool:
     generate() builds as it does by default, and asks nothing back but the ids: what sample_answers does."""
     config = kwargs.get("generation_config") or lm.generation_config
     setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731 (a call's own override first)
-    own = lm.generation_config  # (generate() fills a given config's unset fields from the model's own)
+    own = lm.generation_config  # (generate() fills a given config's unset fields from the model's own; it
+    # drops Gemma's "hybrid", its cache's old name)
     return input_ids is not None and input_ids.dim() == 2 and not lm.config.is_encoder_decoder and \
-        own.cache_implementation is None and (own.num_return_sequences or 1) == 1 and (own.num_beams or 1) == 1 and \
+        own.cache_implementation in (None, "hybrid") and (own.num_return_sequences or 1) == 1 and \
+        (own.num_beams or 1) == 1 and \
         all(kwargs.get(name) is None for name in ("cache", "past_key_values", "inputs_embeds", "assistant_model",
                                                   "streamer", "custom_generate", "synced_gpus")) and \
         setting("do_sample") is True and setting("use_cache") is not False and \
@@ -128,7 +130,8 @@ def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
     top-k or top-p leave, is drawn only if the number rounds to the row's total, about once in 2^53 draws). A row
     that is not a distribution (NaN, as from a diverged model) is refused, as torch.multinomial refuses it."""
     cumulative = probs.double().cumsum(-1)
-    if not (cumulative[:, -1] > 0).all() or not torch.isfinite(cumulative[:, -1]).all():
+    total = cumulative[:, -1]
+    if not ((total > 0) & (total < float("inf"))).all():  # (one check, NaN included: a NaN is not > 0)
         raise RuntimeError("sampling: a row of probabilities is NaN, infinite or all zero")
     where = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
     return torch.searchsorted(cumulative, where, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
