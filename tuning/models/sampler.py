@@ -133,7 +133,7 @@ def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
     total = cumulative[:, -1]
     if not ((total > 0) & (total < float("inf"))).all():  # (one check, NaN included: a NaN is not > 0)
         raise RuntimeError("sampling: a row of probabilities is NaN, infinite or all zero")
-    where = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * cumulative[:, -1:]
+    where = torch.rand(len(probs), 1, dtype=torch.float64, device=probs.device) * total[:, None]
     return torch.searchsorted(cumulative, where, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 

@@ -204,9 +204,9 @@ class OnlineLayer:
         None unless they are that batch's answers. Used once."""
         (answers, logps), self._drawn = self._drawn, None
         completions = input_ids[:, -logits_to_keep:]
-        out = torch.zeros(completions.shape, dtype=torch.float32, device=completions.device)
         if len(answers) != len(completions):
             return None
+        out = torch.zeros(completions.shape, dtype=torch.float32, device=completions.device)
         for i, answer in enumerate(answers):
             if len(answer) > logps.shape[1] or completions[i, :len(answer)].tolist() != list(answer):
                 return None
